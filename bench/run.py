@@ -1,0 +1,1712 @@
+#!/usr/bin/env python3
+"""Benchmark harness: burrow's TLS TCP tunnel against direct, socat, ``ssh -L`` and ``ssh -R``.
+
+Run from the repository root::
+
+    .venv/bin/python bench/run.py [--quick] [--only ROW[,ROW...]] [--paths PATH[,PATH...]]
+
+Every measurement row is run through every path and printed as a ratio to the direct path,
+together with the absolute numbers. Two burrow-only sections follow: memory per idle
+connection, and agent start-up time. Raw results go to ``bench/results/latest.json``.
+
+Only the standard library is used (uvloop is used by the helper servers when importable). All
+traffic goes to 127.0.0.1. Every child process runs in its own process group and is stopped in
+a ``finally``; everything is bounded by a global deadline. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import queue
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NOFILE = 65536
+HELPER_MAX_LIFETIME = 1800.0  # seconds; helper servers exit by themselves after this
+T0 = time.monotonic()
+
+MEASUREMENT_ROWS = ("bulk1", "bulk4", "rtt", "conn", "pgbench", "http")
+SECTION_ROWS = ("memory", "startup")
+ALL_ROWS = MEASUREMENT_ROWS + SECTION_ROWS
+ALL_PATHS = ("direct", "socat", "ssh-L", "ssh-R", "burrow")
+ROW_TARGET = {
+    "bulk1": "iperf",
+    "bulk4": "iperf",
+    "rtt": "echo",
+    "conn": "echo",
+    "pgbench": "pg",
+    "http": "http",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Unavailable(Exception):
+    """A path, target or section cannot be used; ``reason`` is short, ``detail`` is the rest."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class MeasureError(Exception):
+    """One measurement through one path failed."""
+
+
+class DeadlineHit(Exception):
+    """The global deadline leaves no time for the next step."""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def cap(self, want: float) -> float:
+        """``want`` seconds, or what is left of the deadline if less; raises when nothing is."""
+        left = self.left()
+        if left < 1.0:
+            raise DeadlineHit
+        return min(want, left)
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(NOFILE, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+    except (ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# /proc helpers
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after "(comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    # cmajflt utime stime cutime cstime ...
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        stack.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """utime+stime of the tree, plus cutime+cstime (children already reaped, e.g. socat forks)."""
+    ticks = 0
+    for pid in process_tree(roots):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(f) for f in fields[11:15])
+    return ticks / CLK_TCK
+
+
+def rss_kib(roots: list[int]) -> int:
+    total = 0
+    for pid in process_tree(roots):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+def is_listening(port: int) -> bool:
+    needle = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A" and parts[1].endswith(needle):
+                return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes
+
+_PROCS: list[Proc] = []
+
+
+class Proc:
+    """A child in its own process group; stdout lines are queued (with arrival time) by a thread,
+    stderr goes to a file in the temp dir."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdin_pipe: bool = False,
+    ) -> None:
+        self.name = name
+        self.err_path = tmp / f"{name}.stderr"
+        self.out_path = tmp / f"{name}.stdout"
+        self.lines: queue.Queue[tuple[float, str | None]] = queue.Queue()
+        self.started = time.monotonic()
+        with open(self.err_path, "wb") as err:
+            try:
+                self.popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env={**os.environ, **(env or {})},
+                    process_group=0,
+                )
+            except OSError as e:
+                raise Unavailable(f"cannot run {argv[0]}: {e.strerror}") from e
+        _PROCS.append(self)
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with open(self.out_path, "wb") as out:
+            for raw in self.popen.stdout:  # ends at EOF, i.e. when the child exits
+                now = time.monotonic()
+                out.write(raw)
+                out.flush()
+                self.lines.put((now, raw.decode(errors="replace").rstrip("\r\n")))
+        self.lines.put((time.monotonic(), None))
+
+    def last_error(self) -> str:
+        try:
+            text = self.err_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else ""
+
+    def exited(self) -> Unavailable | None:
+        rc = self.popen.poll()
+        if rc is None:
+            return None
+        return Unavailable(f"{self.name} exited rc={rc}", self.last_error())
+
+    def wait_for(self, pred: Callable[[str], Any], timeout: float, what: str) -> tuple[float, Any]:
+        """First stdout line for which ``pred`` returns non-None: (arrival time, that value)."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                reason = f"{self.name}: no {what} within {timeout:.0f}s"
+                raise Unavailable(reason, self.last_error())
+            try:
+                t, line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(timeout=2)
+                rc = self.popen.poll()
+                raise Unavailable(f"{self.name} exited rc={rc} before {what}", self.last_error())
+            value = pred(line)
+            if value is not None:
+                return t, value
+
+    def stop(self, grace: float = 3.0) -> None:
+        # Descendants that left the group (sshd's per-connection children call setsid) are
+        # signalled by pid too; all of them are children of processes this harness started.
+        family = process_tree([self.pid]) if self.popen.poll() is None else []
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            for pid in family[1:]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            try:
+                self.popen.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        if self in _PROCS:
+            _PROCS.remove(self)
+
+
+def stop_all() -> None:
+    for proc in reversed(list(_PROCS)):
+        try:
+            proc.stop(grace=2.0)
+        except Exception as e:  # keep stopping the others
+            log(f"stopping {proc.name}: {e}")
+
+
+def wait_listen(port: int, timeout: float, procs: list[Proc]) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if is_listening(port):
+            return
+        for p in procs:
+            gone = p.exited()
+            if gone is not None:
+                raise gone
+        time.sleep(0.05)
+    raise Unavailable(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def json_event(name: str) -> Callable[[str], dict[str, Any] | None]:
+    def pred(line: str) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        if obj.get("event") == name:
+            return obj
+        if obj.get("event") in ("error", "fatal") or obj.get("level") == "error":
+            msg = obj.get("message") or obj.get("error") or json.dumps(obj)
+            raise Unavailable(f"burrow reported an error before {name}", str(msg)[:200])
+        return None
+
+    return pred
+
+
+def run_tool(argv: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
+    try:
+        r = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise MeasureError(f"{argv[0]} timed out after {timeout:.0f}s") from e
+    except OSError as e:
+        raise MeasureError(f"cannot run {argv[0]}: {e.strerror}") from e
+    if r.returncode != 0:
+        tail = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [""]
+        raise MeasureError(f"{argv[0]} rc={r.returncode}: {tail[0][:160]}")
+    return r.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Context: settings, temp dir, targets
+
+
+@dataclass
+class Settings:
+    quick: bool
+    bulk_s: int
+    pg_s: int
+    http_s: int
+    rtt_count: int
+    rtt_s: float
+    conn_s: float
+    conn_max: int
+    conn_workers: int
+    mem_conns: int
+    startup_runs: int
+    burrow: str
+    repeat: int
+
+
+class Ctx:
+    def __init__(self, settings: Settings, tmp: Path, deadline: Deadline) -> None:
+        self.s = settings
+        self.tmp = tmp
+        self.deadline = deadline
+        self.targets: dict[str, int] = {}
+        self.target_errors: dict[str, Unavailable] = {}
+        self.iperf_proc: Proc | None = None
+        self._ssh_keys: tuple[Path, Path] | None = None
+        self.burrow_relay: tuple[Proc, str, str] | None = None
+
+    # Targets ---------------------------------------------------------------------------------
+
+    def start_targets(self, names: set[str]) -> None:
+        starters = {
+            "iperf": self._start_iperf,
+            "echo": self._start_echo,
+            "http": self._start_nginx,
+            "pg": self._start_pg,
+        }
+        for name in sorted(names):
+            try:
+                self.targets[name] = starters[name]()
+                log(f"target {name} on port {self.targets[name]}")
+            except Unavailable as e:
+                self.target_errors[name] = e
+                log(f"target {name} unavailable: {e.reason} {e.detail}")
+
+    def _start_iperf(self, port: int | None = None) -> int:
+        if shutil.which("iperf3") is None:
+            raise Unavailable("iperf3 not installed")
+        port = port or free_port()
+        self.iperf_proc = Proc(
+            self.tmp, "iperf3-server", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)]
+        )
+        wait_listen(port, 10, [self.iperf_proc])
+        return port
+
+    def restart_iperf(self) -> None:
+        if self.iperf_proc is not None:
+            self.iperf_proc.stop()
+        with contextlib.suppress(Unavailable):
+            self._start_iperf(self.targets["iperf"])
+
+    def _start_echo(self) -> int:
+        return start_helper(self, "echo")[1]
+
+    def _start_nginx(self) -> int:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.path.exists(nginx):
+            raise Unavailable("nginx not installed")
+        if shutil.which("wrk") is None:
+            raise Unavailable("wrk not installed")
+        root = self.tmp / "nginx"
+        (root / "www").mkdir(parents=True)
+        (root / "www" / "1k.bin").write_bytes(os.urandom(1024))
+        port = free_port()
+        user = "user root;" if os.geteuid() == 0 else ""
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {root}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf = root / "nginx.conf"
+        conf.write_text(
+            f"""{user}
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+{temp_paths}
+    server {{
+        listen {LOOPBACK}:{port} backlog=1024;
+        root {root}/www;
+        location / {{ }}
+    }}
+}}
+"""
+        )
+        proc = Proc(
+            self.tmp,
+            "nginx",
+            [
+                nginx,
+                "-p",
+                f"{root}/",
+                "-e",
+                f"{root}/error.log",
+                "-c",
+                str(conf),
+                "-g",
+                "daemon off;",
+            ],
+        )
+        wait_listen(port, 10, [proc])
+        return port
+
+    def _start_pg(self) -> int:
+        if shutil.which("pgbench") is None:
+            raise Unavailable("pgbench not installed")
+        if not is_listening(5432):
+            raise Unavailable("PostgreSQL not listening on 127.0.0.1:5432")
+        try:
+            run_tool(
+                ["pgbench", "-i", "-s", "1", "-q", "-h", LOOPBACK, "-p", "5432", "test"],
+                timeout=self.deadline.cap(120),
+                env=PG_ENV,
+            )
+        except MeasureError as e:
+            raise Unavailable("pgbench -i failed", str(e)) from e
+        return 5432
+
+    # ssh keys --------------------------------------------------------------------------------
+
+    def ssh_keys(self) -> tuple[Path, Path]:
+        """(host key, client key) generated once into the temp dir."""
+        if self._ssh_keys is None:
+            d = self.tmp / "ssh"
+            d.mkdir(exist_ok=True)
+            host, client = d / "host_ed25519", d / "client_ed25519"
+            for key in (host, client):
+                try:
+                    run_tool(
+                        [
+                            "ssh-keygen",
+                            "-q",
+                            "-t",
+                            "ed25519",
+                            "-N",
+                            "",
+                            "-C",
+                            "burrow-bench",
+                            "-f",
+                            str(key),
+                        ],
+                        timeout=30,
+                    )
+                except MeasureError as e:
+                    raise Unavailable("ssh-keygen failed", str(e)) from e
+            (d / "authorized_keys").write_text(client.with_suffix(".pub").read_text())
+            self._ssh_keys = (host, client)
+        return self._ssh_keys
+
+
+PG_ENV = {"PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
+BURROW_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+def start_helper(ctx: Ctx, kind: str) -> tuple[Proc, int]:
+    """Start this file as an echo or sink server in a child process; returns (proc, port)."""
+    proc = Proc(
+        ctx.tmp,
+        f"{kind}-server-{free_port()}",
+        [sys.executable, str(Path(__file__).resolve()), "--serve", kind],
+        stdin_pipe=True,
+    )
+
+    def port_line(line: str) -> int | None:
+        m = re.fullmatch(r"PORT (\d+)", line)
+        return int(m.group(1)) if m else None
+
+    return proc, proc.wait_for(port_line, 15, "PORT line")[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+
+
+class BasePath:
+    name = ""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.procs: list[Proc] = []
+        self.ports: dict[str, int] = {}
+        self.error: Unavailable | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        raise NotImplementedError
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        """Processes doing the forwarding, by role, for CPU accounting."""
+        return {}
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            gone = p.exited()
+            if gone is not None:
+                raise MeasureError(f"{gone.reason}: {gone.detail}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+class DirectPath(BasePath):
+    name = "direct"
+
+    def start(self, targets: dict[str, int]) -> None:
+        self.ports = dict(targets)
+
+
+class SocatPath(BasePath):
+    name = "socat"
+
+    def start(self, targets: dict[str, int]) -> None:
+        if shutil.which("socat") is None:
+            raise Unavailable("socat not installed")
+        for tname, tport in targets.items():
+            lport = free_port()
+            p = Proc(
+                self.ctx.tmp,
+                f"socat-{tname}",
+                [
+                    "socat",
+                    f"TCP-LISTEN:{lport},bind={LOOPBACK},reuseaddr,fork",
+                    f"TCP:{LOOPBACK}:{tport}",
+                ],
+            )
+            self.procs.append(p)
+            wait_listen(lport, 10, [p])
+            self.ports[tname] = lport
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        return {"socat": [p.pid for p in self.procs]}
+
+
+class SshPath(BasePath):
+    def __init__(self, ctx: Ctx, mode: str) -> None:
+        super().__init__(ctx)
+        self.mode = mode  # "L" or "R"
+        self.name = f"ssh-{mode}"
+        self.sshd: Proc | None = None
+        self.client: Proc | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd_bin) or shutil.which("ssh") is None:
+            raise Unavailable("openssh-server/client not installed")
+        if os.geteuid() != 0:
+            raise Unavailable("needs root (sshd)")
+        host_key, client_key = self.ctx.ssh_keys()
+        d = host_key.parent
+        # sshd refuses to start without its privilege separation directory.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        sport = free_port()
+        conf = d / f"sshd_config_{self.mode}"
+        conf.write_text(
+            f"""Port {sport}
+ListenAddress {LOOPBACK}
+HostKey {host_key}
+AuthorizedKeysFile {d}/authorized_keys
+PidFile {d}/sshd_{self.mode}.pid
+StrictModes no
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AllowTcpForwarding yes
+GatewayPorts no
+X11Forwarding no
+PrintMotd no
+UseDNS no
+MaxStartups 100:30:200
+MaxSessions 100
+LogLevel ERROR
+"""
+        )
+        self.sshd = Proc(self.ctx.tmp, f"sshd-{self.mode}", [sshd_bin, "-f", str(conf), "-D", "-e"])
+        self.procs.append(self.sshd)
+        wait_listen(sport, 10, [self.sshd])
+        forwards: list[str] = []
+        for tname, tport in targets.items():
+            lport = free_port()
+            self.ports[tname] = lport
+            forwards += [f"-{self.mode}", f"{LOOPBACK}:{lport}:{LOOPBACK}:{tport}"]
+        self.client = Proc(
+            self.ctx.tmp,
+            f"ssh-{self.mode}",
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                str(client_key),
+                "-p",
+                str(sport),
+                "-c",
+                "aes128-gcm@openssh.com",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-N",
+                *forwards,
+                f"root@{LOOPBACK}",
+            ],
+        )
+        self.procs.append(self.client)
+        for lport in self.ports.values():
+            wait_listen(lport, 20, [self.sshd, self.client])
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.sshd is not None and self.client is not None
+        return {"sshd": [self.sshd.pid], "ssh": [self.client.pid]}
+
+
+def start_relay(ctx: Ctx, name: str) -> tuple[Proc, str, str]:
+    """Start ``burrow relay``; returns (proc, control HOST:PORT, fingerprint)."""
+    exe = ctx.s.burrow
+    if not os.path.exists(exe):
+        raise Unavailable(f"{exe} not found")
+    state = ctx.tmp / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    relay = Proc(
+        ctx.tmp,
+        name,
+        [
+            exe,
+            "relay",
+            "--listen",
+            f"{LOOPBACK}:0",
+            "--state-dir",
+            str(state),
+            "--json",
+            "--min-port",
+            "20000",
+            "--max-port",
+            "30000",
+        ],
+        env=BURROW_ENV,
+    )
+    try:
+        _, ev = relay.wait_for(json_event("relay_ready"), 30, "relay_ready")
+        control, fingerprint = str(ev["control"]), str(ev["fingerprint"])
+    except KeyError as e:
+        relay.stop()
+        raise Unavailable(f"relay_ready without {e}") from e
+    except Unavailable:
+        relay.stop()
+        raise
+    return relay, control, fingerprint
+
+
+def loopback_port(hostport: str) -> int:
+    """Port of a HOST:PORT (or [v6]:PORT) string; the bench always connects to 127.0.0.1."""
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if host not in ("127.0.0.1", "localhost", "0.0.0.0", "::", "::1", ""):
+        raise Unavailable(f"public address {hostport} is not loopback")
+    return int(port)
+
+
+def start_agent(
+    ctx: Ctx, relay: tuple[Proc, str, str], target_port: int, name: str
+) -> tuple[Proc, int, float]:
+    """Start ``burrow tcp``; returns (proc, public port, seconds from launch to tunnel_ready)."""
+    _, control, fingerprint = relay
+    t0 = time.monotonic()
+    agent = Proc(
+        ctx.tmp,
+        name,
+        [
+            ctx.s.burrow,
+            "tcp",
+            f"{LOOPBACK}:{target_port}",
+            "--to",
+            control,
+            "--fingerprint",
+            fingerprint,
+            "--json",
+        ],
+        env=BURROW_ENV,
+    )
+
+    def ready(line: str) -> dict[str, Any] | None:
+        ev = json_event("tunnel_ready")(line)
+        if ev is not None and ev.get("kind", "tcp") != "tcp":
+            return None
+        return ev
+
+    try:
+        t, ev = agent.wait_for(ready, 30, "tunnel_ready")
+        port = loopback_port(str(ev["public"]))
+    except (Unavailable, KeyError, ValueError) as e:
+        agent.stop()
+        if isinstance(e, Unavailable):
+            raise
+        raise Unavailable(f"bad tunnel_ready: {e}") from e
+    return agent, port, t - t0
+
+
+class BurrowPath(BasePath):
+    name = "burrow"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.relay: tuple[Proc, str, str] | None = None
+        self.agents: list[Proc] = []
+
+    def start(self, targets: dict[str, int]) -> None:
+        self.relay = start_relay(self.ctx, "burrow-relay")
+        self.procs.append(self.relay[0])
+        self.ctx.burrow_relay = self.relay
+        for tname, tport in targets.items():
+            agent, port, _ = start_agent(self.ctx, self.relay, tport, f"burrow-tcp-{tname}")
+            self.procs.append(agent)
+            self.agents.append(agent)
+            self.ports[tname] = port
+            wait_listen(port, 10, [self.relay[0], agent])
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.relay is not None
+        return {"relay": [self.relay[0].pid], "agent": [a.pid for a in self.agents]}
+
+
+def make_path(ctx: Ctx, name: str) -> BasePath:
+    if name == "direct":
+        return DirectPath(ctx)
+    if name == "socat":
+        return SocatPath(ctx)
+    if name in ("ssh-L", "ssh-R"):
+        return SshPath(ctx, name[-1])
+    return BurrowPath(ctx)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements: each takes (ctx, visitor port) and returns a dict of numbers.
+
+
+def m_iperf(ctx: Ctx, port: int, streams: int) -> dict[str, Any]:
+    dur = ctx.s.bulk_s
+    argv = [
+        "iperf3",
+        "-c",
+        LOOPBACK,
+        "-p",
+        str(port),
+        "-t",
+        str(dur),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    try:
+        out = run_tool(argv, timeout=ctx.deadline.cap(dur + 25))
+        data = json.loads(out)
+    except (MeasureError, ValueError) as e:
+        ctx.restart_iperf()  # a failed test can leave the server stuck
+        raise MeasureError(str(e)[:200]) from e
+    if "error" in data:
+        ctx.restart_iperf()
+        raise MeasureError(f"iperf3: {data['error']}")
+    recv = data["end"]["sum_received"]
+    return {
+        "gbps": recv["bits_per_second"] / 1e9,
+        "bytes": int(recv["bytes"]),
+        "seconds": recv["seconds"],
+        "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
+    }
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:  # each recv returns data, EOF or times out (socket timeout)
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise MeasureError("connection closed by peer")
+        buf += chunk
+    return bytes(buf)
+
+
+def m_rtt(ctx: Ctx, port: int) -> dict[str, Any]:
+    payload = os.urandom(64)
+    limit = ctx.deadline.cap(ctx.s.rtt_s)
+    samples: list[float] = []
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(50):  # warm-up
+                s.sendall(payload)
+                _recv_exact(s, 64)
+            end = time.monotonic() + limit
+            for _ in range(ctx.s.rtt_count):
+                t0 = time.perf_counter_ns()
+                s.sendall(payload)
+                got = _recv_exact(s, 64)
+                samples.append((time.perf_counter_ns() - t0) / 1000)
+                if got != payload:
+                    raise MeasureError("echo mismatch")
+                if time.monotonic() > end:
+                    break
+    except OSError as e:
+        raise MeasureError(f"rtt: {e}") from e
+    samples.sort()
+    return {
+        "median_us": statistics.median(samples),
+        "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        "count": len(samples),
+    }
+
+
+def m_conn(ctx: Ctx, port: int) -> dict[str, Any]:
+    limit = ctx.deadline.cap(ctx.s.conn_s)
+    workers = ctx.s.conn_workers
+    per_worker = ctx.s.conn_max // workers
+    results: list[tuple[int, int, str]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + limit
+
+    def worker() -> None:
+        ok = err = 0
+        last = ""
+        for _ in range(per_worker):
+            if time.monotonic() >= stop_at:
+                break
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=5) as s:
+                    s.sendall(b"x")
+                    if s.recv(1) == b"x":
+                        ok += 1
+                    else:
+                        err += 1
+                        last = "no echo"
+            except OSError as e:
+                err += 1
+                last = str(e)
+        with lock:
+            results.append((ok, err, last))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=limit + 30)
+    elapsed = time.monotonic() - t0
+    ok = sum(r[0] for r in results)
+    err = sum(r[1] for r in results)
+    if ok == 0:
+        last = results[0][2] if results else ""
+        raise MeasureError(f"no connection succeeded ({err} errors: {last})")
+    return {"conn_per_s": ok / elapsed, "ok": ok, "errors": err, "workers": workers}
+
+
+def m_pgbench(ctx: Ctx, port: int) -> dict[str, Any]:
+    dur = ctx.s.pg_s
+    out = run_tool(
+        [
+            "pgbench",
+            "-n",
+            "-S",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            str(dur),
+            "-h",
+            LOOPBACK,
+            "-p",
+            str(port),
+            "test",
+        ],
+        timeout=ctx.deadline.cap(dur + 30),
+        env=PG_ENV,
+    )
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if not m:
+        raise MeasureError("no tps in pgbench output")
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    return {"tps": float(m.group(1)), "failed": int(failed.group(1)) if failed else None}
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def m_http(ctx: Ctx, port: int) -> dict[str, Any]:
+    dur = ctx.s.http_s
+    out = run_tool(
+        [
+            "wrk",
+            "-t2",
+            "-c32",
+            f"-d{dur}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            f"http://{LOOPBACK}:{port}/1k.bin",
+        ],
+        timeout=ctx.deadline.cap(dur + 30),
+    )
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if not rps or not p99:
+        raise MeasureError("cannot parse wrk output")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    return {
+        "req_per_s": float(rps.group(1)),
+        "p99_ms": float(p99.group(1)) * _UNIT_MS[p99.group(2)],
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sock_err.group(1) if sock_err else "",
+    }
+
+
+MEASURE: dict[str, Callable[[Ctx, int], dict[str, Any]]] = {
+    "bulk1": lambda ctx, port: m_iperf(ctx, port, 1),
+    "bulk4": lambda ctx, port: m_iperf(ctx, port, 4),
+    "rtt": m_rtt,
+    "conn": m_conn,
+    "pgbench": m_pgbench,
+    "http": m_http,
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    row: str
+    key: str
+    label: str
+    unit: str
+    higher_better: bool
+
+
+METRICS = (
+    Metric("bulk1", "gbps", "bulk, 1 stream (iperf3)", "Gbit/s", True),
+    Metric("bulk4", "gbps", "bulk, 4 streams (iperf3 -P4)", "Gbit/s", True),
+    Metric("rtt", "median_us", "64 B round trip, median", "us", False),
+    Metric("conn", "conn_per_s", "new connections", "conn/s", True),
+    Metric("pgbench", "tps", "pgbench -S -c4", "TPS", True),
+    Metric("http", "req_per_s", "HTTP 1 KiB, wrk -c32", "req/s", True),
+    Metric("http", "p99_ms", "HTTP p99 latency", "ms", False),
+)
+
+
+def measure_once(ctx: Ctx, row: str, path: BasePath) -> dict[str, Any]:
+    path.check_alive()
+    groups = path.cpu_groups()
+    before = {g: cpu_seconds(p) for g, p in groups.items()}
+    t0 = time.monotonic()
+    res = MEASURE[row](ctx, path.ports[ROW_TARGET[row]])
+    res["wall_s"] = round(time.monotonic() - t0, 3)
+    if groups:
+        cpu = {g: round(cpu_seconds(p) - before[g], 3) for g, p in groups.items()}
+        res["cpu_s"] = cpu
+        res["cpu_s_total"] = round(sum(cpu.values()), 3)
+        if res.get("bytes"):
+            res["cpu_s_per_gb"] = round(res["cpu_s_total"] / (res["bytes"] / 1e9), 4)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Burrow-only sections
+
+
+def hold_connections(port: int, n: int, limit: float) -> tuple[list[socket.socket], int, str]:
+    """Open ``n`` connections (at most 200 connecting at once) and send one byte on each."""
+    sel = selectors.DefaultSelector()
+    held: list[socket.socket] = []
+    failed = 0
+    last_err = ""
+    started = inflight = 0
+    end = time.monotonic() + limit
+    try:
+        while (started < n or inflight) and time.monotonic() < end:
+            while inflight < 200 and started < n:
+                started += 1
+                s = socket.socket()
+                s.setblocking(False)
+                rc = s.connect_ex((LOOPBACK, port))
+                if rc not in (0, errno.EINPROGRESS):
+                    failed += 1
+                    last_err = os.strerror(rc)
+                    s.close()
+                    continue
+                sel.register(s, selectors.EVENT_WRITE)
+                inflight += 1
+            for key, _ in sel.select(timeout=0.5):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                sel.unregister(s)
+                inflight -= 1
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                try:
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    s.send(b"x")
+                except OSError as e:
+                    failed += 1
+                    last_err = str(e)
+                    s.close()
+                    continue
+                held.append(s)
+            if failed > n // 10 + 100:
+                break
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+    return held, failed, last_err
+
+
+class SinkWatch:
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+        self.open = self.ready = 0
+
+    def poll(self) -> None:
+        while True:
+            try:
+                _, line = self.proc.lines.get_nowait()
+            except queue.Empty:
+                return
+            if line and line.startswith("COUNT "):
+                self.open, self.ready = (int(x) for x in line.split()[1:3])
+
+    def wait_ready(self, want: int, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.poll()
+            if self.ready >= want:
+                break
+            time.sleep(0.2)
+        self.poll()
+        return self.ready
+
+
+def memory_section(ctx: Ctx) -> dict[str, Any]:
+    n = ctx.s.mem_conns
+    procs: list[Proc] = []
+    held: list[socket.socket] = []
+    try:
+        sink, sink_port = start_helper(ctx, "sink")
+        procs.append(sink)
+        relay = start_relay(ctx, "mem-relay")
+        procs.append(relay[0])
+        agent, public, _ = start_agent(ctx, relay, sink_port, "mem-agent")
+        procs.append(agent)
+        watch = SinkWatch(sink)
+        roles = {"relay": [relay[0].pid], "agent": [agent.pid]}
+
+        # Warm-up: 100 connections opened and closed, so one-time costs are in the baseline.
+        warm, _, _ = hold_connections(public, 100, ctx.deadline.cap(20))
+        watch.wait_ready(len(warm), ctx.deadline.cap(15))
+        for s in warm:
+            s.close()
+        time.sleep(1.5)
+        base = {r: rss_kib(p) for r, p in roles.items()}
+        log(
+            f"memory: baseline RSS relay {base['relay']} KiB, agent {base['agent']} KiB; "
+            f"opening {n} connections"
+        )
+
+        t0 = time.monotonic()
+        held, failed, last_err = hold_connections(public, n, ctx.deadline.cap(90))
+        ready = watch.wait_ready(len(held), ctx.deadline.cap(60))
+        open_s = time.monotonic() - t0
+        time.sleep(1.0)
+        peak = {r: rss_kib(p) for r, p in roles.items()}
+        watch.poll()
+        ready = watch.ready
+        for role, pids in roles.items():
+            for pid in pids:
+                if not Path(f"/proc/{pid}").exists():
+                    raise Unavailable(f"{role} died while holding connections")
+        result: dict[str, Any] = {
+            "requested": n,
+            "client_connected": len(held),
+            "client_failed": failed,
+            "client_last_error": last_err,
+            "reached_sink": ready,
+            "open_seconds": round(open_s, 2),
+            "baseline_kib": base,
+            "loaded_kib": peak,
+        }
+        if ready:
+            result["kib_per_conn"] = {r: round((peak[r] - base[r]) / ready, 2) for r in roles}
+        return result
+    finally:
+        for s in held:
+            s.close()
+        for p in reversed(procs):
+            p.stop()
+
+
+def startup_section(ctx: Ctx) -> dict[str, Any]:
+    procs: list[Proc] = []
+    try:
+        relay = ctx.burrow_relay
+        if relay is None or relay[0].exited() is not None:
+            relay = start_relay(ctx, "startup-relay")
+            procs.append(relay[0])
+        target = ctx.targets.get("echo")
+        if target is None:
+            helper, target = start_helper(ctx, "echo")
+            procs.append(helper)
+        times: list[float] = []
+        for i in range(ctx.s.startup_runs):
+            ctx.deadline.cap(35)
+            agent, _, dt = start_agent(ctx, relay, target, f"startup-agent-{i}")
+            agent.stop()
+            times.append(round(dt, 4))
+            time.sleep(0.3)
+        result: dict[str, Any] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "max_s": max(times),
+            "samples_s": times,
+        }
+        # Context: how much of that is the interpreter importing the CLI.
+        py = Path(ctx.s.burrow).with_name("python")
+        if py.exists():
+            imports: list[float] = []
+            for _ in range(3):
+                t0 = time.monotonic()
+                r = subprocess.run(
+                    [str(py), "-c", "import burrow.cli"],
+                    capture_output=True,
+                    timeout=30,
+                    check=False,
+                )
+                if r.returncode != 0:
+                    break
+                imports.append(time.monotonic() - t0)
+            if imports:
+                result["import_cli_median_s"] = round(statistics.median(imports), 4)
+        return result
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Helper servers (run as `run.py --serve echo|sink`)
+
+
+class _EchoProtocol(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport  # uvloop's transports are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+
+class _SinkCounter:
+    open = 0
+    ready = 0
+
+
+class _SinkProtocol(asyncio.Protocol):
+    def __init__(self, counter: _SinkCounter) -> None:
+        self.counter = counter
+        self.got = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.counter.open += 1
+
+    def data_received(self, data: bytes) -> None:
+        if not self.got:
+            self.got = True
+            self.counter.ready += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.counter.open -= 1
+        if self.got:
+            self.counter.ready -= 1
+
+
+async def _serve(kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    counter = _SinkCounter()
+    factory: Callable[[], asyncio.Protocol]
+    factory = _EchoProtocol if kind == "echo" else (lambda: _SinkProtocol(counter))
+    server = await loop.create_server(factory, LOOPBACK, 0, backlog=4096)
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    end = loop.time() + HELPER_MAX_LIFETIME
+    last: tuple[int, int] | None = None
+    while loop.time() < end:
+        await asyncio.sleep(0.2)
+        if kind == "sink" and (counter.open, counter.ready) != last:
+            last = (counter.open, counter.ready)
+            print(f"COUNT {last[0]} {last[1]}", flush=True)
+
+
+def serve_main(kind: str) -> None:
+    raise_nofile()
+
+    def watch_stdin() -> None:  # the parent closing our stdin (or dying) ends us
+        with contextlib.suppress(OSError):
+            sys.stdin.buffer.read()
+        os._exit(0)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(kind))
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_num(v: float) -> str:
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def short(reason: str, width: int = 34) -> str:
+    return reason if len(reason) <= width else reason[: width - 1] + "…"
+
+
+def aggregate(samples: list[dict[str, Any]], key: str) -> float | None:
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def render_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
+    out: list[str] = []
+    notes: list[str] = []
+    cells = results["rows"]
+    path_status = results["paths"]
+    target_status = results["targets"]
+
+    def note(text: str) -> None:
+        if text not in notes:
+            notes.append(text)
+
+    if rows:
+        headers = ["row", *paths]
+        table: list[list[str]] = []
+        for metric in (m for m in METRICS if m.row in rows):
+            arrow = "higher" if metric.higher_better else "lower"
+            line = [f"{metric.label} [{metric.unit}, {arrow} is better]"]
+            row_cells = cells.get(metric.row, {})
+            direct = aggregate(row_cells.get("direct", {}).get("samples", []), metric.key)
+            for p in paths:
+                cell = row_cells.get(p, {})
+                val = aggregate(cell.get("samples", []), metric.key)
+                if val is not None:
+                    if p == "direct":
+                        line.append(fmt_num(val))
+                    elif direct:
+                        line.append(f"{val / direct:.2f}x ({fmt_num(val)})")
+                    else:
+                        line.append(f"- ({fmt_num(val)})")
+                    continue
+                reason = cell.get("error") or "not run"
+                line.append(f"n/a ({short(reason)})")
+            table.append(line)
+        out.append("Ratios to direct (path / direct), absolute values in parentheses:")
+        out.append(render_table(headers, table))
+        for name, st in path_status.items():
+            if st.get("status") != "ok":
+                note(f"{name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
+        for name, st in target_status.items():
+            if st.get("status") != "ok":
+                note(f"target {name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
+        for row in rows:
+            for p, cell in cells.get(row, {}).items():
+                for err in cell.get("errors", []):
+                    note(f"{row} via {p}: {err}")
+
+        cpu_paths = [p for p in paths if p != "direct"]
+        if cpu_paths:
+            cpu_table = []
+            for row in rows:
+                line = [row]
+                for p in cpu_paths:
+                    samples = cells.get(row, {}).get(p, {}).get("samples", [])
+                    total = aggregate(samples, "cpu_s_total")
+                    if total is None:
+                        line.append("-")
+                        continue
+                    per_gb = aggregate(samples, "cpu_s_per_gb")
+                    text = f"{total:.2f} s" + (f", {per_gb:.2f} s/GB" if per_gb else "")
+                    if p == "burrow":
+                        parts = {
+                            role: statistics.median(s["cpu_s"][role] for s in samples)
+                            for role in ("relay", "agent")
+                        }
+                        text += f" (relay {parts['relay']:.2f}, agent {parts['agent']:.2f})"
+                    line.append(text)
+                cpu_table.append(line)
+            out.append("")
+            out.append(
+                "CPU seconds used by the forwarding processes during each row "
+                "(s/GB = per GB moved, bulk rows):"
+            )
+            out.append(render_table(["row", *cpu_paths], cpu_table))
+
+    mem = results.get("memory")
+    if mem is not None:
+        out.append("")
+        if "error" in mem:
+            out.append(f"Memory (burrow): n/a ({mem['error']})")
+        elif "kib_per_conn" in mem:
+            k, b, ld = mem["kib_per_conn"], mem["baseline_kib"], mem["loaded_kib"]
+            out.append(
+                f"Memory (burrow, {mem['reached_sink']} idle connections reached the sink of "
+                f"{mem['requested']} requested, opened in {mem['open_seconds']} s):"
+            )
+            out.extend(
+                f"  {role:5}  {k[role]:7.2f} KiB/conn   "
+                f"(RSS {b[role] / 1024:.1f} MiB -> {ld[role] / 1024:.1f} MiB)"
+                for role in ("relay", "agent")
+            )
+            if mem["client_failed"]:
+                out.append(
+                    f"  client connect failures: {mem['client_failed']} "
+                    f"({mem['client_last_error']})"
+                )
+        else:
+            out.append(
+                f"Memory (burrow): n/a (no connection reached the sink; "
+                f"{mem['client_connected']} connected, {mem['client_failed']} failed)"
+            )
+    st = results.get("startup")
+    if st is not None:
+        out.append("")
+        if "error" in st:
+            out.append(f"Startup (burrow tcp -> tunnel_ready): n/a ({st['error']})")
+        else:
+            extra = ""
+            if "import_cli_median_s" in st:
+                imp = st["import_cli_median_s"]
+                extra = f"; `python -c 'import burrow.cli'` alone: {imp:.3f} s"
+            out.append(
+                f"Startup (burrow tcp -> tunnel_ready, median of {len(st['samples_s'])}): "
+                f"{st['median_s']:.3f} s (min {st['min_s']:.3f}, max {st['max_s']:.3f}){extra}"
+            )
+    for section in ("memory", "startup"):
+        sec = results.get(section)
+        if sec and sec.get("detail"):
+            note(f"{section}: {sec['error']} {sec['detail']}")
+    if notes:
+        out.append("")
+        out.append("Notes:")
+        out.extend(f"  - {n}" for n in notes)
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_list(value: str | None, allowed: tuple[str, ...], what: str) -> list[str]:
+    if value is None:
+        return list(allowed)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return [a for a in allowed if a in items]
+
+
+def git_describe() -> str:
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return r.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def tool_versions() -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for tool, argv in {
+        "iperf3": ["iperf3", "--version"],
+        "socat": ["socat", "-V"],
+        "ssh": ["ssh", "-V"],
+        "nginx": ["nginx", "-v"],
+        "wrk": ["wrk", "--version"],
+        "pgbench": ["pgbench", "--version"],
+    }.items():
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = (r.stdout + r.stderr).strip().splitlines()
+        versions[tool] = next((ln for ln in text if re.search(r"\d", ln)), "")[:100]
+    return versions
+
+
+def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str, Any]) -> None:
+    needed = {ROW_TARGET[r] for r in rows}
+    ctx.start_targets(needed)
+    for name, port in ctx.targets.items():
+        results["targets"][name] = {"status": "ok", "port": port}
+    for name, err in ctx.target_errors.items():
+        results["targets"][name] = {"status": "n/a", "reason": err.reason, "detail": err.detail}
+
+    paths: list[BasePath] = []
+    for name in path_names:
+        path = make_path(ctx, name)
+        try:
+            ctx.deadline.cap(60)
+            path.start(dict(ctx.targets))
+            results["paths"][name] = {"status": "ok", "ports": path.ports}
+            log(f"path {name} ready: {path.ports}")
+        except Unavailable as e:
+            path.error = e
+            path.stop()
+            results["paths"][name] = {"status": "n/a", "reason": e.reason, "detail": e.detail}
+            log(f"path {name} unavailable: {e.reason} {e.detail}")
+        paths.append(path)
+
+    for row in rows:
+        row_res = results["rows"].setdefault(row, {})
+        for p in paths:
+            row_res[p.name] = {"samples": [], "errors": []}
+    for rep in range(ctx.s.repeat):
+        for row in rows:
+            target = ROW_TARGET[row]
+            order = paths if rep % 2 == 0 else list(reversed(paths))
+            for path in order:
+                cell = results["rows"][row][path.name]
+                if path.error is not None:
+                    cell["error"] = path.error.reason
+                    continue
+                if target not in ctx.targets:
+                    err = ctx.target_errors.get(target)
+                    cell["error"] = err.reason if err else f"no {target} target"
+                    continue
+                try:
+                    res = measure_once(ctx, row, path)
+                except MeasureError as e:
+                    cell["errors"].append(str(e))
+                    cell["error"] = short(str(e), 60)
+                    log(f"{row} via {path.name}: FAILED {e}")
+                    continue
+                cell["samples"].append(res)
+                metric = next(m for m in METRICS if m.row == row)
+                log(
+                    f"{row} via {path.name}: {fmt_num(res[metric.key])} {metric.unit}"
+                    + (f", forwarder CPU {res['cpu_s_total']:.2f} s" if "cpu_s" in res else "")
+                )
+                time.sleep(0.3)
+    for row in rows:
+        for cell in results["rows"][row].values():
+            if cell["samples"]:
+                cell.pop("error", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs (2 s per tool run)")
+    ap.add_argument("--only", metavar="ROWS", help=f"comma list of: {', '.join(ALL_ROWS)}")
+    ap.add_argument(
+        "--paths",
+        metavar="PATHS",
+        help=f"comma list of: {', '.join(ALL_PATHS)} (direct is always included)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each row N times (alternating path order), report medians",
+    )
+    ap.add_argument(
+        "--deadline", type=float, default=470.0, help="global time budget in seconds (default 470)"
+    )
+    ap.add_argument(
+        "--conns",
+        type=int,
+        help="idle connections for the memory section (default 10000, --quick 2000)",
+    )
+    ap.add_argument(
+        "--burrow",
+        default=str(REPO / ".venv" / "bin" / "burrow"),
+        help="burrow executable (default .venv/bin/burrow)",
+    )
+    ap.add_argument(
+        "--json",
+        dest="json_path",
+        default=str(REPO / "bench" / "results" / "latest.json"),
+        help="where to write raw results",
+    )
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
+    ap.add_argument("--serve", choices=("echo", "sink"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.serve:
+        serve_main(args.serve)
+        return 0
+
+    selected = parse_list(args.only, ALL_ROWS, "row")
+    path_names = parse_list(args.paths, ALL_PATHS, "path")
+    if "direct" not in path_names:
+        path_names.insert(0, "direct")
+    rows = [r for r in selected if r in MEASUREMENT_ROWS]
+    quick = args.quick
+    settings = Settings(
+        quick=quick,
+        bulk_s=2 if quick else 5,
+        pg_s=2 if quick else 5,
+        http_s=2 if quick else 5,
+        rtt_count=500 if quick else 2000,
+        rtt_s=2.0 if quick else 5.0,
+        conn_s=1.5 if quick else 3.0,
+        conn_max=6000,
+        conn_workers=4,
+        mem_conns=args.conns or (2000 if quick else 10000),
+        startup_runs=5,
+        burrow=args.burrow,
+        repeat=max(1, args.repeat),
+    )
+    nofile = raise_nofile()  # inherited by every child (relay, agents, sink, ...)
+    if nofile < settings.mem_conns * 2 + 1000:
+        settings.mem_conns = max(100, (nofile - 1000) // 2)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    deadline = Deadline(args.deadline)
+    tmp = Path(tempfile.mkdtemp(prefix="burrow-bench-"))
+    ctx = Ctx(settings, tmp, deadline)
+    results: dict[str, Any] = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git": git_describe(),
+            "quick": quick,
+            "argv": sys.argv[1:],
+            "cpus": os.cpu_count(),
+            "kernel": os.uname().release,
+            "python": sys.version.split()[0],
+            "nofile": nofile,
+            "tools": tool_versions(),
+            "settings": settings.__dict__,
+        },
+        "targets": {},
+        "paths": {},
+        "rows": {},
+    }
+    log(f"temp dir {tmp}; rows {','.join(selected)}; paths {','.join(path_names)}")
+    interrupted = False
+    try:
+        try:
+            if rows:
+                run_rows(ctx, rows, path_names, results)
+            for section, fn in (("memory", memory_section), ("startup", startup_section)):
+                if section not in selected:
+                    continue
+                log(f"section {section}")
+                try:
+                    results[section] = fn(ctx)
+                except Unavailable as e:
+                    results[section] = {"error": e.reason, "detail": e.detail}
+                    log(f"{section}: n/a: {e.reason} {e.detail}")
+        except DeadlineHit:
+            log("global deadline reached; skipping the rest")
+            results["meta"]["deadline_hit"] = True
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted; cleaning up")
+    finally:
+        stop_all()
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"kept {tmp}")
+
+    results["meta"]["elapsed_s"] = round(time.monotonic() - T0, 1)
+    for section in SECTION_ROWS:
+        if section in selected and section not in results:
+            results[section] = {"error": "skipped (deadline or interrupt)"}
+    out_path = Path(args.json_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(report(results, rows, path_names))
+    print(f"\nraw results: {out_path}  (elapsed {results['meta']['elapsed_s']} s)")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

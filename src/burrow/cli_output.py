@@ -1,0 +1,115 @@
+"""How the CLI shows events: JSON lines (``--json``), short human lines, or a live status table
+(rich, imported only when stdout is a terminal)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+_HUMAN: dict[str, str] = {
+    "relay_ready": "relay listening on {control} (tls: {tls}) fingerprint {fingerprint}",
+    "session_opened": "agent connected from {peer}",
+    "session_closed": "agent {peer} disconnected: {reason}",
+    "session_refused": "refused {peer}: {reason}",
+    "tunnel_opened": "tunnel {kind} port {port} opened for {peer}",
+    "tunnel_closed": "tunnel {kind} port {port} closed",
+    "tunnel_refused": "refused a tunnel for {peer}: {message}",
+    "lease_expired": "lease on port {port} expired",
+    "connected": "connected to relay {relay} (tls: {tls})",
+    "tunnel_ready": "forwarding {public} -> {local}",
+    "session_lost": "lost the relay {relay}: {reason}",
+    "reconnecting": "reconnecting to {relay} in {delay}s (attempt {attempt}): {reason}",
+    "warning": "warning: {message}",
+}
+
+
+class Reporter:
+    """Prints events for one CLI process."""
+
+    def __init__(self, *, as_json: bool, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream or sys.stdout
+        self._live: Any = None
+        self._agent: Any = None
+        self._embedded = False
+        self._started = time.monotonic()
+
+    def event(self, record: dict[str, Any]) -> None:
+        if self.as_json:
+            self.stream.write(json.dumps(record, default=str) + "\n")
+            self.stream.flush()
+            return
+        if self._live is not None:
+            self._refresh()
+            if record["event"] not in ("warning", "session_lost", "reconnecting"):
+                return
+        template = _HUMAN.get(record["event"])
+        if template is None:
+            return
+        try:
+            line = template.format(**record)
+        except KeyError:
+            line = " ".join(f"{k}={v}" for k, v in record.items())
+        if self._live is not None:
+            self._live.console.print(line)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def embedded_relay_event(self, record: dict[str, Any]) -> None:
+        """The in-process relay's events: only problems are worth showing."""
+        if record["event"] in ("session_refused", "tunnel_refused"):
+            self.event(record)
+
+    def error(self, message: str) -> None:
+        if self._live is not None:
+            self.detach()
+        if self.as_json:
+            self.event({"event": "error", "message": message})
+        sys.stderr.write(f"burrow: error: {message}\n")
+        sys.stderr.flush()
+
+    # --- live table ----------------------------------------------------------------------
+
+    def attach_agent(self, agent: Any, *, embedded: bool) -> None:
+        self._agent = agent
+        self._embedded = embedded
+        if self.as_json or not self.stream.isatty():
+            return
+        from rich.live import Live
+
+        self._live = Live(self._table(), refresh_per_second=2, get_renderable=self._table)
+        self._live.start()
+
+    def detach(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.refresh()
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        agent = self._agent
+        conn = agent.conn if agent is not None else None
+        online = conn is not None and conn.is_open
+        relay = "embedded (loopback)" if self._embedded else (agent.relay_label if agent else "")
+        rtt = f"{conn.rtt * 1000:.1f} ms" if conn is not None and conn.rtt is not None else "-"
+        title = f"burrow {'online' if online else 'connecting'} · relay {relay} · rtt {rtt}"
+        table = Table(title=title, title_justify="left", expand=False)
+        for column in ("tunnel", "public", "local", "conns", "open"):
+            table.add_column(column)
+        for tunnel in agent.tunnels if agent is not None else []:
+            table.add_row(
+                tunnel.spec.key,
+                tunnel.public or "-",
+                "{}:{}".format(*tunnel.spec.local),
+                str(tunnel.connections),
+                str(tunnel.open_connections),
+            )
+        return table

@@ -1,0 +1,301 @@
+"""The agent's config file (``burrow up -c burrow.toml``) and the address syntax shared with flags.
+
+Every problem surfaces as one ConfigError line that names the file and the key, because the
+user's next step is always to open that file and fix that key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from burrow.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_RELAY_PORT",
+    "MAX_CONFIG_BYTES",
+    "AgentFile",
+    "TunnelSpec",
+    "load_agent_config",
+    "parse_hostport",
+    "parse_local",
+]
+
+DEFAULT_RELAY_PORT = 7835
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a few hundred bytes; anything near this is the wrong file."""
+
+_MAX_ADDRESS = 300  # 253-byte DNS name + ":65535" + brackets, with room to spare
+_MAX_NAME = 255
+_HOST_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+_DOTTED = re.compile(r"[0-9.]+")
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+# --- addresses -----------------------------------------------------------------------------
+
+
+def _shown(spec: str) -> str:
+    """Quote user input for an error line, cut short so a pasted blob stays one readable line."""
+    return repr(spec if len(spec) <= 60 else spec[:57] + "...")
+
+
+def _port(text: str) -> int | None:
+    if not _DIGITS.fullmatch(text):
+        return None
+    port = int(text)
+    return port if 1 <= port <= 65535 else None
+
+
+def _host(text: str) -> str | None:
+    """Validate a host: a name, an IPv4 literal, or a bracketed IPv6 literal (brackets removed).
+
+    All-numeric names are refused unless they are a dotted quad, since the resolver would read
+    "7835" or "10.1" as an IPv4 address nobody meant."""
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return None
+        return inner if "%" not in inner else None
+    if not text or len(text) > 253 or text[0] in "-." or not _HOST_CHARS.fullmatch(text):
+        return None
+    if _DOTTED.fullmatch(text):
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return None
+    return text
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    """Split HOST[:PORT], where an IPv6 HOST must be bracketed so its colons are not a port."""
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            return spec, None
+        host, rest = spec[: close + 1], spec[close + 1 :]
+        if not rest:
+            return host, None
+        return (host, rest[1:]) if rest.startswith(":") else (spec, None)
+    if spec.count(":") == 1:
+        host, _, port = spec.partition(":")
+        return host, port
+    return spec, None
+
+
+def parse_local(spec: str) -> tuple[str, int]:
+    """Parse a tunnel's local service: ``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[V6]:PORT``."""
+    bad = ConfigError(f"invalid local address {_shown(spec)}: expected PORT or HOST:PORT")
+    if len(spec) > _MAX_ADDRESS:
+        raise bad
+    if _DIGITS.fullmatch(spec):
+        port = _port(spec)
+        if port is None:
+            raise ConfigError(f"invalid local address {_shown(spec)}: port must be from 1 to 65535")
+        return "127.0.0.1", port
+    host_text, port_text = _split(spec)
+    if port_text is None:
+        raise bad
+    host, port = _host(host_text), _port(port_text)
+    if host is None:
+        raise bad
+    if port is None:
+        if _DIGITS.fullmatch(port_text):
+            raise ConfigError(f"invalid local address {_shown(spec)}: port must be from 1 to 65535")
+        raise bad
+    return host, port
+
+
+def parse_hostport(spec: str, default_port: int) -> tuple[str, int]:
+    """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; a missing port is
+    ``default_port`` so users can write just the relay's name."""
+    bad = ConfigError(f"invalid address {_shown(spec)}: expected HOST or HOST:PORT")
+    if len(spec) > _MAX_ADDRESS:
+        raise bad
+    host_text, port_text = _split(spec)
+    if port_text is None and ":" in host_text and not host_text.startswith("["):
+        raise ConfigError(
+            f"invalid address {_shown(spec)}: put an IPv6 address in brackets, e.g. [::1]:7835"
+        )
+    host = _host(host_text)
+    if host is None:
+        raise bad
+    if port_text is None:
+        return host, default_port
+    port = _port(port_text)
+    if port is None:
+        if _DIGITS.fullmatch(port_text):
+            raise ConfigError(f"invalid address {_shown(spec)}: port must be from 1 to 65535")
+        raise bad
+    return host, port
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+class TunnelSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """One ``[[tunnel]]`` table; ``name`` is filled in as ``<kind>-<local>`` when left out."""
+
+    local: str
+    kind: Literal["tcp"] = "tcp"
+    name: str = ""
+    port: Port | None = None
+    proxy_protocol: Literal["v1", "v2"] | None = None
+
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here with the tunnel's path; the prefix names the key.
+        try:
+            parse_local(self.local)
+        except ConfigError as err:
+            raise ValueError(f"local: {err}") from None
+        if not self.name:
+            self.name = f"{self.kind}-{self.local}"
+        elif len(self.name) > _MAX_NAME or not self.name.isprintable() or " " in self.name:
+            raise ValueError(
+                f"name: {_shown(self.name)} must be 1 to {_MAX_NAME} printable characters "
+                "without spaces"
+            )
+
+    @property
+    def local_addr(self) -> tuple[str, int]:
+        """The local service as (host, port); validated when the spec was built."""
+        return parse_local(self.local)
+
+
+class AgentFile(msgspec.Struct, forbid_unknown_fields=True):
+    """A whole ``burrow.toml``: where the relay is, how to trust it, and the tunnels to open."""
+
+    relay: str | None = None
+    secret: str | None = None
+    fingerprint: str | None = None
+    ca: str | None = None  # load_agent_config resolves it against the file's directory
+    insecure: bool = False
+    tunnels: list[TunnelSpec] = msgspec.field(default_factory=list, name="tunnel")
+
+    def __post_init__(self) -> None:
+        if self.relay is not None:
+            try:
+                parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+            except ConfigError as err:
+                raise ValueError(f"relay: {err}") from None
+        if self.secret == "":
+            raise ValueError("secret: is empty; remove the key to connect without a secret")
+        if self.fingerprint is not None and (
+            not self.fingerprint or any(c.isspace() for c in self.fingerprint)
+        ):
+            raise ValueError("fingerprint: expected 'sha256:' followed by the relay's digest")
+        if self.ca == "":
+            raise ValueError("ca: is empty; give the path of a PEM file or remove the key")
+
+    @property
+    def relay_addr(self) -> tuple[str, int] | None:
+        """The relay as (host, port), or None for an embedded relay on loopback."""
+        return None if self.relay is None else parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+
+
+# Friendlier wording for msgspec's type errors, by the key they are about.
+_EXPECTED = {
+    "relay": 'expected a string such as "relay.example.com:7835"',
+    "secret": "expected a string",
+    "fingerprint": 'expected a string such as "sha256:..."',
+    "ca": "expected the path of a PEM file as a string",
+    "insecure": "expected true or false",
+    "tunnel": "expected [[tunnel]] tables (write [[tunnel]], not [tunnel])",
+    "name": "expected a string",
+    "kind": 'expected "tcp"',
+    "local": 'expected a string such as "5432" or "db.internal:5432" (quote it)',
+    "port": "expected an integer from 1 to 65535",
+    "proxy_protocol": 'expected "v1" or "v2"',
+}
+_AT = re.compile(r"^(.*) - at `\$(.*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(.*)`$")
+_MISSING = re.compile(r"^Object missing required field `(.*)`$")
+
+
+def _describe(err: msgspec.ValidationError) -> str:
+    """Turn msgspec's "Expected `int` >= 1 - at `$.tunnel[0].port`" into
+    "tunnel[0].port: expected an integer from 1 to 65535"."""
+    text = str(err)
+    m = _AT.match(text)
+    message, path = (m.group(1), m.group(2).lstrip(".")) if m else (text, "")
+    where = f"{path}." if path else ""
+    if u := _UNKNOWN.match(message):
+        return f"{where}{u.group(1)}: unknown key; check its spelling"
+    if u := _MISSING.match(message):
+        return f"{where}{u.group(1)}: missing; this key is required"
+    if message.startswith(("Expected", "Invalid enum value")):
+        key = re.sub(r"\[\d+\]$", "", path).rpartition(".")[2]
+        expected = _EXPECTED.get(key, message[0].lower() + message[1:])
+        return f"{path}: {expected}" if path else expected
+    # A ValueError from __post_init__ already starts with the key it is about.
+    return f"{where}{message}" if path else message
+
+
+def _toml_error(err: tomllib.TOMLDecodeError) -> str:
+    text = str(err)
+    m = re.search(r" \(at line (\d+), column (\d+)\)$", text)
+    if m:
+        return f"line {m.group(1)}: invalid TOML: {text[: m.start()]} (column {m.group(2)})"
+    return f"invalid TOML: {text}"
+
+
+def _read(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass the config path with -c") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than 1 MiB; is this the right file?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+
+
+def load_agent_config(path: Path) -> AgentFile:
+    """Read and validate ``burrow.toml``; raises ConfigError naming the file and the bad key."""
+    text = _read(path)
+    try:
+        doc: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {_toml_error(err)}") from None
+    try:
+        conf = msgspec.convert(doc, AgentFile)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{path}: {_describe(err)}") from None
+    if not conf.tunnels:
+        raise ConfigError(f"{path}: no [[tunnel]] entries; add one")
+    if conf.ca is not None:
+        # Relative to the config file, so the file works whatever directory burrow runs from.
+        ca = path.parent / Path(conf.ca).expanduser()
+        if not ca.is_file():
+            raise ConfigError(f"{path}: ca: no such file {_shown(str(ca))}")
+        conf.ca = str(ca)
+    names: dict[str, int] = {}
+    ports: dict[int, int] = {}
+    for i, tunnel in enumerate(conf.tunnels):
+        if (first := names.setdefault(tunnel.name, i)) != i:
+            raise ConfigError(
+                f"{path}: tunnel[{i}].name: {_shown(tunnel.name)} is already used by "
+                f"tunnel[{first}]; give each tunnel its own name"
+            )
+        if tunnel.port is not None and (first := ports.setdefault(tunnel.port, i)) != i:
+            raise ConfigError(
+                f"{path}: tunnel[{i}].port: {tunnel.port} is already requested by "
+                f"tunnel[{first}]; give each tunnel its own port"
+            )
+    return conf

@@ -1,0 +1,275 @@
+"""One TCP connection joined to one session stream, both ways, with flow control and half-close.
+
+The asyncssh pattern with a credit window in place of the peer's ``pause_writing``: bytes read
+from the socket go out as long as the stream has credit, and reading pauses when it runs out or
+when the session's transport backs up; bytes from the stream go into the socket, and credit is
+returned only once the socket's own buffer is below its high mark. So a stalled reader holds at
+most one window plus one socket buffer, and every other stream keeps moving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+from burrow.net.connection import SessionConnection
+
+log = logging.getLogger("burrow.bridge")
+
+SOCKET_WRITE_HIGH = 256 * 1024
+SOCKET_WRITE_LOW = 64 * 1024
+#: Reset codes after which the far side closed cleanly (a FIN to our socket, not a RST).
+CLEAN_RESETS = frozenset({"refused", "unreachable", "timeout", "not_allowed", "no_such_tunnel"})
+
+
+class StreamBridge(asyncio.Protocol):
+    """Protocol for the socket side; ``SessionConnection`` calls the ``on_*`` methods."""
+
+    __slots__ = (
+        "_closed",
+        "_eof_received",
+        "_fin_sent",
+        "_on_done",
+        "_pending",
+        "_pre_connect",
+        "_reading_paused",
+        "_remote_fin",
+        "_session_paused",
+        "_socket_paused",
+        "_starved",
+        "_unconsumed",
+        "conn",
+        "header",
+        "stream_id",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        conn: SessionConnection,
+        stream_id: int = 0,
+        *,
+        header: bytes = b"",
+        on_done: Callable[[StreamBridge], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.transport: asyncio.Transport | None = None
+        self.header = header  # written to the socket first (a PROXY protocol header)
+        self._on_done = on_done
+        self._pending: memoryview | None = None  # socket bytes waiting for credit
+        self._pre_connect: list[bytes] = []  # stream bytes that came before the socket
+        self._unconsumed = 0  # bytes written to a backed-up socket, credit not yet returned
+        self._socket_paused = False  # the socket's write buffer is above its high mark
+        self._session_paused = conn.write_paused
+        self._starved = False  # no credit left on the stream
+        self._reading_paused = False
+        self._eof_received = False
+        self._fin_sent = False
+        self._remote_fin = False
+        self._closed = False
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def attach(self, stream_id: int) -> None:
+        """Bind to a stream and start receiving its events."""
+        self.stream_id = stream_id
+        self.conn.handlers[stream_id] = self
+
+    # --- socket side -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.set_write_buffer_limits(SOCKET_WRITE_HIGH, SOCKET_WRITE_LOW)
+        if self.header:
+            tr.write(self.header)
+        if self._pre_connect:
+            size = sum(len(chunk) for chunk in self._pre_connect)
+            tr.writelines(self._pre_connect)
+            self._pre_connect = []
+            self._return_credit(size)
+        if self._remote_fin:
+            self._write_eof()
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending is not None:  # cannot happen while paused, but be safe
+            self._pending = memoryview(bytes(self._pending) + data)
+            self._update_reading()
+            return
+        self._send(memoryview(data) if len(data) > 0 else data)
+
+    def _send(self, data: memoryview | bytes) -> None:
+        conn = self.conn
+        session = conn.session
+        credit = session.credit(self.stream_id)
+        size = len(data)
+        if size <= credit:
+            session.send_data(self.stream_id, data)
+            conn.flush()
+            return
+        if not session.is_open(self.stream_id):
+            return  # the stream is gone; connection_lost or on_reset tidies up
+        if credit:
+            session.send_data(self.stream_id, data[:credit])
+            conn.flush()
+        self._pending = memoryview(data)[credit:]
+        self._starved = True
+        self._update_reading()
+
+    def eof_received(self) -> bool:
+        self._eof_received = True
+        if self._pending is None:
+            self._send_fin()
+        return True  # keep the other direction open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self._closed:
+            if self._fin_sent and self._remote_fin:
+                self._finish()
+            else:
+                self.conn.session.reset_stream(
+                    self.stream_id, "error", "connection reset" if exc else "connection closed"
+                )
+                self.conn.flush()
+                self._finish()
+
+    def pause_writing(self) -> None:
+        self._socket_paused = True
+
+    def resume_writing(self) -> None:
+        self._socket_paused = False
+        if self._unconsumed:
+            size, self._unconsumed = self._unconsumed, 0
+            self._return_credit(size)
+            self.conn.flush()
+
+    # --- stream side -----------------------------------------------------------------------
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None:
+            if not self._closed:
+                self._pre_connect.append(bytes(data))
+            return
+        transport.write(data)
+        if self._socket_paused:
+            self._unconsumed += len(data)
+        else:
+            self.conn.session.consume(self.stream_id, len(data))
+
+    def on_window(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._starved = False
+            self._send(pending)
+            if self._pending is None and self._eof_received:
+                self._send_fin()
+        self._update_reading()
+
+    def on_accept(self) -> None:
+        pass
+
+    def on_end(self) -> None:
+        self._remote_fin = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def on_reset(self, code: str, reason: str) -> None:
+        self._pre_connect = []
+        self._remote_fin = True
+        self._fin_sent = True
+        transport = self.transport
+        if transport is not None:
+            if code in CLEAN_RESETS:
+                transport.close()
+            else:
+                transport.abort()
+        self._finish()
+
+    def pause_source(self) -> None:
+        self._session_paused = True
+        self._update_reading()
+
+    def resume_source(self) -> None:
+        self._session_paused = False
+        self._update_reading()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _return_credit(self, size: int) -> None:
+        if self._socket_paused:
+            self._unconsumed += size
+        else:
+            self.conn.session.consume(self.stream_id, size)
+
+    def _send_fin(self) -> None:
+        if not self._fin_sent:
+            self._fin_sent = True
+            self.conn.session.send_fin(self.stream_id)
+            self.conn.flush()
+            self._maybe_close()
+
+    def _write_eof(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+        else:
+            self._eof_received = True
+            self._send_fin()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._fin_sent and self._remote_fin and self.transport is not None:
+            self.conn.handlers.pop(self.stream_id, None)
+            self.transport.close()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._eof_received:
+            return
+        want_paused = self._starved or self._session_paused
+        if want_paused != self._reading_paused:
+            self._reading_paused = want_paused
+            try:
+                if want_paused:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
+            except RuntimeError:
+                pass
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.conn.handlers.pop(self.stream_id, None)
+            if self._on_done is not None:
+                self._on_done(self)
+
+    def close(self) -> None:
+        """Tear down the socket and the stream (used when a role shuts down)."""
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self.conn.session.reset_stream(self.stream_id, "cancelled", "closing")
+            self._finish()
+
+
+def visitor_info(transport: asyncio.BaseTransport, **extra: Any) -> dict[str, Any]:
+    """The OPEN metadata for a connection accepted from a visitor."""
+    peer = transport.get_extra_info("peername")
+    local = transport.get_extra_info("sockname")
+    info: dict[str, Any] = dict(extra)
+    if isinstance(peer, tuple):
+        info["src"] = [peer[0], peer[1]]
+    if isinstance(local, tuple):
+        info["dst"] = [local[0], local[1]]
+    return info

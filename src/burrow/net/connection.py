@@ -1,0 +1,248 @@
+"""A wire session carried over an asyncio transport (TCP, TLS on top), with heartbeats.
+
+The protocol object feeds received bytes to the sans-I/O ``Session``, hands stream events to
+the ``StreamHandler`` registered for each stream, and writes what the session queued. When the
+transport's write buffer backs up it pauses every handler's source, so a fast local socket can
+never grow the session's buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from burrow.wire.errors import HandshakeRejected, ProtocolError
+from burrow.wire.session import (
+    ControlReceived,
+    DataReceived,
+    GoAwayReceived,
+    HandshakeComplete,
+    HandshakeFailed,
+    PongReceived,
+    Session,
+    State,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowOpened,
+)
+
+log = logging.getLogger("burrow.session")
+
+#: Write-buffer marks for the session transport: high enough to keep the pipe full.
+SESSION_WRITE_HIGH = 1024 * 1024
+SESSION_WRITE_LOW = 256 * 1024
+#: A peer silent for this many heartbeat intervals is dead.
+DEAD_AFTER_INTERVALS = 3
+
+
+class StreamHandler(Protocol):
+    """What a ``SessionConnection`` calls for one stream's events."""
+
+    def on_data(self, data: bytes | memoryview) -> None: ...
+    def on_window(self) -> None: ...
+    def on_accept(self) -> None: ...
+    def on_end(self) -> None: ...
+    def on_reset(self, code: str, reason: str) -> None: ...
+    def pause_source(self) -> None: ...
+    def resume_source(self) -> None: ...
+
+
+class SessionConnection(asyncio.Protocol):
+    """One session over one transport; shared by relay, agent and connector."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        on_stream: Callable[[SessionConnection, int, dict[str, Any]], None] | None = None,
+        on_control: Callable[[SessionConnection, dict[str, Any]], None] | None = None,
+        on_handshake: Callable[[SessionConnection], None] | None = None,
+        on_closed: Callable[[SessionConnection, str], None] | None = None,
+        peer_label: str = "",
+    ) -> None:
+        self.session = session
+        self.handlers: dict[int, StreamHandler] = {}
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer_label
+        self.rtt: float | None = None
+        self.write_paused = False
+        self.close_reason = ""
+        self.bytes_in = 0
+        self._on_stream = on_stream
+        self._on_control = on_control
+        self._on_handshake = on_handshake
+        self._on_closed = on_closed
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.handshake_done: asyncio.Future[HandshakeComplete] = loop.create_future()
+        self.closed: asyncio.Future[str] = loop.create_future()
+        self._last_rx = loop.time()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # --- transport callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.set_write_buffer_limits(SESSION_WRITE_HIGH, SESSION_WRITE_LOW)
+        if not self.peer:
+            peer = transport.get_extra_info("peername")
+            self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "peer"
+        self._last_rx = self._loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        self.bytes_in += len(data)
+        session = self.session
+        try:
+            events = session.receive_data(data)
+        except ProtocolError as exc:
+            self.close(f"protocol error from {self.peer}: {exc} ({exc.code})")
+            return
+        except HandshakeRejected as exc:
+            if not self.handshake_done.done():
+                self.handshake_done.set_exception(exc)
+            self.close(f"refused by relay: {exc.message}")
+            return
+        handlers = self.handlers
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                if handler is not None:
+                    handler.on_data(event.data)  # type: ignore[union-attr]
+            elif kind is WindowOpened:
+                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                if handler is not None:
+                    handler.on_window()
+            else:
+                self._on_event(event)
+        self.flush()
+        if session.state is State.CLOSED and self.transport is not None:
+            self.close(self.close_reason or "session ended")
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, StreamOpened):
+            if self._on_stream is None:
+                self.session.reset_stream(
+                    event.stream_id, "not_allowed", "this end accepts no streams"
+                )
+            else:
+                self._on_stream(self, event.stream_id, event.info)
+        elif isinstance(event, StreamEnded):
+            handler = self.handlers.get(event.stream_id)
+            if not self.session.is_open(event.stream_id):
+                self.handlers.pop(event.stream_id, None)
+            if handler is not None:
+                handler.on_end()
+        elif isinstance(event, StreamReset):
+            handler = self.handlers.pop(event.stream_id, None)
+            if handler is not None:
+                handler.on_reset(event.code, event.reason)
+        elif isinstance(event, StreamAccepted):
+            handler = self.handlers.get(event.stream_id)
+            if handler is not None:
+                handler.on_accept()
+        elif isinstance(event, ControlReceived):
+            if self._on_control is not None:
+                self._on_control(self, event.message)
+        elif isinstance(event, PongReceived):
+            sent = int.from_bytes(event.payload, "big")
+            self.rtt = max(0.0, (time.monotonic_ns() - sent) / 1e9)
+        elif isinstance(event, HandshakeComplete):
+            self._start_heartbeat()
+            if not self.handshake_done.done():
+                self.handshake_done.set_result(event)
+            if self._on_handshake is not None:
+                self._on_handshake(self)
+        elif isinstance(event, HandshakeFailed):
+            self.close_reason = f"refused {self.peer}: {event.message}"
+            log.warning("refused client %s: %s", self.peer, event.message)
+        elif isinstance(event, GoAwayReceived):
+            self.close_reason = f"peer went away: {event.code} {event.reason}".strip()
+
+    def eof_received(self) -> bool:
+        return False  # the session ends with its transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed")
+        self.close_reason = reason
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(ConnectionError(reason))
+        handlers = list(self.handlers.values())
+        self.handlers.clear()
+        for handler in handlers:
+            handler.on_reset("error", "session lost")
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        if self._on_closed is not None:
+            self._on_closed(self, reason)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for handler in list(self.handlers.values()):
+            handler.pause_source()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for handler in list(self.handlers.values()):
+            handler.resume_source()
+
+    # --- actions ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        out = self.session.data_to_send()
+        if out and self.transport is not None:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        if self.session.state is State.OPEN and self.transport is not None:
+            self.session.send_control(message)
+            self.flush()
+
+    def close(self, reason: str = "closed", *, code: str = "shutdown") -> None:
+        """Say GOAWAY (if the session is up), flush, and close the transport."""
+        if not self.close_reason:
+            self.close_reason = reason
+        if self.session.state is State.OPEN:
+            self.session.go_away(code, reason)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None and self.session.state is State.OPEN
+
+    # --- heartbeat -------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat_task is None:
+            self._heartbeat_task = self._loop.create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        interval = self.session.heartbeat
+        while self.transport is not None:
+            self.session.ping(time.monotonic_ns().to_bytes(8, "big"))
+            self.flush()
+            await asyncio.sleep(interval)
+            silent = self._loop.time() - self._last_rx
+            if silent > interval * DEAD_AFTER_INTERVALS:
+                log.warning("%s silent for %.1f s: closing the session", self.peer, silent)
+                self.abort(f"no heartbeat from {self.peer} for {silent:.0f} s")
+                return

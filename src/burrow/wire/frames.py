@@ -1,0 +1,134 @@
+"""The frame codec: a fixed 10-byte header, then a payload whose size is bounded per type.
+
+    +--------+--------+-----------------+-----------------+
+    | type:8 | flags:8| stream id:32    | length:32       |  payload (length bytes)
+    +--------+--------+-----------------+-----------------+
+
+The decoder keeps at most one incomplete frame, so memory is bounded by the largest payload
+allowed for the frame being read; an oversized length is refused as soon as the header is in.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import Final
+
+from burrow.wire.errors import FrameTooLarge, UnknownFrameType
+
+HEADER: Final = struct.Struct(">BBII")
+HEADER_SIZE: Final = HEADER.size
+
+#: Largest DATA payload a peer may send; senders use at most ``MAX_DATA_CHUNK``.
+MAX_DATA_PAYLOAD: Final = 1 << 20
+MAX_DATA_CHUNK: Final = 256 * 1024
+#: Largest payload of any frame that carries metadata (handshake, control, open, reset).
+MAX_META_PAYLOAD: Final = 16 * 1024
+
+
+class FrameType(IntEnum):
+    DATA = 0x00
+    WINDOW = 0x01
+    OPEN = 0x02
+    ACCEPT = 0x03
+    FIN = 0x04
+    RESET = 0x05
+    PING = 0x06
+    PONG = 0x07
+    CONTROL = 0x08
+    GOAWAY = 0x09
+    HELLO = 0x10
+    CHALLENGE = 0x11
+    AUTH = 0x12
+    WELCOME = 0x13
+    REJECT = 0x14
+
+
+_LIMITS: Final[dict[int, int]] = {t.value: MAX_META_PAYLOAD for t in FrameType}
+_LIMITS[FrameType.DATA] = MAX_DATA_PAYLOAD
+_LIMITS[FrameType.WINDOW] = 4
+_LIMITS[FrameType.ACCEPT] = 0
+_LIMITS[FrameType.FIN] = 0
+_LIMITS[FrameType.PING] = 8
+_LIMITS[FrameType.PONG] = 8
+
+
+def payload_limit(frame_type: int) -> int:
+    """The largest payload allowed for ``frame_type``; raise if the type is unknown."""
+    try:
+        return _LIMITS[frame_type]
+    except KeyError:
+        raise UnknownFrameType(f"unknown frame type 0x{frame_type:02x}") from None
+
+
+def encode_header(frame_type: int, stream_id: int, length: int, flags: int = 0) -> bytes:
+    return HEADER.pack(frame_type, flags, stream_id, length)
+
+
+def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One whole frame; for DATA, prefer ``encode_header`` and write the payload separately."""
+    limit = payload_limit(frame_type)
+    if len(payload) > limit:
+        raise FrameTooLarge(
+            f"{FrameType(frame_type).name} payload of {len(payload)} bytes > {limit}"
+        )
+    return HEADER.pack(frame_type, 0, stream_id, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into ``(type, stream_id, payload)`` tuples.
+
+    Payloads are ``bytes`` for frames that spanned reads and zero-copy ``memoryview`` slices of
+    the caller's buffer otherwise; a consumer that keeps one beyond the call must copy it.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame (bounded by the header plus one payload)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, memoryview | bytes]]:
+        if self._buffer:
+            buf = self._buffer
+            buf += data
+            if len(buf) < HEADER_SIZE:
+                return []
+            frame_type, _flags, _stream_id, length = HEADER.unpack_from(buf, 0)
+            self._check(frame_type, length)
+            if len(buf) < HEADER_SIZE + length:
+                return []  # still incomplete: wait without copying
+            view = memoryview(bytes(buf))
+            buf.clear()
+        else:
+            view = memoryview(data)
+        frames: list[tuple[int, int, memoryview | bytes]] = []
+        size = len(view)
+        pos = 0
+        unpack = HEADER.unpack_from
+        limits = _LIMITS
+        while size - pos >= HEADER_SIZE:
+            frame_type, _flags, stream_id, length = unpack(view, pos)
+            limit = limits.get(frame_type)
+            if limit is None or length > limit:
+                self._check(frame_type, length)
+            end = pos + HEADER_SIZE + length
+            if end > size:
+                break
+            frames.append((frame_type, stream_id, view[pos + HEADER_SIZE : end]))
+            pos = end
+        if pos < size:
+            self._buffer += view[pos:]
+        return frames
+
+    @staticmethod
+    def _check(frame_type: int, length: int) -> None:
+        limit = payload_limit(frame_type)
+        if length > limit:
+            raise FrameTooLarge(
+                f"{FrameType(frame_type).name} frame announces {length} bytes > limit {limit}"
+            )
