@@ -1639,8 +1639,11 @@ def main(argv: list[str] | None = None) -> int:
         repeat=max(1, args.repeat),
     )
     nofile = raise_nofile()  # inherited by every child (relay, agents, sink, ...)
-    if nofile < settings.mem_conns * 2 + 1000:
-        settings.mem_conns = max(100, (nofile - 1000) // 2)
+    # Each process (this one, relay, agent, sink) holds about one descriptor per connection,
+    # the relay and agent maybe two; without CAP_SYS_RESOURCE the hard limit is the ceiling.
+    if nofile < settings.mem_conns + 1000:
+        log(f"RLIMIT_NOFILE is {nofile}: memory section limited to {nofile - 1000} connections")
+        settings.mem_conns = max(100, nofile - 1000)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

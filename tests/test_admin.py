@@ -82,7 +82,7 @@ async def test_metrics(server: tuple[str, int], metrics: RelayMetrics) -> None:
     text = body.decode()
     assert "# TYPE burrow_sessions gauge" in text
     assert "burrow_sessions 1.0" in text
-    assert "burrow_streams 1.0" in text
+    assert "burrow_streams_open 1.0" in text
     assert "burrow_streams_total 2.0" in text
     assert 'burrow_bytes_total{direction="in"} 1234.0' in text
     assert 'burrow_bytes_total{direction="out"} 7.0' in text
@@ -98,7 +98,7 @@ def test_render_parses_as_prometheus_text(metrics: RelayMetrics) -> None:
         for family in text_string_to_metric_families(metrics.render().decode())
         for s in family.samples
     }
-    assert samples[("burrow_streams", ())] == 1
+    assert samples[("burrow_streams_open", ())] == 1
     assert samples[("burrow_streams_total", ())] == 1
     assert samples[("burrow_bytes_total", (("direction", "out"),))] == 5
     assert samples[("burrow_bytes_total", (("direction", "in"),))] == 0
@@ -109,7 +109,7 @@ def test_types_in_exposition(metrics: RelayMetrics) -> None:
     text = metrics.render().decode()
     for line in [
         "# TYPE burrow_sessions gauge",
-        "# TYPE burrow_streams gauge",
+        "# TYPE burrow_streams_open gauge",
         "# TYPE burrow_streams_total counter",
         "# TYPE burrow_bytes_total counter",
         "# TYPE burrow_errors_total counter",
@@ -156,7 +156,7 @@ def test_prometheus_client_style_calls(metrics: RelayMetrics) -> None:
     metrics.bytes.labels(direction="out").inc(10)
     text = metrics.render().decode().splitlines()
     assert "burrow_sessions 3.0" in text
-    assert "burrow_streams 1.0" in text
+    assert "burrow_streams_open 1.0" in text
     assert "burrow_streams_total 1.0" in text
     assert 'burrow_errors_total{kind="handshake"} 2.0' in text
     assert 'burrow_tunnels{kind="tcp"} 2.0' in text

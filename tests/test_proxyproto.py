@@ -226,11 +226,9 @@ def test_encode_dispatch() -> None:
         encode("v3", src, dst)  # type: ignore[arg-type]
 
 
-def test_encode_rejects_bad_port() -> None:
-    with pytest.raises(ValueError):
-        encode_v1(("1.2.3.4", 70000), ("5.6.7.8", 1))
-    with pytest.raises(ValueError):
-        encode_v2(("1.2.3.4", -1), ("5.6.7.8", 1))
+def test_encode_bad_port_is_unknown() -> None:
+    assert encode_v1(("1.2.3.4", 70000), ("5.6.7.8", 1)) == b"PROXY UNKNOWN\r\n"
+    assert encode_v2(("1.2.3.4", -1), ("5.6.7.8", 1)) == SIG + b"\x20\x00\x00\x00"
 
 
 # --- properties ----------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class RelayMetrics:
     (``sessions.set(n)``, ``errors.labels(kind="auth").inc()``), or the helper methods. Both are
     unsynchronised adds meant for the event loop thread; values become Prometheus families only
     when scraped. (prometheus_client's own Gauge/Counter also refuse to register the gauge
-    ``burrow_streams`` next to the counter ``burrow_streams_total``; a collector has no such check.)
+    ``burrow_streams_open`` next to the counter ``burrow_streams_total``; a collector has no such check.)
     """
 
     __slots__ = (
@@ -130,6 +130,7 @@ class RelayMetrics:
         "_bytes_out",
         "bytes",
         "errors",
+        "on_collect",
         "registry",
         "sessions",
         "streams",
@@ -148,6 +149,8 @@ class RelayMetrics:
         self.tunnels = _Family("kind", _Gauge)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        #: Called before each render, so owners can fold in figures they keep elsewhere.
+        self.on_collect: Callable[[], None] | None = None
 
     def session_opened(self) -> None:
         self.sessions.value += 1
@@ -178,13 +181,20 @@ class RelayMetrics:
 
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of this relay's metrics."""
+        if self.on_collect is not None:
+            self.on_collect()
         return generate_latest(self.registry)
+
+    def set_bytes(self, total_in: int, total_out: int) -> None:
+        """Set the byte counters from totals kept by the data path (which never decrease)."""
+        self._bytes_in.value = total_in
+        self._bytes_out.value = total_out
 
     def _families(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "burrow_sessions", "Open agent sessions.", value=self.sessions.value
         )
-        yield GaugeMetricFamily("burrow_streams", "Open streams.", value=self.streams.value)
+        yield GaugeMetricFamily("burrow_streams_open", "Open streams.", value=self.streams.value)
         yield CounterMetricFamily(
             "burrow_streams_total", "Streams opened since start.", value=self.streams_total.value
         )

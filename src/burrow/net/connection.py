@@ -73,6 +73,7 @@ class SessionConnection(asyncio.Protocol):
         self.write_paused = False
         self.close_reason = ""
         self.bytes_in = 0
+        self.bytes_out = 0
         self._on_stream = on_stream
         self._on_control = on_control
         self._on_handshake = on_handshake
@@ -201,8 +202,10 @@ class SessionConnection(asyncio.Protocol):
         out = self.session.data_to_send()
         if out and self.transport is not None:
             if len(out) == 1:
+                self.bytes_out += len(out[0])
                 self.transport.write(out[0])
             else:
+                self.bytes_out += sum(map(len, out))
                 self.transport.writelines(out)
 
     def send_control(self, message: dict[str, Any]) -> None:

@@ -91,6 +91,7 @@ class Relay:
         self._ssl: ssl.SSLContext | None = None
         self._expiry: dict[int, asyncio.TimerHandle] = {}
         self._closing = False
+        self._closed_bytes = [0, 0]
         self.metrics: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -146,11 +147,18 @@ class Relay:
         from burrow.net.admin import AdminServer, RelayMetrics
 
         self.metrics = RelayMetrics()
+        self.metrics.on_collect = self._collect_bytes
         self._admin = AdminServer(self.metrics, self.health)
         try:
             self.admin_address = await self._admin.start(*address)
         except OSError as exc:
             raise _bind_error(address[0], address[1], exc, "admin port") from None
+
+    def _collect_bytes(self) -> None:
+        # "in" flows from visitors towards agents: what the relay writes into sessions.
+        total_in = self._closed_bytes[0] + sum(c.bytes_out for c in self.sessions)
+        total_out = self._closed_bytes[1] + sum(c.bytes_in for c in self.sessions)
+        self.metrics.set_bytes(total_in, total_out)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -218,6 +226,8 @@ class Relay:
                     self.metrics.errors.labels(kind="handshake").inc()
             return
         self.sessions.discard(conn)
+        self._closed_bytes[0] += conn.bytes_out
+        self._closed_bytes[1] += conn.bytes_in
         if self.metrics is not None:
             self.metrics.sessions.set(len(self.sessions))
             if "protocol error" in reason:

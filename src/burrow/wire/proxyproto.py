@@ -78,19 +78,13 @@ def _ip_or_none(host: str) -> _IP | None:
     return ip
 
 
-def _check_port(port: int) -> int:
-    if not 0 <= port <= 0xFFFF:
-        raise ProxyProtocolError(f"port {port} out of range 0..65535")
-    return port
-
-
 def _resolve(src: Address, dst: Address) -> tuple[Family, _IP, _IP] | tuple[Family, None, None]:
     """Pick the family for an address pair; a mixed v4/v6 pair is sent as v4-mapped IPv6,
-    as HAProxy does, rather than losing the address."""
-    _check_port(src[1])
-    _check_port(dst[1])
+    as HAProxy does, rather than losing the address. A pair that cannot be represented (not IP,
+    port out of range) is UNKNOWN: the addresses come from the peer, and a bad one should cost
+    the service the client address, not the stream."""
     s, d = _ip_or_none(src[0]), _ip_or_none(dst[0])
-    if s is None or d is None:
+    if s is None or d is None or not (0 <= src[1] <= 0xFFFF and 0 <= dst[1] <= 0xFFFF):
         return "UNKNOWN", None, None
     if s.version == d.version:
         return ("TCP4" if s.version == 4 else "TCP6"), s, d
@@ -107,7 +101,7 @@ def _resolve(src: Address, dst: Address) -> tuple[Family, _IP, _IP] | tuple[Fami
 
 def encode_v1(src: Address, dst: Address) -> bytes:
     """Text header, e.g. ``PROXY TCP4 1.2.3.4 5.6.7.8 111 222\\r\\n``; ``PROXY UNKNOWN\\r\\n``
-    when either side is not an IP address."""
+    when either side is not an IP address and port."""
     family, s, d = _resolve(src, dst)
     if s is None or d is None:
         return b"PROXY UNKNOWN\r\n"
@@ -116,7 +110,7 @@ def encode_v1(src: Address, dst: Address) -> bytes:
 
 def encode_v2(src: Address, dst: Address) -> bytes:
     """Binary header: PROXY over TCP4/TCP6, or LOCAL with family 0 when an address is not an
-    IP, which tells the receiver to use the connection's own endpoints."""
+    IP and port, which tells the receiver to use the connection's own endpoints."""
     family, s, d = _resolve(src, dst)
     if s is None or d is None:
         return V2_SIGNATURE + bytes((_V2_CMD_LOCAL, 0x00)) + b"\x00\x00"
