@@ -206,6 +206,10 @@ class Proc:
         env: dict[str, str] | None = None,
         stdin_pipe: bool = False,
     ) -> None:
+        base, n = name, 1
+        while (tmp / f"{name}.stderr").exists():  # restarts get their own log files
+            n += 1
+            name = f"{base}-{n}"
         self.name = name
         self.err_path = tmp / f"{name}.stderr"
         self.out_path = tmp / f"{name}.stdout"
@@ -389,6 +393,13 @@ class Ctx:
         self.iperf_proc: Proc | None = None
         self._ssh_keys: tuple[Path, Path] | None = None
         self.burrow_relay: tuple[Proc, str, str] | None = None
+        self.agent_help: str | None = None
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+            log(f"note: {text}")
 
     # Targets ---------------------------------------------------------------------------------
 
@@ -706,34 +717,69 @@ def start_relay(ctx: Ctx, name: str) -> tuple[Proc, str, str]:
         raise Unavailable(f"{exe} not found")
     state = ctx.tmp / f"{name}-state"
     state.mkdir(exist_ok=True)
-    relay = Proc(
-        ctx.tmp,
-        name,
-        [
-            exe,
-            "relay",
-            "--listen",
-            f"{LOOPBACK}:0",
-            "--state-dir",
-            str(state),
-            "--json",
-            "--min-port",
-            "20000",
-            "--max-port",
-            "30000",
-        ],
-        env=BURROW_ENV,
-    )
-    try:
-        _, ev = relay.wait_for(json_event("relay_ready"), 30, "relay_ready")
-        control, fingerprint = str(ev["control"]), str(ev["fingerprint"])
-    except KeyError as e:
-        relay.stop()
-        raise Unavailable(f"relay_ready without {e}") from e
-    except Unavailable:
-        relay.stop()
-        raise
-    return relay, control, fingerprint
+    listen = f"{LOOPBACK}:0"
+    for attempt in range(2):
+        relay = Proc(
+            ctx.tmp,
+            f"{name}-{attempt}" if attempt else name,
+            [
+                exe,
+                "relay",
+                "--listen",
+                listen,
+                "--state-dir",
+                str(state),
+                "--json",
+                "--min-port",
+                "20000",
+                "--max-port",
+                "30000",
+            ],
+            env=BURROW_ENV,
+        )
+        try:
+            _, ev = relay.wait_for(json_event("relay_ready"), 30, "relay_ready")
+            return relay, str(ev["control"]), str(ev["fingerprint"])
+        except KeyError as e:
+            relay.stop()
+            raise Unavailable(f"relay_ready without {e}") from e
+        except Unavailable as e:
+            relay.stop()
+            # A relay that refuses port 0 still gets measured, on a port picked here; the
+            # refusal is reported in the notes.
+            if attempt == 0 and ":0" in f"{e.reason} {e.detail}":
+                listen = f"{LOOPBACK}:{free_port()}"
+                ctx.note(
+                    f"burrow relay refused --listen {LOOPBACK}:0 ({e.detail}); "
+                    f"used --listen {listen} instead"
+                )
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+def burrow_agent_flags(ctx: Ctx, name: str) -> list[str]:
+    """Per-agent state dir and known-relays file, when ``burrow tcp`` has those options, so
+    agents neither share an identity nor touch the home directory."""
+    if ctx.agent_help is None:
+        try:
+            r = subprocess.run(
+                [ctx.s.burrow, "tcp", "--help"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            ctx.agent_help = r.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            ctx.agent_help = ""
+    flags: list[str] = []
+    state = ctx.tmp / f"{name}-state"
+    if "--state-dir" in ctx.agent_help:
+        flags += ["--state-dir", str(state)]
+    if "--known-relays" in ctx.agent_help:
+        flags += ["--known-relays", str(state / "known_relays")]
+    return flags
 
 
 def loopback_port(hostport: str) -> int:
@@ -750,6 +796,7 @@ def start_agent(
 ) -> tuple[Proc, int, float]:
     """Start ``burrow tcp``; returns (proc, public port, seconds from launch to tunnel_ready)."""
     _, control, fingerprint = relay
+    extra = burrow_agent_flags(ctx, name)
     t0 = time.monotonic()
     agent = Proc(
         ctx.tmp,
@@ -763,6 +810,7 @@ def start_agent(
             "--fingerprint",
             fingerprint,
             "--json",
+            *extra,
         ],
         env=BURROW_ENV,
     )
@@ -1111,11 +1159,17 @@ class SinkWatch:
             if line and line.startswith("COUNT "):
                 self.open, self.ready = (int(x) for x in line.split()[1:3])
 
-    def wait_ready(self, want: int, timeout: float) -> int:
+    def wait_ready(self, want: int, timeout: float, stall: float = 8.0) -> int:
+        """Wait until ``want`` connections delivered their byte, or no progress for ``stall`` s."""
         end = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
         while time.monotonic() < end:
             self.poll()
             if self.ready >= want:
+                break
+            if self.ready != last:
+                last, last_change = self.ready, time.monotonic()
+            elif time.monotonic() - last_change > stall:
                 break
             time.sleep(0.2)
         self.poll()
@@ -1167,6 +1221,7 @@ def memory_section(ctx: Ctx) -> dict[str, Any]:
             "client_last_error": last_err,
             "reached_sink": ready,
             "open_seconds": round(open_s, 2),
+            "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "baseline_kib": base,
             "loaded_kib": peak,
         }
@@ -1461,6 +1516,8 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
         sec = results.get(section)
         if sec and sec.get("detail"):
             note(f"{section}: {sec['error']} {sec['detail']}")
+    for text in results.get("notes", []):
+        note(text)
     if notes:
         out.append("")
         out.append("Notes:")
@@ -1639,11 +1696,16 @@ def main(argv: list[str] | None = None) -> int:
         repeat=max(1, args.repeat),
     )
     nofile = raise_nofile()  # inherited by every child (relay, agents, sink, ...)
-    # Each process (this one, relay, agent, sink) holds about one descriptor per connection,
-    # the relay and agent maybe two; without CAP_SYS_RESOURCE the hard limit is the ceiling.
-    if nofile < settings.mem_conns + 1000:
-        log(f"RLIMIT_NOFILE is {nofile}: memory section limited to {nofile - 1000} connections")
-        settings.mem_conns = max(100, nofile - 1000)
+    # The relay and the agent may each hold two sockets per visitor connection (one each side);
+    # without CAP_SYS_RESOURCE the hard RLIMIT_NOFILE cannot be raised, so the default count is
+    # capped to what fits twice under it (an explicit --conns is only capped to fit once).
+    fit = (nofile - 1000) // (1 if args.conns else 2)
+    if settings.mem_conns > fit:
+        log(
+            f"RLIMIT_NOFILE is {nofile}: memory section uses {fit} connections, not "
+            f"{settings.mem_conns}"
+        )
+        settings.mem_conns = max(100, fit)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -1700,6 +1762,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {tmp}")
 
     results["meta"]["elapsed_s"] = round(time.monotonic() - T0, 1)
+    results["notes"] = ctx.notes
     for section in SECTION_ROWS:
         if section in selected and section not in results:
             results[section] = {"error": "skipped (deadline or interrupt)"}

@@ -78,52 +78,92 @@ def encode_frame(frame_type: int, stream_id: int, payload: bytes = b"") -> bytes
 class FrameDecoder:
     """Splits a byte stream into ``(type, stream_id, payload)`` tuples.
 
-    Payloads are ``bytes`` for frames that spanned reads and zero-copy ``memoryview`` slices of
-    the caller's buffer otherwise; a consumer that keeps one beyond the call must copy it.
+    DATA payloads are streamed: a DATA frame that spans reads comes out as several tuples
+    whose payloads add up to the frame's, each a zero-copy ``memoryview`` of the caller's
+    bytes, so bulk data is never buffered here. Other frames (at most ``MAX_META_PAYLOAD``)
+    are buffered until whole. A consumer that keeps a payload beyond the call must copy it.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_data_remaining", "_data_stream")
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # a partial header, or a partial non-DATA frame
+        self._data_remaining = 0  # bytes of the current DATA payload still to come
+        self._data_stream = 0
 
     @property
     def buffered(self) -> int:
-        """Bytes held for an incomplete frame (bounded by the header plus one payload)."""
+        """Bytes held for an incomplete frame (bounded by the header plus one meta payload)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[tuple[int, int, memoryview | bytes]]:
-        if self._buffer:
-            buf = self._buffer
-            buf += data
-            if len(buf) < HEADER_SIZE:
-                return []
-            frame_type, _flags, _stream_id, length = HEADER.unpack_from(buf, 0)
-            self._check(frame_type, length)
-            if len(buf) < HEADER_SIZE + length:
-                return []  # still incomplete: wait without copying
-            view = memoryview(bytes(buf))
-            buf.clear()
-        else:
-            view = memoryview(data)
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, int, memoryview | bytes]]:
         frames: list[tuple[int, int, memoryview | bytes]] = []
+        view = memoryview(data)
         size = len(view)
         pos = 0
         unpack = HEADER.unpack_from
         limits = _LIMITS
-        while size - pos >= HEADER_SIZE:
+        buf = self._buffer
+        while pos < size:
+            if self._data_remaining:
+                take = min(self._data_remaining, size - pos)
+                frames.append((FrameType.DATA, self._data_stream, view[pos : pos + take]))
+                self._data_remaining -= take
+                pos += take
+                continue
+            if buf:
+                if len(buf) < HEADER_SIZE:
+                    take = min(HEADER_SIZE - len(buf), size - pos)
+                    buf += view[pos : pos + take]
+                    pos += take
+                    if len(buf) < HEADER_SIZE:
+                        break
+                frame_type, _flags, stream_id, length = unpack(buf, 0)
+                self._check(frame_type, length)
+                if frame_type == FrameType.DATA:
+                    buf.clear()
+                    self._start_data(frames, stream_id, length)
+                    continue
+                take = min(HEADER_SIZE + length - len(buf), size - pos)
+                buf += view[pos : pos + take]
+                pos += take
+                if len(buf) == HEADER_SIZE + length:
+                    frames.append((frame_type, stream_id, bytes(buf[HEADER_SIZE:])))
+                    buf.clear()
+                continue
+            if size - pos < HEADER_SIZE:
+                buf += view[pos:]
+                break
             frame_type, _flags, stream_id, length = unpack(view, pos)
             limit = limits.get(frame_type)
             if limit is None or length > limit:
                 self._check(frame_type, length)
+            if frame_type == FrameType.DATA:
+                pos += HEADER_SIZE
+                take = min(length, size - pos)
+                if take or not length:
+                    frames.append((FrameType.DATA, stream_id, view[pos : pos + take]))
+                pos += take
+                if take < length:
+                    self._data_remaining = length - take
+                    self._data_stream = stream_id
+                continue
             end = pos + HEADER_SIZE + length
             if end > size:
+                buf += view[pos:]
                 break
             frames.append((frame_type, stream_id, view[pos + HEADER_SIZE : end]))
             pos = end
-        if pos < size:
-            self._buffer += view[pos:]
         return frames
+
+    def _start_data(
+        self, frames: list[tuple[int, int, memoryview | bytes]], stream_id: int, length: int
+    ) -> None:
+        if length:
+            self._data_remaining = length
+            self._data_stream = stream_id
+        else:
+            frames.append((FrameType.DATA, stream_id, b""))
 
     @staticmethod
     def _check(frame_type: int, length: int) -> None:

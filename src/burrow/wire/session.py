@@ -46,6 +46,8 @@ DEFAULT_WINDOW: Final = 4 * 1024 * 1024
 MIN_WINDOW: Final = 64 * 1024
 MAX_WINDOW: Final = (1 << 31) - 1
 DEFAULT_MAX_STREAMS: Final = 65536
+#: Payloads up to this size are joined to their header rather than written beside it.
+SMALL_DATA: Final = 8192
 _U32: Final = struct.Struct(">I")
 _RESET: Final = struct.Struct(">H")
 
@@ -519,6 +521,10 @@ class Session:
         stream.credit -= size
         out = self._out
         pack = HEADER.pack
+        if size <= SMALL_DATA:
+            # One buffer, so TLS sends header and payload in one record.
+            out.append(pack(FrameType.DATA, 0, stream_id, size) + data)
+            return
         if size <= MAX_DATA_CHUNK:
             out.append(pack(FrameType.DATA, 0, stream_id, size))
             out.append(data)
