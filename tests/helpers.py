@@ -78,7 +78,8 @@ def agent_config(relay: Relay, local: tuple[str, int], **overrides: Any) -> Agen
 
 @contextlib.asynccontextmanager
 async def running_relay(tmp: Path, **overrides: Any) -> AsyncIterator[Relay]:
-    relay = Relay(relay_config(tmp, **overrides), on_event=overrides.pop("on_event", None))
+    on_event = overrides.pop("on_event", None)
+    relay = Relay(relay_config(tmp, **overrides), on_event=on_event)
     await relay.start()
     try:
         yield relay
@@ -149,7 +150,9 @@ class LoopThread:
         self.loop.close()
 
 
-def burrow_cli(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+def burrow_cli(
+    *args: str, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
     """Start the ``burrow`` CLI of this checkout as a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.Popen(
@@ -162,31 +165,39 @@ def burrow_cli(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> 
     )
 
 
+_pending_lines: dict[int, list[bytes]] = {}
+
+
 def read_event(proc: subprocess.Popen[str], name: str, timeout: float = 15.0) -> dict[str, Any]:
-    """Read JSON lines from ``proc``'s stdout until the event ``name`` (bounded by ``timeout``)."""
+    """Read JSON lines from ``proc``'s stdout until the event ``name`` (bounded by ``timeout``).
+
+    Reads the pipe's fd directly and keeps unconsumed lines per process, so a line that arrived
+    together with an earlier one is never stranded in a buffer ``select()`` cannot see."""
     import json
-    import selectors
+    import select
+    import time
 
     assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = __import__("time").monotonic() + timeout * SCALE
-    try:
-        while True:
-            remaining = deadline - __import__("time").monotonic()
-            if remaining <= 0 or not sel.select(remaining):
-                raise TimeoutError(f"no {name!r} event within {timeout} s")
-            line = proc.stdout.readline()
-            if not line:
-                err = proc.stderr.read() if proc.stderr else ""
-                raise AssertionError(f"process ended before {name!r}: {err.strip()}")
+    fd = proc.stdout.fileno()
+    lines = _pending_lines.setdefault(proc.pid, [b""])
+    deadline = time.monotonic() + timeout * SCALE
+    while True:
+        while len(lines) > 1:
+            line = lines.pop(0)
             event = json.loads(line)
             if event.get("event") == name:
                 return dict(event)
             if event.get("event") == "error":
                 raise AssertionError(f"error event before {name!r}: {event}")
-    finally:
-        sel.close()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError(f"no {name!r} event within {timeout} s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"process ended before {name!r}: {err.strip()}")
+        parts = (lines.pop() + chunk).split(b"\n")
+        lines.extend(parts)
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:

@@ -171,8 +171,10 @@ class ThrowawayPostgres:
 
         self._run_pg(
             "initdb",
-            "-D", str(self.datadir),
-            "-U", self.superuser,
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.superuser,
             "--auth=scram-sha-256",
             f"--pwfile={pwfile}",
             "--encoding=UTF8",
@@ -212,10 +214,13 @@ host      all      all  {LISTEN_ADDR}/32  scram-sha-256
 
         self._run_pg(
             "pg_ctl",
-            "-D", str(self.datadir),
-            "-l", str(self.log_path),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.log_path),
             "-w",
-            "-t", str(self.startup_timeout),
+            "-t",
+            str(self.startup_timeout),
             "start",
             timeout=self.startup_timeout + 15,
         )
@@ -252,8 +257,16 @@ host      all      all  {LISTEN_ADDR}/32  scram-sha-256
             self._started = False
             with contextlib.suppress(Exception):
                 self._run_pg(
-                    "pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "30",
-                    "stop", timeout=45,
+                    "pg_ctl",
+                    "-D",
+                    str(self.datadir),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "-t",
+                    "30",
+                    "stop",
+                    timeout=45,
                 )
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)

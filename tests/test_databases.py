@@ -136,8 +136,11 @@ class _PinnedNameContext(ssl.SSLContext):
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
         return super().wrap_bio(
-            incoming, outgoing, server_side=server_side,
-            server_hostname=self.pinned_name, session=session,
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=self.pinned_name,
+            session=session,
         )
 
 
@@ -306,8 +309,13 @@ async def test_asyncpg_verify_full_rejects_wrong_name(
     host, port = pg_tunnel
     with pytest.raises(ssl.SSLCertVerificationError):
         await asyncpg.connect(
-            host=host, port=port, user=pg.user, password=pg.password,
-            database=pg.dbname, ssl=ctx, timeout=10,
+            host=host,
+            port=port,
+            user=pg.user,
+            password=pg.password,
+            database=pg.dbname,
+            ssl=ctx,
+            timeout=10,
         )
 
 
@@ -356,7 +364,11 @@ def test_pgbench_through_tunnel(pg: ThrowawayPostgres, pg_tunnel: tuple[str, int
 
     init = subprocess.run(
         ["pgbench", "-i", "-s", "1"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert init.returncode == 0, init.stderr
     assert "error" not in init.stderr.lower(), init.stderr
@@ -365,7 +377,11 @@ def test_pgbench_through_tunnel(pg: ThrowawayPostgres, pg_tunnel: tuple[str, int
     clients, per_client = 4, 500
     run = subprocess.run(
         ["pgbench", "-n", "-S", "-c", str(clients), "-j", "2", "-t", str(per_client)],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "error" not in run.stderr.lower(), run.stderr
@@ -383,8 +399,15 @@ def test_mariadb_through_tunnel(tcp_tunnel: Any) -> None:
     _require_service(MARIADB_PORT, "MariaDB")
     host, port = tcp_tunnel(MARIADB_PORT)
     conn = pymysql.connect(
-        host=host, port=port, user="root", password="", database="test",
-        charset="utf8mb4", connect_timeout=10, read_timeout=30, write_timeout=30,
+        host=host,
+        port=port,
+        user="root",
+        password="",
+        database="test",
+        charset="utf8mb4",
+        connect_timeout=10,
+        read_timeout=30,
+        write_timeout=30,
     )
     try:
         with conn.cursor() as cur:

@@ -102,12 +102,17 @@ async def test_64_streams_of_8_mib_keep_integrity(tmp_path: Path) -> None:
     streams, size = 64, 8 * MiB
     async with echo_server() as echo_port, tls_tunnel(tmp_path, echo_port) as (relay, agent, pub):
         started = time.monotonic()
-        results = await asyncio.gather(*(send_and_check(pub, seed, size) for seed in range(streams)))
+        results = await asyncio.gather(
+            *(send_and_check(pub, seed, size) for seed in range(streams))
+        )
         elapsed = time.monotonic() - started
         assert sum(total for total, _ in results) == streams * size
         mb = streams * size / MiB
-        print(f"\n{streams} streams x {size // MiB} MiB echoed over TLS in {elapsed:.1f} s "
-              f"({mb / elapsed:.1f} MiB/s each way); slowest stream {max(t for _, t in results):.1f} s")
+        slowest = max(t for _, t in results)
+        print(
+            f"\n{streams} streams x {size // MiB} MiB echoed over TLS in {elapsed:.1f} s "
+            f"({mb / elapsed:.1f} MiB/s each way); slowest stream {slowest:.1f} s"
+        )
         # Every stream ended cleanly: nothing left open on either side.
         async with asyncio.timeout(10 * SCALE):
             while relay.health()["streams"] or agent._bridges:
@@ -239,9 +244,7 @@ async def test_stalled_reader_does_not_stall_others_and_stays_bounded(tmp_path: 
             def held() -> dict[str, int]:
                 """Bytes burrow itself holds for the stalled stream, relay side + agent side."""
                 assert agent.conn is not None and agent.conn.transport is not None
-                [agent_bridge] = [
-                    b for b in agent._bridges if b.stream_id == stalled.stream_id
-                ]
+                [agent_bridge] = [b for b in agent._bridges if b.stream_id == stalled.stream_id]
                 return {
                     "relay_visitor_write_buffer": _write_buffer(stalled),
                     "relay_session_decoder": next(iter(relay.sessions)).session.buffered,
@@ -256,9 +259,7 @@ async def test_stalled_reader_does_not_stall_others_and_stays_bounded(tmp_path: 
 
             # Meanwhile 8 other streams move 4 MiB each, through the same session.
             others_started = time.monotonic()
-            others = asyncio.gather(
-                *(echo_mode_stream(pub, seed, 4 * MiB) for seed in range(8))
-            )
+            others = asyncio.gather(*(echo_mode_stream(pub, seed, 4 * MiB) for seed in range(8)))
             while not others.done():
                 samples.append(held())
                 await asyncio.sleep(0.05)
@@ -299,6 +300,94 @@ async def test_stalled_reader_does_not_stall_others_and_stays_bounded(tmp_path: 
             assert count == offered
             assert got.hexdigest() == expected
             assert blaster.done.is_set()
+    finally:
+        server.close()
+
+
+class Sink:
+    """A local service that reads nothing until ``release`` is set, then reads everything."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.done = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self.release.wait()
+            while data := await reader.read(256 * 1024):
+                self.digest.update(data)
+                self.received += len(data)
+            self.done.set()
+        finally:
+            writer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_stalled_local_service_holds_back_the_visitor(tmp_path: Path) -> None:
+    """The other direction: the local service reads nothing while a visitor writes 64 MiB.
+    The relay stops reading the visitor once the stream's credit is spent, and neither end
+    holds more than about one window for the stream."""
+    offered = 64 * MiB
+    sink = Sink()
+    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0, limit=64 * 1024)
+    local_port = server.sockets[0].getsockname()[1]
+    try:
+        async with tls_tunnel(tmp_path, local_port) as (relay, agent, pub):
+            reader, writer = await asyncio.open_connection(*pub)
+            sizes, expected = stream_bytes(4321, offered)
+            written = 0
+            rng = random.Random(4321)
+
+            async def write_all() -> None:
+                nonlocal written
+                for size in sizes:
+                    writer.write(rng.randbytes(size))
+                    await writer.drain()
+                    written += size
+                writer.write_eof()
+
+            writing = asyncio.create_task(write_all())
+            try:
+                async with asyncio.timeout(30 * SCALE):
+                    last = -1
+                    while written != last:
+                        last = written
+                        await asyncio.sleep(0.5)
+                assert not writing.done(), "the visitor wrote everything: nothing held it back"
+                [tunnel] = relay.tunnels.values()
+                [relay_bridge] = tunnel.visitors
+                [agent_bridge] = agent._bridges
+                assert agent.conn is not None and agent.conn.transport is not None
+                held = {
+                    "agent_local_write_buffer": _write_buffer(agent_bridge),
+                    "relay_pending": len(relay_bridge._pending or b""),
+                    "relay_session_write_buffer": next(
+                        iter(relay.sessions)
+                    ).transport.get_write_buffer_size(),  # type: ignore[union-attr]
+                    "agent_session_decoder": agent.conn.session.buffered,
+                }
+                print(
+                    f"\nstalled local service: visitor got {written / MiB:.1f} MiB of "
+                    f"{offered // MiB} out; burrow held {sum(held.values()) / MiB:.2f} MiB {held}"
+                )
+                assert sum(held.values()) < DEFAULT_WINDOW + 4 * MiB, held
+                assert written < offered / 2
+                assert relay.tunnels and relay.health()["sessions"] == 1
+
+                # Release the service: the rest flows, complete and in order.
+                sink.release.set()
+                async with asyncio.timeout(120 * SCALE):
+                    await writing
+                    await sink.done.wait()
+                    assert await reader.read() == b""  # the service closed: EOF back
+                assert sink.received == offered
+                assert sink.digest.hexdigest() == expected
+            finally:
+                writing.cancel()
+                writer.close()
     finally:
         server.close()
 

@@ -42,22 +42,28 @@ def _run(main: Callable[[], Awaitable[T]]) -> T:
         return runner.run(main())  # type: ignore[arg-type]
 
 
-async def _wait_for_stop(*waits: Awaitable[Any]) -> Any:
-    """Wait for SIGINT/SIGTERM or for one of ``waits``; return that one's result, or None."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    stop_task = asyncio.ensure_future(stop.wait())
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    done, pending = await asyncio.wait([stop_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    for task in tasks:
-        if task in done:
-            return task.result()
-    return None
+class _Stopper:
+    """SIGINT/SIGTERM handling installed before anything starts, so a signal during start-up
+    ends the process as cleanly as one later on."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.event.set)
+
+    async def run(self, *waits: Awaitable[T]) -> T | None:
+        """Wait for a signal or the first of ``waits``; its result (or exception), or None."""
+        stop_task = asyncio.ensure_future(self.event.wait())
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        done, pending = await asyncio.wait([stop_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        for task in tasks:
+            if task in done:
+                return task.result()
+        return None
 
 
 def _fail(reporter: Reporter, exc: BurrowError) -> None:
@@ -186,7 +192,7 @@ def relay(
     _setup_logging(verbose)
     reporter = Reporter(as_json=as_json)
     try:
-        host, port = parse_hostport(listen, DEFAULT_RELAY_PORT)
+        host, port = parse_hostport(listen, DEFAULT_RELAY_PORT, listen=True)
         config = RelayConfig(
             listen_host=host,
             listen_port=port,
@@ -202,16 +208,18 @@ def relay(
             public_host=public_host,
             lease_grace=lease_grace,
             heartbeat=heartbeat,
-            admin=parse_hostport(admin, 9090) if admin else None,
+            admin=parse_hostport(admin, 9090, listen=True) if admin else None,
         )
         server = Relay(config, on_event=reporter.event)
     except BurrowError as exc:
         _fail(reporter, exc)
 
     async def run() -> None:
-        await server.start()
+        stopper = _Stopper()
         try:
-            await _wait_for_stop()
+            await stopper.run(server.start())
+            if not stopper.event.is_set():
+                await stopper.run()
         finally:
             await server.close()
 
@@ -422,6 +430,7 @@ def _run_agent(
         _fail(reporter, exc)
 
     async def run() -> int:
+        stopper = _Stopper()
         embedded_relay = None
         if embedded:
             embedded_relay = Relay(
@@ -434,8 +443,10 @@ def _run_agent(
         agent = Agent(config, on_event=reporter.event)
         reporter.attach_agent(agent, embedded=embedded)
         try:
-            await agent.start()
-            failure = await _wait_for_stop(agent.wait_failed())
+            await stopper.run(agent.start())
+            if stopper.event.is_set():
+                return 0
+            failure = await stopper.run(agent.wait_failed())
             return failure.exit_code if isinstance(failure, BurrowError) else 0
         finally:
             reporter.detach()

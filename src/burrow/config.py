@@ -47,11 +47,11 @@ def _shown(spec: str) -> str:
     return repr(spec if len(spec) <= 60 else spec[:57] + "...")
 
 
-def _port(text: str) -> int | None:
+def _port(text: str, lowest: int = 1) -> int | None:
     if not _DIGITS.fullmatch(text):
         return None
     port = int(text)
-    return port if 1 <= port <= 65535 else None
+    return port if lowest <= port <= 65535 else None
 
 
 def _host(text: str) -> str | None:
@@ -115,9 +115,10 @@ def parse_local(spec: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_hostport(spec: str, default_port: int) -> tuple[str, int]:
+def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tuple[str, int]:
     """Parse ``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; a missing port is
-    ``default_port`` so users can write just the relay's name."""
+    ``default_port`` so users can write just the relay's name. With ``listen``, port 0
+    (any free port) is allowed."""
     bad = ConfigError(f"invalid address {_shown(spec)}: expected HOST or HOST:PORT")
     if len(spec) > _MAX_ADDRESS:
         raise bad
@@ -131,10 +132,12 @@ def parse_hostport(spec: str, default_port: int) -> tuple[str, int]:
         raise bad
     if port_text is None:
         return host, default_port
-    port = _port(port_text)
+    port = _port(port_text, 0 if listen else 1)
     if port is None:
         if _DIGITS.fullmatch(port_text):
-            raise ConfigError(f"invalid address {_shown(spec)}: port must be from 1 to 65535")
+            raise ConfigError(
+                f"invalid address {_shown(spec)}: port must be from {0 if listen else 1} to 65535"
+            )
         raise bad
     return host, port
 

@@ -121,8 +121,7 @@ class RelayMetrics:
     Bump either through the attributes, which take prometheus_client's calls
     (``sessions.set(n)``, ``errors.labels(kind="auth").inc()``), or the helper methods. Both are
     unsynchronised adds meant for the event loop thread; values become Prometheus families only
-    when scraped. (prometheus_client's own Gauge/Counter also refuse to register the gauge
-    ``burrow_streams_open`` next to the counter ``burrow_streams_total``; a collector has no such check.)
+    when scraped.
     """
 
     __slots__ = (

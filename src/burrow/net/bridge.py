@@ -104,19 +104,19 @@ class StreamBridge(asyncio.Protocol):
     def _send(self, data: memoryview | bytes) -> None:
         conn = self.conn
         session = conn.session
-        credit = session.credit(self.stream_id)
+        credit = 0 if conn.write_paused else session.credit(self.stream_id)
         size = len(data)
-        if size <= credit:
+        if size <= credit and size:
             session.send_data(self.stream_id, data)
             conn.flush()
             return
-        if not session.is_open(self.stream_id):
+        if not session.is_open(self.stream_id) or not size:
             return  # the stream is gone; connection_lost or on_reset tidies up
         if credit:
             session.send_data(self.stream_id, data[:credit])
             conn.flush()
         self._pending = memoryview(data)[credit:]
-        self._starved = True
+        self._starved = not conn.write_paused
         self._update_reading()
 
     def eof_received(self) -> bool:
@@ -162,6 +162,10 @@ class StreamBridge(asyncio.Protocol):
             self.conn.session.consume(self.stream_id, len(data))
 
     def on_window(self) -> None:
+        self._flush_pending()
+        self._update_reading()
+
+    def _flush_pending(self) -> None:
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -169,7 +173,6 @@ class StreamBridge(asyncio.Protocol):
             self._send(pending)
             if self._pending is None and self._eof_received:
                 self._send_fin()
-        self._update_reading()
 
     def on_accept(self) -> None:
         pass
@@ -197,6 +200,7 @@ class StreamBridge(asyncio.Protocol):
 
     def resume_source(self) -> None:
         self._session_paused = False
+        self._flush_pending()
         self._update_reading()
 
     # --- helpers ---------------------------------------------------------------------------

@@ -36,6 +36,8 @@ log = logging.getLogger("burrow.session")
 #: Write-buffer marks for the session transport: high enough to keep the pipe full.
 SESSION_WRITE_HIGH = 1024 * 1024
 SESSION_WRITE_LOW = 256 * 1024
+#: Write-buffer size at which a peer that provokes replies without reading them is dropped.
+FLOOD_LIMIT = 3 * 1024 * 1024
 #: A peer silent for this many heartbeat intervals is dead.
 DEAD_AFTER_INTERVALS = 3
 
@@ -105,8 +107,7 @@ class SessionConnection(asyncio.Protocol):
             self.close(f"protocol error from {self.peer}: {exc} ({exc.code})")
             return
         except HandshakeRejected as exc:
-            if not self.handshake_done.done():
-                self.handshake_done.set_exception(exc)
+            _fail_quietly(self.handshake_done, exc)
             self.close(f"refused by relay: {exc.message}")
             return
         handlers = self.handlers
@@ -123,6 +124,13 @@ class SessionConnection(asyncio.Protocol):
             else:
                 self._on_event(event)
         self.flush()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > FLOOD_LIMIT:
+            # Streams stop at the high mark, so only replies the peer provokes (PONG, RESET)
+            # and never reads can pile up this far: a flood, as in HTTP/2's ping/reset floods.
+            log.warning("%s does not read what it provokes: closing the session", self.peer)
+            self.abort(f"{self.peer} flooded the session without reading the replies")
+            return
         if session.state is State.CLOSED and self.transport is not None:
             self.close(self.close_reason or "session ended")
 
@@ -175,8 +183,7 @@ class SessionConnection(asyncio.Protocol):
             self._heartbeat_task.cancel()
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed")
         self.close_reason = reason
-        if not self.handshake_done.done():
-            self.handshake_done.set_exception(ConnectionError(reason))
+        _fail_quietly(self.handshake_done, ConnectionError(reason))
         handlers = list(self.handlers.values())
         self.handlers.clear()
         for handler in handlers:
@@ -249,3 +256,11 @@ class SessionConnection(asyncio.Protocol):
                 log.warning("%s silent for %.1f s: closing the session", self.peer, silent)
                 self.abort(f"no heartbeat from {self.peer} for {silent:.0f} s")
                 return
+
+
+def _fail_quietly(future: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail ``future`` without asyncio's "exception was never retrieved" if nobody awaits it
+    (a session refused before anyone waited on its handshake is an ordinary event)."""
+    if not future.done():
+        future.set_exception(exc)
+        future.exception()  # marks it retrieved; a later await still raises

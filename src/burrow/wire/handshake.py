@@ -76,7 +76,7 @@ def decode(payload: bytes | memoryview, kind: type[T]) -> T:
     """Decode one handshake message; any malformation is a ``BadFrame``."""
     try:
         return msgspec.json.decode(payload, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise BadFrame(f"malformed {kind.__name__.lower()} message: {exc}") from None
 
 

@@ -270,6 +270,7 @@ class Session:
                 return []
             if frame_type == FrameType.WELCOME and self._peer_nonce:
                 welcome = hs.decode(payload, hs.Welcome)
+                _check_heartbeat(welcome.heartbeat)
                 self.state = State.OPEN
                 self.session_id = welcome.session
                 self.heartbeat = welcome.heartbeat
@@ -277,16 +278,26 @@ class Session:
             if frame_type == FrameType.REJECT:
                 reject = hs.decode(payload, hs.Reject)
                 self.state = State.CLOSED
-                raise HandshakeRejected(reject.code, reject.message)
+                self.close_reason = HandshakeRejected(reject.code, reject.message)
+                raise self.close_reason
+        if frame_type == FrameType.GOAWAY:
+            # The peer hit a protocol error in our handshake: keep its reason.
+            message = _decode_object(payload, "goaway")
+            self.state = State.CLOSED
+            self.close_reason = HandshakeRejected(
+                str(message.get("code", "error"))[:64], str(message.get("reason", ""))[:512]
+            )
+            raise self.close_reason
         raise BadFrame(f"unexpected {_name(frame_type)} frame during the handshake")
 
     def _on_hello(self, hello: hs.Hello) -> list[Event]:
         self._peer_nonce = hs.parse_nonce(hello.nonce)
         common = set(hello.versions) & set(hs.VERSIONS)
         if not common:
+            shown = "[" + ", ".join(str(v)[:12] for v in hello.versions[:8]) + "]"
             return self._reject(
                 "version",
-                f"no common protocol version (client speaks {hello.versions[:8]}, relay "
+                f"no common protocol version (client speaks {shown}, relay "
                 f"{list(hs.VERSIONS)}); upgrade the older side",
             )
         if not MIN_WINDOW <= hello.window <= MAX_WINDOW:
@@ -329,6 +340,7 @@ class Session:
                 self.peer_identity, auth.signature, self._peer_nonce, self._nonce
             )
         ):
+            self.peer_identity = None
             return self._reject("auth", "the client's identity signature does not verify")
         self.state = State.OPEN
         welcome = hs.Welcome(session=self.session_id, heartbeat=self.heartbeat)
@@ -343,8 +355,7 @@ class Session:
             raise BadFrame(f"relay chose version {challenge.version}, which was not offered")
         if not MIN_WINDOW <= challenge.window <= MAX_WINDOW:
             raise BadFrame(f"window {challenge.window} out of range")
-        if not 0.05 <= challenge.heartbeat <= 3600:
-            raise BadFrame(f"heartbeat {challenge.heartbeat} out of range")
+        _check_heartbeat(challenge.heartbeat)
         self.version = challenge.version
         self.peer_window = challenge.window
         self.heartbeat = challenge.heartbeat
@@ -583,6 +594,11 @@ class Session:
     def _require_open(self) -> None:
         if self.state is not State.OPEN:
             raise RuntimeError(f"session is {self.state.value}")
+
+
+def _check_heartbeat(interval: float) -> None:
+    if not 0.05 <= interval <= 3600:
+        raise BadFrame(f"heartbeat {interval} out of range (0.05 to 3600 s)")
 
 
 def _name(frame_type: int) -> str:
