@@ -167,6 +167,14 @@ def rss_kib(roots: list[int]) -> int:
     return total
 
 
+def count_fds(roots: list[int]) -> int:
+    total = 0
+    for pid in process_tree(roots):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
+
+
 def is_listening(port: int) -> bool:
     needle = f":{port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -1208,6 +1216,7 @@ def memory_section(ctx: Ctx) -> dict[str, Any]:
         open_s = time.monotonic() - t0
         time.sleep(1.0)
         peak = {r: rss_kib(p) for r, p in roles.items()}
+        fds = {r: count_fds(p) for r, p in roles.items()}
         watch.poll()
         ready = watch.ready
         for role, pids in roles.items():
@@ -1224,6 +1233,7 @@ def memory_section(ctx: Ctx) -> dict[str, Any]:
             "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "baseline_kib": base,
             "loaded_kib": peak,
+            "loaded_fds": fds,
         }
         if ready:
             result["kib_per_conn"] = {r: round((peak[r] - base[r]) / ready, 2) for r in roles}
@@ -1428,7 +1438,9 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
                     else:
                         line.append(f"- ({fmt_num(val)})")
                     continue
-                reason = cell.get("error") or "not run"
+                reason = cell.get("error") or (
+                    "skipped: deadline" if results["meta"].get("deadline_hit") else "not run"
+                )
                 line.append(f"n/a ({short(reason)})")
             table.append(line)
         out.append("Ratios to direct (path / direct), absolute values in parentheses:")
@@ -1485,7 +1497,8 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
             )
             out.extend(
                 f"  {role:5}  {k[role]:7.2f} KiB/conn   "
-                f"(RSS {b[role] / 1024:.1f} MiB -> {ld[role] / 1024:.1f} MiB)"
+                f"(RSS {b[role] / 1024:.1f} MiB -> {ld[role] / 1024:.1f} MiB, "
+                f"{mem['loaded_fds'][role]} fds open)"
                 for role in ("relay", "agent")
             )
             if mem["client_failed"]:
@@ -1612,12 +1625,17 @@ def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str
                     err = ctx.target_errors.get(target)
                     cell["error"] = err.reason if err else f"no {target} target"
                     continue
-                try:
-                    res = measure_once(ctx, row, path)
-                except MeasureError as e:
-                    cell["errors"].append(str(e))
-                    cell["error"] = short(str(e), 60)
-                    log(f"{row} via {path.name}: FAILED {e}")
+                res = None
+                for attempt in range(2):  # one retry: a failure is reported, and retried once
+                    try:
+                        res = measure_once(ctx, row, path)
+                        break
+                    except MeasureError as e:
+                        cell["errors"].append(str(e) + (" (retry)" if attempt else ""))
+                        cell["error"] = short(str(e), 60)
+                        log(f"{row} via {path.name}: FAILED {e}")
+                        time.sleep(1.0)
+                if res is None:
                     continue
                 cell["samples"].append(res)
                 metric = next(m for m in METRICS if m.row == row)
@@ -1644,8 +1662,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="run each row N times (alternating path order), report medians",
+        default=None,
+        help="run each row N times, alternating path order; report medians (default 2, --quick 1)",
     )
     ap.add_argument(
         "--deadline", type=float, default=470.0, help="global time budget in seconds (default 470)"
@@ -1693,19 +1711,15 @@ def main(argv: list[str] | None = None) -> int:
         mem_conns=args.conns or (2000 if quick else 10000),
         startup_runs=5,
         burrow=args.burrow,
-        repeat=max(1, args.repeat),
+        repeat=max(1, args.repeat or (1 if quick else 2)),
     )
     nofile = raise_nofile()  # inherited by every child (relay, agents, sink, ...)
-    # The relay and the agent may each hold two sockets per visitor connection (one each side);
-    # without CAP_SYS_RESOURCE the hard RLIMIT_NOFILE cannot be raised, so the default count is
-    # capped to what fits twice under it (an explicit --conns is only capped to fit once).
-    fit = (nofile - 1000) // (1 if args.conns else 2)
-    if settings.mem_conns > fit:
-        log(
-            f"RLIMIT_NOFILE is {nofile}: memory section uses {fit} connections, not "
-            f"{settings.mem_conns}"
-        )
-        settings.mem_conns = max(100, fit)
+    # Without CAP_SYS_RESOURCE the hard RLIMIT_NOFILE cannot be raised; every process involved
+    # (this one, the sink, relay, agent) needs one descriptor per connection, more if burrow
+    # used a socket per stream (the report shows how many reached the sink and the fd counts).
+    if settings.mem_conns > nofile - 1000:
+        log(f"RLIMIT_NOFILE is {nofile}: memory section uses {nofile - 1000} connections")
+        settings.mem_conns = max(100, nofile - 1000)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -1726,6 +1740,7 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": os.uname().release,
             "python": sys.version.split()[0],
             "nofile": nofile,
+            "loadavg_start": os.getloadavg(),
             "tools": tool_versions(),
             "settings": settings.__dict__,
         },
@@ -1763,6 +1778,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["meta"]["elapsed_s"] = round(time.monotonic() - T0, 1)
     results["notes"] = ctx.notes
+    results["meta"]["loadavg_end"] = os.getloadavg()
     for section in SECTION_ROWS:
         if section in selected and section not in results:
             results[section] = {"error": "skipped (deadline or interrupt)"}

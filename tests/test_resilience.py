@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from burrow.errors import TunnelError
 from burrow.net.tls import TrustPolicy, load_or_create_relay_cert
-from burrow.roles import agent as agent_module
+from burrow.roles import client as agent_module
 from burrow.roles.agent import Agent, AgentConfig, TcpTunnelSpec
 from burrow.roles.relay import Relay
 from helpers import SCALE, Events, echo_server, free_port, relay_config
@@ -506,14 +506,14 @@ def test_backoff_grows_exponentially_with_jitter_and_cap() -> None:
     assert cap == 30.0
     for attempt in range(1, 8):
         ceiling = min(cap, base * 2 ** (attempt - 1))
-        samples = [agent_module._backoff(attempt) for _ in range(200)]
+        samples = [agent_module.backoff(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= s <= ceiling for s in samples), (attempt, samples)
         assert len(set(samples)) > 150, "no jitter"
-    medians = [statistics.median(agent_module._backoff(a) for _ in range(200)) for a in range(1, 7)]
+    medians = [statistics.median(agent_module.backoff(a) for _ in range(200)) for a in range(1, 7)]
     for smaller, larger in itertools.pairwise(medians):
         assert larger > smaller * 1.5, medians
     for attempt in (10, 16, 17, 50, 1000, 10**6):
-        samples = [agent_module._backoff(attempt) for _ in range(200)]
+        samples = [agent_module.backoff(attempt) for _ in range(200)]
         assert max(samples) <= 30.0
         assert min(samples) >= 15.0  # still jittered in [cap/2, cap]
         assert len(set(samples)) > 150

@@ -86,6 +86,7 @@ class SessionConnection(asyncio.Protocol):
         self.closed: asyncio.Future[str] = loop.create_future()
         self._last_rx = loop.time()
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._pong_waiters: list[asyncio.Future[None]] = []
 
     # --- transport callbacks ----------------------------------------------------------
 
@@ -162,6 +163,10 @@ class SessionConnection(asyncio.Protocol):
         elif isinstance(event, PongReceived):
             sent = int.from_bytes(event.payload, "big")
             self.rtt = max(0.0, (time.monotonic_ns() - sent) / 1e9)
+            waiters, self._pong_waiters = self._pong_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         elif isinstance(event, HandshakeComplete):
             self._start_heartbeat()
             if not self.handshake_done.done():
@@ -234,6 +239,21 @@ class SessionConnection(asyncio.Protocol):
         self.close_reason = self.close_reason or reason
         if self.transport is not None:
             self.transport.abort()
+
+    async def probe(self, timeout: float) -> bool:
+        """Ping the peer and wait for the answer: is the session really alive?"""
+        if not self.is_open:
+            return False
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._pong_waiters.append(waiter)
+        self.session.ping(time.monotonic_ns().to_bytes(8, "big"))
+        self.flush()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            return False
+        return self.is_open
 
     @property
     def is_open(self) -> bool:

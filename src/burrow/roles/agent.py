@@ -1,6 +1,9 @@
-"""The agent: dials out to a relay, registers tunnels, and joins each visitor's stream to the
-local service. It survives its relay: heartbeats notice a dead session, reconnects back off
-exponentially with jitter, and every tunnel asks for its previous port again.
+"""The agent: dials out to a relay, offers services on it, and serves the streams that come.
+
+Services: a public TCP port (``tcp``), a TCP service reachable only by connectors holding a
+token for its name (``private``), a public HTTP name (``http``), and an ``exit`` that dials
+allow-listed addresses for connectors. Every one is registered again, with the same port or
+name, after a reconnect (see ``RelayClient``).
 """
 
 from __future__ import annotations
@@ -9,9 +12,7 @@ import asyncio
 import json
 import logging
 import os
-import random
 import socket
-import ssl
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,37 +26,32 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from burrow import __version__
-from burrow.errors import (
-    AuthError,
-    BurrowError,
-    ConfigError,
-    ConnectError,
-    TLSVerifyError,
-    TunnelError,
-)
+from burrow.allowlist import AllowList
+from burrow.errors import ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge
 from burrow.net.connection import SessionConnection
+from burrow.roles.client import ClientConfig, RelayClient
 from burrow.wire import proxyproto
-from burrow.wire.errors import HandshakeRejected
-from burrow.wire.session import Role, Session
 
 log = logging.getLogger("burrow.agent")
 
-CONNECT_TIMEOUT = 10.0
 LOCAL_DIAL_TIMEOUT = 10.0
-REQUEST_TIMEOUT = 10.0
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 
 
 @dataclass
 class TcpTunnelSpec:
+    """A local TCP service, public on a relay port or (``private``) reachable by name only."""
+
     local: tuple[str, int]
     port: int | None = None  # the public port asked for; None: any (or the previous one)
     name: str | None = None
     proxy_protocol: str | None = None  # "v1" or "v2"
+    private: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "private" if self.private else "tcp"
 
     @property
     def key(self) -> str:
@@ -63,83 +59,69 @@ class TcpTunnelSpec:
 
 
 @dataclass
-class AgentConfig:
-    relay: tuple[str, int]
-    secret: str | None = None
-    trust: Any = None  # burrow.net.tls.TrustPolicy; None means plaintext (--insecure)
-    tunnels: list[TcpTunnelSpec] = field(default_factory=list)
-    identity_key: Ed25519PrivateKey | None = None
-    state_dir: Path | None = None  # where ports are remembered across restarts
-    connect_timeout: float = CONNECT_TIMEOUT
-    retry_forever: bool = False
+class HttpTunnelSpec:
+    """A local web service, public as NAME.DOMAIN on the relay's HTTP listener."""
+
+    options: Any  # burrow.http.policy.HttpOptions
+    name: str | None = None
+    kind = "http"
+
+    @property
+    def key(self) -> str:
+        return self.name or f"http:{format_hostport(*self.options.local)}"
+
+
+@dataclass
+class ExitSpec:
+    """Dial allow-listed addresses on connectors' behalf, like a bastion with no sudo."""
+
+    name: str
+    allow: AllowList
+    kind = "exit"
+
+    @property
+    def key(self) -> str:
+        return f"exit:{self.name}"
+
+
+Spec = TcpTunnelSpec | HttpTunnelSpec | ExitSpec
+
+
+@dataclass
+class AgentConfig(ClientConfig):
+    tunnels: list[Spec] = field(default_factory=list)
+    state_dir: Path | None = None  # where ports and names are remembered across restarts
     public_host: str | None = None  # override the host shown in public addresses
+    recorder: Any = None  # burrow.http.record.Recorder for HTTP tunnels (the inspector)
 
 
 @dataclass(eq=False)
 class ActiveTunnel:
-    spec: TcpTunnelSpec
+    spec: Spec
     port: int | None = None
-    public: str | None = None
+    name: str | None = None
+    public: str | None = None  # what visitors use: HOST:PORT, a URL, or the service name
     connections: int = 0
     open_connections: int = 0
 
 
-class Agent:
+class Agent(RelayClient):
     """``await start()`` returns once every tunnel is ready (or raises); ``close()`` ends all."""
+
+    role_name = "agent"
 
     def __init__(self, config: AgentConfig, *, on_event: EventSink | None = None) -> None:
         if not config.tunnels:
             raise ConfigError("no tunnels to open")
+        super().__init__(config, on_event=on_event)
         self.config = config
-        self.on_event = on_event
-        self.identity = config.identity_key or Ed25519PrivateKey.generate()
         self.tunnels = [ActiveTunnel(spec) for spec in config.tunnels]
-        self.conn: SessionConnection | None = None
-        self.failed: asyncio.Future[BurrowError] | None = None
         self._by_port: dict[int, ActiveTunnel] = {}
-        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._next_request = 1
-        self._supervisor: asyncio.Task[None] | None = None
-        self._closing = False
-        self._dials: set[asyncio.Task[None]] = set()
+        self._by_name: dict[tuple[str, str], ActiveTunnel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._bridges: set[StreamBridge] = set()
+        self._channels: set[Any] = set()
         self._remembered = self._load_ports()
-
-    @property
-    def relay_label(self) -> str:
-        return format_hostport(*self.config.relay)
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self.failed = asyncio.get_running_loop().create_future()
-        conn = await self._connect_first()
-        try:
-            await self._register_all(conn)
-        except BaseException:
-            conn.close("registration failed")
-            raise
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(conn))
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
-        for task in list(self._dials):
-            task.cancel()
-        for bridge in list(self._bridges):
-            bridge.close()
-        if self.conn is not None:
-            self.conn.close("agent shutting down")
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.shield(self.conn.closed)
-            except TimeoutError:
-                self.conn.abort("agent shutting down")
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -148,295 +130,221 @@ class Agent:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def wait_failed(self) -> BurrowError:
-        """Wait until the agent gives up for good (auth or certificate changed, port taken)."""
-        assert self.failed is not None
-        return await self.failed
+    async def on_close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for bridge in list(self._bridges):
+            bridge.close()
+        for channel in list(self._channels):
+            channel.reset("cancelled", "agent shutting down")
 
-    # --- connecting ------------------------------------------------------------------------
+    # --- registration ------------------------------------------------------------------------
 
-    async def _connect_first(self) -> SessionConnection:
-        """Connect, retrying refusals within ``connect_timeout`` (the relay may start later)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.connect_timeout
-        attempt = 0
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                return await self._connect(
-                    max(0.5, remaining) if not self.config.retry_forever else 10.0
-                )
-            except ConnectError as exc:
-                if not getattr(exc, "retryable", False):
-                    raise
-                attempt += 1
-                delay = min(_backoff(attempt), 1.0)
-                if not self.config.retry_forever and loop.time() + delay >= deadline:
-                    raise ConnectError(
-                        f"{exc}; gave up after {self.config.connect_timeout:.0f} s"
-                    ) from None
-                emit(
-                    self.on_event,
-                    "reconnecting",
-                    relay=self.relay_label,
-                    attempt=attempt,
-                    delay=round(delay, 2),
-                    reason=str(exc),
-                )
-                await asyncio.sleep(delay)
-
-    async def _connect(self, timeout: float) -> SessionConnection:
-        host, port = self.config.relay
-        label = self.relay_label
-        trust = self.config.trust
-        context: ssl.SSLContext | None = trust.ssl_context() if trust is not None else None
-        loop = asyncio.get_running_loop()
-        session = Session(
-            Role.CLIENT,
-            secret=self.config.secret,
-            identity_key=self.identity,
-            software=f"burrow/{__version__}",
-        )
-
-        def factory() -> SessionConnection:
-            return SessionConnection(
-                session, on_stream=self._on_stream, on_control=self._on_control, peer_label=label
-            )
-
-        try:
-            async with asyncio.timeout(timeout):
-                transport, conn = await loop.create_connection(
-                    factory,
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                    ssl_handshake_timeout=timeout if context is not None else None,
-                )
-        except TimeoutError:
-            raise _retryable(f"relay {label} did not answer within {timeout:.0f} s") from None
-        except socket.gaierror:
-            raise ConnectError(
-                f"relay name {host!r} does not resolve; check --to / BURROW_RELAY"
-            ) from None
-        except ssl.SSLError as exc:
-            from burrow.net.tls import describe_ssl_error
-
-            raise describe_ssl_error(exc, label) from None
-        except ConnectionRefusedError:
-            raise _retryable(
-                f"relay {label} refused the connection; is `burrow relay` running there?"
-            ) from None
-        except OSError as exc:
-            raise _retryable(f"cannot reach relay {label}: {exc.strerror or exc}") from None
-        try:
-            if context is not None:
-                ssl_object = transport.get_extra_info("ssl_object")
-                fingerprint = trust.verify(ssl_object, label, on_first_use=self._first_use)
-                log.debug("relay %s certificate %s", label, fingerprint)
-            session.start()
-            conn.flush()
-            async with asyncio.timeout(timeout):
-                await conn.handshake_done
-        except HandshakeRejected as exc:
-            conn.abort("rejected")
-            if exc.code == "auth":
-                raise AuthError(f"relay {label} refused this agent: {exc.message}") from None
-            raise ConnectError(f"relay {label} refused this agent: {exc.message}") from None
-        except TimeoutError:
-            conn.abort("handshake timeout")
-            raise _retryable(
-                f"relay {label} did not complete the handshake within {timeout:.0f} s"
-            ) from None
-        except ConnectionError as exc:
-            hint = "" if context is not None else "; if the relay uses TLS, drop --insecure"
-            raise _retryable(
-                f"relay {label} closed the connection during the handshake ({exc}){hint}"
-            ) from None
-        except BaseException:
-            conn.abort("failed")
-            raise
-        self.conn = conn
-        emit(
-            self.on_event,
-            "connected",
-            relay=label,
-            session=session.session_id,
-            tls=context is not None,
-        )
-        return conn
-
-    def _first_use(self, relay_key: str, fingerprint: str) -> None:
-        emit(
-            self.on_event,
-            "warning",
-            message=f"trusting relay {relay_key} on first use: {fingerprint}",
-        )
-
-    async def _supervise(self, conn: SessionConnection) -> None:
-        assert self.failed is not None
-        attempt = 0
-        while not self._closing:
-            reason = await asyncio.shield(conn.closed)
-            if self._closing:
-                return
-            emit(self.on_event, "session_lost", relay=self.relay_label, reason=reason)
-            while not self._closing:
-                attempt += 1
-                delay = _backoff(attempt)
-                emit(
-                    self.on_event,
-                    "reconnecting",
-                    relay=self.relay_label,
-                    attempt=attempt,
-                    delay=round(delay, 2),
-                    reason=reason,
-                )
-                await asyncio.sleep(delay)
-                try:
-                    conn = await self._connect(CONNECT_TIMEOUT)
-                    await self._register_all(conn)
-                except ConnectError as exc:
-                    if getattr(exc, "retryable", False):
-                        reason = str(exc)
-                        continue
-                    self._fail(exc)
-                    return
-                except (AuthError, TLSVerifyError, TunnelError) as exc:
-                    self._fail(exc)
-                    return
-                except (ConnectionError, TimeoutError) as exc:
-                    reason = str(exc) or type(exc).__name__
-                    continue
-                attempt = 0
-                break
-
-    def _fail(self, exc: BurrowError) -> None:
-        emit(self.on_event, "error", message=str(exc))
-        if self.failed is not None and not self.failed.done():
-            self.failed.set_result(exc)
-
-    # --- tunnels ---------------------------------------------------------------------------
-
-    async def _register_all(self, conn: SessionConnection) -> None:
+    async def on_session(self, conn: SessionConnection) -> None:
         self._by_port.clear()
+        self._by_name.clear()
         for tunnel in self.tunnels:
             await self._register(conn, tunnel)
 
     async def _register(self, conn: SessionConnection, tunnel: ActiveTunnel) -> None:
         spec = tunnel.spec
-        want = spec.port or tunnel.port or self._remembered.get(spec.key)
-        reply = await self._request(
-            conn,
-            {
-                "op": "register",
-                "kind": "tcp",
-                "key": spec.key,
-                "port": want,
-                "exact": spec.port is not None,
-            },
-        )
+        message: dict[str, Any] = {"op": "register", "kind": spec.kind, "key": spec.key}
+        if isinstance(spec, TcpTunnelSpec) and not spec.private:
+            message["port"] = spec.port or tunnel.port or self._remembered.get(spec.key)
+            message["exact"] = spec.port is not None
+        else:
+            remembered = self._remembered.get(spec.key)
+            message["name"] = (
+                spec.name or tunnel.name or (remembered if isinstance(remembered, str) else None)
+            )
+            message["exact"] = spec.name is not None
+        reply = await self.request(conn, message)
         if reply.get("op") == "error":
             raise TunnelError(
-                f"relay {self.relay_label} refused tunnel {spec.key}: {reply.get('message')}",
+                f"relay {self.relay_label} refused {spec.kind} tunnel {spec.key}: "
+                f"{reply.get('message')}",
                 str(reply.get("code", "refused")),
             )
-        port = int(reply["port"])
-        tunnel.port = port
-        self._by_port[port] = tunnel
-        host = self.config.public_host or reply.get("host") or self.config.relay[0]
-        tunnel.public = format_hostport(str(host), port)
-        self._remember_port(spec.key, port)
-        emit(
-            self.on_event,
-            "tunnel_ready",
-            kind="tcp",
-            public=tunnel.public,
-            local=format_hostport(*spec.local),
-            name=spec.key,
-        )
+        event: dict[str, Any] = {"kind": spec.kind, "name": spec.key}
+        if isinstance(spec, TcpTunnelSpec) and not spec.private:
+            port = int(reply["port"])
+            tunnel.port = port
+            self._by_port[port] = tunnel
+            host = self.config.public_host or reply.get("host") or self.config.relay[0]
+            tunnel.public = format_hostport(str(host), port)
+            self._remember(spec.key, port)
+            event.update(public=tunnel.public, local=format_hostport(*spec.local))
+        else:
+            name = str(reply["name"])
+            tunnel.name = name
+            self._by_name[(spec.kind, name)] = tunnel
+            self._remember(spec.key, name)
+            event["name"] = name
+            if isinstance(spec, HttpTunnelSpec):
+                tunnel.public = str(reply.get("url") or name)
+                spec.options.name = name
+                spec.options.public_url = tunnel.public
+                event.update(url=tunnel.public, local=format_hostport(*spec.options.local))
+            elif isinstance(spec, ExitSpec):
+                tunnel.public = name
+                event.update(allow=str(spec.allow))
+            else:
+                tunnel.public = name
+                event.update(local=format_hostport(*spec.local))
+        emit(self.on_event, "tunnel_ready", **event)
 
-    async def _request(self, conn: SessionConnection, message: dict[str, Any]) -> dict[str, Any]:
-        request_id = self._next_request
-        self._next_request += 1
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._requests[request_id] = future
-        try:
-            conn.send_control({**message, "id": request_id})
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                waits: set[asyncio.Future[Any]] = {future, conn.closed}
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if future in done:
-                return future.result()
-            raise ConnectionError(f"session closed: {conn.closed.result()}")
-        finally:
-            self._requests.pop(request_id, None)
-
-    def _on_control(self, conn: SessionConnection, message: dict[str, Any]) -> None:
-        request_id = message.get("id")
-        future = self._requests.get(request_id) if isinstance(request_id, int) else None
-        if future is not None and not future.done():
-            future.set_result(message)
-        elif message.get("op") == "tunnel_moved":
+    def on_message(self, conn: SessionConnection, message: dict[str, Any]) -> None:
+        if message.get("op") == "tunnel_moved":
             self._fail(
                 TunnelError(
-                    "another agent with this identity took over the tunnel on port "
-                    f"{message.get('port')}",
+                    f"another agent with this identity took over tunnel {message.get('key')}",
                     "moved",
                 )
             )
 
-    # --- streams ---------------------------------------------------------------------------
+    # --- streams -----------------------------------------------------------------------------
 
-    def _on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
+    def on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
         port = info.get("port")
-        tunnel = self._by_port.get(port) if isinstance(port, int) else None
+        if isinstance(port, int):
+            tunnel = self._by_port.get(port)
+        elif isinstance(info.get("http"), str):
+            tunnel = self._by_name.get(("http", info["http"]))
+        elif isinstance(info.get("service"), str):
+            name = info["service"]
+            tunnel = self._by_name.get(("private", name)) or self._by_name.get(("exit", name))
+        else:
+            tunnel = None
         if tunnel is None:
             conn.session.reset_stream(stream_id, "no_such_tunnel", "this agent has no such tunnel")
             return
+        tunnel.connections += 1
+        tunnel.open_connections += 1
+        spec = tunnel.spec
+        if isinstance(spec, HttpTunnelSpec):
+            self._spawn(self._serve_http(conn, stream_id, info, tunnel))
+            return
+        if isinstance(spec, ExitSpec):
+            target = info.get("target")
+            bridge = self._bridge(conn, stream_id, tunnel, b"")
+            self._spawn(self._dial_exit(bridge, tunnel, spec, target))
+            return
         header = b""
-        if tunnel.spec.proxy_protocol:
+        if spec.proxy_protocol:
             header = proxyproto.encode(
-                tunnel.spec.proxy_protocol,  # type: ignore[arg-type]
+                spec.proxy_protocol,  # type: ignore[arg-type]
                 _address(info.get("src")),
                 _address(info.get("dst")),
             )
+        bridge = self._bridge(conn, stream_id, tunnel, header)
+        self._spawn(self._dial(bridge, tunnel, spec.local))
+
+    def _bridge(
+        self, conn: SessionConnection, stream_id: int, tunnel: ActiveTunnel, header: bytes
+    ) -> StreamBridge:
         bridge = StreamBridge(
             conn, header=header, on_done=partial(self._bridge_done, tunnel=tunnel)
         )
         bridge.attach(stream_id)
         self._bridges.add(bridge)
-        tunnel.connections += 1
-        tunnel.open_connections += 1
-        task = asyncio.get_running_loop().create_task(self._dial(bridge, tunnel))
-        self._dials.add(task)
-        task.add_done_callback(self._dials.discard)
+        return bridge
 
-    async def _dial(self, bridge: StreamBridge, tunnel: ActiveTunnel) -> None:
-        host, port = tunnel.spec.local
-        local = format_hostport(host, port)
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dial(
+        self, bridge: StreamBridge, tunnel: ActiveTunnel, local: tuple[str, int]
+    ) -> None:
+        host, port = local
+        where = f"local service {format_hostport(host, port)}"
         loop = asyncio.get_running_loop()
         code, why = "refused", ""
         try:
             async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
                 await loop.create_connection(lambda: bridge, host, port)
         except ConnectionRefusedError:
-            why = f"local service {local} refused the connection"
+            why = f"{where} refused the connection"
         except TimeoutError:
-            code, why = (
-                "timeout",
-                f"local service {local} did not answer within {LOCAL_DIAL_TIMEOUT:.0f} s",
-            )
+            code, why = "timeout", f"{where} did not answer within {LOCAL_DIAL_TIMEOUT:.0f} s"
+        except socket.gaierror:
+            code, why = "unreachable", f"{where}: the name does not resolve"
         except OSError as exc:
-            code, why = "unreachable", f"cannot reach local service {local}: {exc.strerror or exc}"
+            code = "unreachable"
+            why = f"cannot reach {where}: {exc.strerror or exc}"
         else:
             bridge.conn.session.accept_stream(bridge.stream_id)
             bridge.conn.flush()
             return
         emit(self.on_event, "warning", message=why, tunnel=tunnel.spec.key)
+        self._refuse(bridge, code, why)
+
+    async def _dial_exit(
+        self, bridge: StreamBridge, tunnel: ActiveTunnel, spec: ExitSpec, target: Any
+    ) -> None:
+        """Resolve here (private DNS names work), check every address, dial the first allowed."""
+        host, port = _target(target)
+        if host is None:
+            self._refuse(bridge, "not_allowed", f"bad exit target {target!r}")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(LOCAL_DIAL_TIMEOUT):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, TimeoutError):
+            self._refuse(bridge, "unreachable", f"{host} does not resolve at exit {spec.name}")
+            return
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [a for a in addresses if spec.allow.check(a, port) is None]
+        if not allowed:
+            reason = spec.allow.check(addresses[0], port) if addresses else "no address"
+            emit(
+                self.on_event,
+                "warning",
+                message=f"exit refused {host}:{port}: {reason}",
+                tunnel=spec.key,
+            )
+            self._refuse(bridge, "not_allowed", str(reason))
+            return
+        await self._dial(bridge, tunnel, (allowed[0], port))
+
+    def _refuse(self, bridge: StreamBridge, code: str, why: str) -> None:
         bridge.on_reset(code, why)
         bridge.conn.session.reset_stream(bridge.stream_id, code, why)
         bridge.conn.flush()
+
+    async def _serve_http(
+        self, conn: SessionConnection, stream_id: int, info: dict[str, Any], tunnel: ActiveTunnel
+    ) -> None:
+        from burrow.http.proxy import serve_http
+        from burrow.net.channel import Channel
+
+        channel = Channel(conn)
+        channel.info = info
+        channel.attach(stream_id)
+        channel.accept()
+        self._channels.add(channel)
+        spec = tunnel.spec
+        assert isinstance(spec, HttpTunnelSpec)
+        try:
+            await serve_http(
+                channel,
+                channel,
+                options=spec.options,
+                peer=_address(info.get("src")),
+                scheme=str(info.get("scheme", "http")),
+                recorder=self.config.recorder,
+            )
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("HTTP stream failed")
+            channel.reset("error", "agent error")
+        finally:
+            channel.close()
+            self._channels.discard(channel)
+            tunnel.open_connections -= 1
 
     def _bridge_done(self, bridge: StreamBridge, tunnel: ActiveTunnel) -> None:
         self._bridges.discard(bridge)
@@ -449,19 +357,19 @@ class Agent:
             return None
         return self.config.state_dir / "ports.json"
 
-    def _load_ports(self) -> dict[str, int]:
+    def _load_ports(self) -> dict[str, int | str]:
         path = self._ports_file()
         if path is None or not path.is_file() or path.stat().st_size > 1 << 20:
             return {}
         try:
             data = json.loads(path.read_text())
             ports = data.get(self.relay_label, {})
-            return {str(k): int(v) for k, v in ports.items() if isinstance(v, int)}
+            return {str(k): v for k, v in ports.items() if isinstance(v, int | str)}
         except (ValueError, OSError, AttributeError):
             return {}
 
-    def _remember_port(self, key: str, port: int) -> None:
-        self._remembered[key] = port
+    def _remember(self, key: str, value: int | str) -> None:
+        self._remembered[key] = value
         path = self._ports_file()
         if path is None:
             return
@@ -508,19 +416,20 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
     return loaded
 
 
-def _backoff(attempt: int) -> float:
-    """Exponential backoff with jitter, capped at 30 s."""
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt - 1, 16)))
-    return random.uniform(ceiling / 2, ceiling)
-
-
-def _retryable(message: str) -> ConnectError:
-    exc = ConnectError(message)
-    exc.retryable = True  # type: ignore[attr-defined]
-    return exc
-
-
 def _address(value: Any) -> tuple[str, int]:
     if isinstance(value, list) and len(value) == 2:
-        return str(value[0]), int(value[1])
+        try:
+            return str(value[0]), int(value[1])
+        except (TypeError, ValueError):
+            pass
     return ("", 0)
+
+
+def _target(value: Any) -> tuple[str | None, int]:
+    """``"host:port"`` or ``"[v6]:port"`` from a connector; (None, 0) if malformed."""
+    if not isinstance(value, str) or len(value) > 300:
+        return None, 0
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535 or not host:
+        return None, 0
+    return host.strip("[]"), int(port_text)

@@ -8,6 +8,8 @@
 
 ``mac`` is HMAC-SHA256 keyed with SHA-256(secret) over the transcript (both nonces), so an
 empty secret differs from no secret and a recorded answer is useless on another session.
+A scoped token (``burrow.tokens``) is proven the same way: the claims travel, and a MAC keyed
+by the token's signature, which only the holder and the relay can compute.
 ``signature`` is an Ed25519 signature over the same transcript by the client's identity key;
 the relay binds port and name leases to that key, so only the same agent gets them back.
 """
@@ -52,6 +54,8 @@ class Challenge(msgspec.Struct, forbid_unknown_fields=False):
 class Auth(msgspec.Struct, forbid_unknown_fields=False):
     mac: str | None = None
     signature: str | None = None
+    token: str | None = None  # a scoped token's claims (public); its signature stays home
+    token_mac: str | None = None  # HMAC keyed by the token's signature over the transcript
 
 
 class Welcome(msgspec.Struct, forbid_unknown_fields=False):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -187,6 +188,9 @@ class Session:
         heartbeat: float = 5.0,
         session_id: str | None = None,
         software: str = "",
+        token_prover: Callable[[bytes], tuple[str, str]] | None = None,
+        token_verifier: Callable[[str, str, bytes], Any] | None = None,
+        allow_anonymous: bool = True,
     ) -> None:
         if not MIN_WINDOW <= window <= MAX_WINDOW:
             raise ValueError(f"window must be between {MIN_WINDOW} and {MAX_WINDOW}")
@@ -200,6 +204,10 @@ class Session:
         self.heartbeat = heartbeat
         self.session_id = session_id or os.urandom(8).hex()
         self.software = software
+        self.token_prover = token_prover  # client: transcript -> (claims, mac)
+        self.token_verifier = token_verifier  # relay: (claims, mac, transcript) -> scope, or raise
+        self.allow_anonymous = allow_anonymous  # relay: clients with neither secret nor token
+        self.scope: Any = None  # relay: what the client may do (None: everything)
         self.version = 0
         self.peer_identity: str | None = None
         self.close_reason: ProtocolError | HandshakeRejected | None = None
@@ -318,15 +326,19 @@ class Session:
 
     def _on_auth(self, auth: hs.Auth) -> list[Event]:
         self._auth_expected = False
+        if auth.token is not None:
+            return self._on_token_auth(auth)
         if self.secret is None and auth.mac is not None:
             return self._reject(
                 "auth",
                 "this relay has no secret, but the client sent one; remove --secret "
                 "(BURROW_SECRET) or give the relay the same secret",
             )
-        if self.secret is not None and auth.mac is None:
+        if auth.mac is None and (self.secret is not None or not self.allow_anonymous):
             return self._reject(
-                "auth", "this relay requires a secret; pass --secret or set BURROW_SECRET"
+                "auth",
+                "this relay requires a secret or a token; pass --secret (BURROW_SECRET) or "
+                "--token (BURROW_TOKEN)",
             )
         if (
             self.secret is not None
@@ -334,6 +346,20 @@ class Session:
             and not hs.verify_mac(self.secret, self._peer_nonce, self._nonce, auth.mac)
         ):
             return self._reject("auth", "invalid secret: the relay's secret is different")
+        return self._finish_auth(auth)
+
+    def _on_token_auth(self, auth: hs.Auth) -> list[Event]:
+        if self.token_verifier is None:
+            return self._reject("auth", "this relay does not accept tokens; use its --secret")
+        try:
+            self.scope = self.token_verifier(
+                auth.token or "", auth.token_mac or "", hs.transcript(self._peer_nonce, self._nonce)
+            )
+        except Exception as exc:  # the verifier's errors are the refusal's message
+            return self._reject("auth", str(exc) or "invalid token")
+        return self._finish_auth(auth)
+
+    def _finish_auth(self, auth: hs.Auth) -> list[Event]:
         if self.peer_identity is not None and (
             auth.signature is None
             or not hs.verify_identity(
@@ -371,6 +397,10 @@ class Session:
                 else None
             ),
         )
+        if self.token_prover is not None:
+            auth.token, auth.token_mac = self.token_prover(
+                hs.transcript(self._nonce, self._peer_nonce)
+            )
         self._out.append(encode_frame(FrameType.AUTH, 0, hs.encode(auth)))
 
     def _reject(self, code: str, message: str) -> list[Event]:

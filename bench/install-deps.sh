@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs (as root, on Debian) the tools bench/run.py drives that are missing. PostgreSQL itself
+# is expected on 127.0.0.1:5432 with a database "test" (scripts/services.sh starts it).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+want=()
+command -v iperf3 >/dev/null || want+=(iperf3)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || want+=(nginx-light)
+command -v wrk >/dev/null || want+=(wrk)
+[ -x /usr/sbin/sshd ] || want+=(openssh-server)
+command -v ssh >/dev/null || want+=(openssh-client)
+command -v socat >/dev/null || want+=(socat)
+command -v pgbench >/dev/null || want+=(postgresql-client)
+if [ "${#want[@]}" -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq "${want[@]}" >/dev/null
+fi
+echo "bench tools: $(command -v iperf3 nginx wrk ssh socat pgbench /usr/sbin/sshd | tr '\n' ' ')"
