@@ -166,6 +166,21 @@ def main() -> None:
     help="Seconds between pings; a peer silent for 3 intervals is dead.",
 )
 @click.option("--admin", envvar="BURROW_ADMIN", help="HOST:PORT serving /healthz and /metrics.")
+@click.option(
+    "--http-listen", envvar="BURROW_HTTP_LISTEN", help="HOST:PORT for HTTP tunnels (by Host name)."
+)
+@click.option(
+    "--https-listen",
+    envvar="BURROW_HTTPS_LISTEN",
+    help="HOST:PORT for HTTPS tunnels (--tls-cert/--tls-key, or a self-signed certificate).",
+)
+@click.option(
+    "--domain",
+    default="localhost",
+    show_default=True,
+    envvar="BURROW_DOMAIN",
+    help="HTTP tunnels are NAME.DOMAIN (localhost works in browsers with no DNS).",
+)
 @json_option
 @verbose_option
 def relay(
@@ -183,6 +198,9 @@ def relay(
     lease_grace: float,
     heartbeat: float,
     admin: str | None,
+    http_listen: str | None,
+    https_listen: str | None,
+    domain: str,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -209,6 +227,9 @@ def relay(
             lease_grace=lease_grace,
             heartbeat=heartbeat,
             admin=parse_hostport(admin, 9090, listen=True) if admin else None,
+            http_listen=parse_hostport(http_listen, 80, listen=True) if http_listen else None,
+            https_listen=parse_hostport(https_listen, 443, listen=True) if https_listen else None,
+            domain=domain,
         )
         server = Relay(config, on_event=reporter.event)
     except BurrowError as exc:
@@ -232,7 +253,8 @@ def relay(
 # --- agent ---------------------------------------------------------------------------------
 
 
-def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command that dials a relay shares (agents and connectors)."""
     options = [
         click.option(
             "--to",
@@ -242,6 +264,9 @@ def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Relay control address HOST[:PORT]; none: an embedded relay on loopback.",
         ),
         click.option("--secret", envvar="BURROW_SECRET", help="The relay's shared secret."),
+        click.option(
+            "--token", envvar="BURROW_TOKEN", help="A scoped token from `burrow token issue`."
+        ),
         click.option(
             "--fingerprint",
             envvar="BURROW_FINGERPRINT",
@@ -269,7 +294,7 @@ def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--state-dir",
             type=click.Path(path_type=Path),
             envvar="BURROW_STATE_DIR",
-            help="Agent identity and remembered ports [default: ~/.local/state/burrow/agent].",
+            help="Identity and remembered ports/names [default: ~/.local/state/burrow/agent].",
         ),
         click.option(
             "--connect-timeout",
@@ -293,6 +318,133 @@ def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+agent_options = client_options
+
+
+def _client_config(common: dict[str, Any], *, embedded: bool) -> dict[str, Any]:
+    """ClientConfig fields from the shared options; raises ConfigError on bad combinations."""
+    from burrow.net.tls import TrustPolicy, default_state_dir
+    from burrow.roles.agent import load_or_create_identity
+
+    fingerprint, ca, insecure = common["fingerprint"], common["ca"], common["insecure"]
+    if embedded and (fingerprint or ca):
+        raise ConfigError("--fingerprint and --ca need a relay: pass --to RELAY")
+    if common["connect_timeout"] <= 0:
+        raise ConfigError("--connect-timeout must be positive")
+    trust = None
+    if not embedded and not insecure:
+        trust = TrustPolicy(
+            ca_file=ca, fingerprint=fingerprint, known_relays=common["known_relays"]
+        )
+    elif not embedded and (fingerprint or ca):
+        raise ConfigError("--insecure turns TLS off; it cannot go with --fingerprint or --ca")
+    relay = (
+        ("127.0.0.1", 0)
+        if embedded
+        else parse_hostport(str(common["relay_addr"]), DEFAULT_RELAY_PORT)
+    )
+    identity = None
+    state = None
+    if not embedded:
+        state = common["state_dir"] or default_state_dir("agent")
+        identity = load_or_create_identity(state / "identity.key")
+    return {
+        "relay": relay,
+        "secret": common["secret"],
+        "token": common["token"] or None,
+        "trust": trust,
+        "identity_key": identity,
+        "connect_timeout": common["connect_timeout"],
+        "retry_forever": common["retry_forever"],
+        "state": state,
+    }
+
+
+def _run_client(
+    reporter: Reporter,
+    build: Callable[[dict[str, Any]], Any],
+    common: dict[str, Any],
+    *,
+    embedded_http: bool = False,
+    after_start: Callable[[Any], Awaitable[Any]] | None = None,
+) -> None:
+    """Build a client (agent or connector) from the options, run it until a signal or a
+    failure it cannot recover from, and exit with a code that says which."""
+    from burrow.roles.relay import Relay, RelayConfig
+
+    _setup_logging(common["verbose"])
+    embedded = not common["relay_addr"]
+    try:
+        fields = _client_config(common, embedded=embedded)
+        client = build(fields)
+    except BurrowError as exc:
+        _fail(reporter, exc)
+
+    async def run() -> int:
+        stopper = _Stopper()
+        embedded_relay = None
+        extra: list[Any] = []
+        if embedded:
+            embedded_relay = Relay(
+                RelayConfig(
+                    listen_host="127.0.0.1",
+                    listen_port=0,
+                    insecure=True,
+                    secret=common["secret"],
+                    http_listen=("127.0.0.1", 0) if embedded_http else None,
+                ),
+                on_event=reporter.embedded_relay_event,
+            )
+            await embedded_relay.start()
+            assert embedded_relay.control_address is not None
+            client.client_config.relay = embedded_relay.control_address
+        reporter.attach_agent(client, embedded=embedded)
+        try:
+            await stopper.run(client.start())
+            if stopper.event.is_set():
+                return 0
+            if after_start is not None:
+                extra.append(await after_start(client))
+            failure = await stopper.run(client.wait_failed())
+            return failure.exit_code if isinstance(failure, BurrowError) else 0
+        finally:
+            reporter.detach()
+            for item in extra:
+                closing = getattr(item, "close", None)
+                if closing is not None:
+                    result = closing()
+                    if asyncio.iscoroutine(result):
+                        await result
+            await client.close()
+            if embedded_relay is not None:
+                await embedded_relay.close()
+
+    try:
+        code = _run(run)
+    except BurrowError as exc:
+        _fail(reporter, exc)
+    sys.exit(code)
+
+
+def _run_agent(reporter: Reporter, specs: list[Any], common: dict[str, Any], **kw: Any) -> None:
+    from burrow.roles.agent import Agent, AgentConfig
+
+    def build(fields: dict[str, Any]) -> Agent:
+        state = fields.pop("state")
+        return Agent(
+            AgentConfig(**fields, tunnels=specs, state_dir=state, recorder=kw.get("recorder")),
+            on_event=reporter.event,
+        )
+
+    _run_client(
+        reporter,
+        build,
+        common,
+        embedded_http=kw.get("embedded_http", False),
+        after_start=kw.get("after_start"),
+    )
+
+
 @main.command()
 @click.argument("local", envvar="BURROW_LOCAL")
 @click.option(
@@ -304,28 +456,373 @@ def agent_options(f: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option("--name", envvar="BURROW_NAME", help="Tunnel name (keeps its port across restarts).")
 @click.option(
+    "--private",
+    is_flag=True,
+    envvar="BURROW_PRIVATE",
+    help="No public port: only connectors with a token for --name reach it.",
+)
+@click.option(
     "--proxy-protocol",
     type=click.Choice(["v1", "v2"]),
     envvar="BURROW_PROXY_PROTOCOL",
     help="Send a PROXY protocol header so the local service sees visitors' addresses.",
 )
-@agent_options
+@client_options
 def tcp(
-    local: str, port: int | None, name: str | None, proxy_protocol: str | None, **common: Any
+    local: str,
+    port: int | None,
+    name: str | None,
+    private: bool,
+    proxy_protocol: str | None,
+    **common: Any,
 ) -> None:
-    """Expose LOCAL (PORT or HOST:PORT) as a public TCP port on the relay."""
+    """Expose LOCAL (PORT or HOST:PORT) as a public TCP port on the relay (or, with
+    --private, as a service only connectors can reach)."""
     from burrow.roles.agent import TcpTunnelSpec
 
     reporter = Reporter(as_json=common["as_json"])
     try:
         if port is not None and not 0 <= port <= 65535:
             raise ConfigError(f"invalid --port {port}: expected 1 to 65535")
+        if private and not name:
+            raise ConfigError("--private needs --name: connectors reach the service by name")
+        if private and port:
+            raise ConfigError("--private services have no public port; drop --port")
         spec = TcpTunnelSpec(
-            local=parse_local(local), port=port or None, name=name, proxy_protocol=proxy_protocol
+            local=parse_local(local),
+            port=port or None,
+            name=name.lower() if name else None,
+            proxy_protocol=proxy_protocol,
+            private=private,
         )
     except BurrowError as exc:
         _fail(reporter, exc)
-    _run_agent(reporter, [spec], **common)
+    _run_agent(reporter, [spec], common)
+
+
+@main.command()
+@click.argument("local", envvar="BURROW_LOCAL")
+@click.option("--name", envvar="BURROW_NAME", help="Public name: NAME.DOMAIN [default: random].")
+@click.option(
+    "--local-https",
+    is_flag=True,
+    envvar="BURROW_LOCAL_HTTPS",
+    help="The local service speaks HTTPS.",
+)
+@click.option(
+    "--local-ca",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_LOCAL_CA",
+    help="CA (PEM) to verify the local HTTPS service.",
+)
+@click.option(
+    "--local-insecure",
+    is_flag=True,
+    envvar="BURROW_LOCAL_INSECURE",
+    help="Do not verify the local HTTPS service's certificate.",
+)
+@click.option(
+    "--host-header",
+    default="preserve",
+    show_default=True,
+    envvar="BURROW_HOST_HEADER",
+    help="preserve, rewrite (to the local address), or a literal value.",
+)
+@click.option(
+    "--basic-auth",
+    multiple=True,
+    envvar="BURROW_BASIC_AUTH",
+    help="USER:PASS visitors must give (repeatable).",
+)
+@click.option(
+    "--allow",
+    "allow_cidrs",
+    multiple=True,
+    envvar="BURROW_ALLOW",
+    help="Only these visitor CIDRs (repeatable).",
+)
+@click.option(
+    "--deny",
+    "deny_cidrs",
+    multiple=True,
+    envvar="BURROW_DENY",
+    help="Refuse these visitor CIDRs (repeatable).",
+)
+@click.option("--request-header-add", multiple=True, help="'Name: value' to add to requests.")
+@click.option("--request-header-remove", multiple=True, help="Header to remove from requests.")
+@click.option("--response-header-add", multiple=True, help="'Name: value' to add to responses.")
+@click.option("--response-header-remove", multiple=True, help="Header to remove from responses.")
+@click.option(
+    "--inspect",
+    default="127.0.0.1:4040",
+    show_default=True,
+    envvar="BURROW_INSPECT",
+    help="Address of the local request inspector.",
+)
+@click.option(
+    "--no-inspect", is_flag=True, envvar="BURROW_NO_INSPECT", help="Do not run the inspector."
+)
+@client_options
+def http(
+    local: str,
+    name: str | None,
+    local_https: bool,
+    local_ca: Path | None,
+    local_insecure: bool,
+    host_header: str,
+    basic_auth: tuple[str, ...],
+    allow_cidrs: tuple[str, ...],
+    deny_cidrs: tuple[str, ...],
+    request_header_add: tuple[str, ...],
+    request_header_remove: tuple[str, ...],
+    response_header_add: tuple[str, ...],
+    response_header_remove: tuple[str, ...],
+    inspect: str,
+    no_inspect: bool,
+    **common: Any,
+) -> None:
+    """Expose the web service at LOCAL (PORT, HOST:PORT or URL) as http(s)://NAME.DOMAIN."""
+    from burrow.http.policy import HttpOptions
+    from burrow.http.policy import parse_local as parse_http_local
+    from burrow.roles.agent import HttpTunnelSpec
+
+    reporter = Reporter(as_json=common["as_json"])
+    recorder = None
+    try:
+        address, https = parse_http_local(local)
+        options = HttpOptions(
+            local=address,
+            local_https=local_https or https,
+            local_ca=local_ca,
+            local_insecure=local_insecure,
+            host_header=host_header,
+            basic_auth=list(basic_auth),
+            allow=list(allow_cidrs),
+            deny=list(deny_cidrs),
+            request_header_add=list(request_header_add),
+            request_header_remove=list(request_header_remove),
+            response_header_add=list(response_header_add),
+            response_header_remove=list(response_header_remove),
+        )
+        validate = getattr(options, "validate", None)
+        if validate is not None:
+            validate()
+        if name is not None:
+            name = name.lower()
+        spec = HttpTunnelSpec(options=options, name=name)
+        inspect_at = None if no_inspect else parse_hostport(inspect, 4040, listen=True)
+        if inspect_at is not None:
+            from burrow.http.inspector import ExchangeStore
+
+            recorder = ExchangeStore()
+    except BurrowError as exc:
+        _fail(reporter, exc)
+
+    async def start_inspector(agent: Any) -> Any:
+        if inspect_at is None:
+            return None
+        from burrow.http.inspector import Inspector, InspectorBindError
+        from burrow.http.proxy import replay
+
+        def tunnels() -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": t.name,
+                    "public_url": t.public,
+                    "kind": "http",
+                    "local": "{}:{}".format(*options.local),
+                }
+                for t in agent.tunnels
+            ]
+
+        assert recorder is not None
+        inspector = Inspector(recorder, tunnels, lambda exchange: replay(options, exchange))
+        try:
+            bound = await inspector.start(*inspect_at)
+        except InspectorBindError as exc:
+            if inspect_at[1] == 0:
+                raise
+            reporter.event({"event": "warning", "message": f"{exc}; using a free port instead"})
+            bound = await inspector.start(inspect_at[0], 0)
+        reporter.event({"event": "inspector_ready", "url": f"http://{bound[0]}:{bound[1]}"})
+        return inspector
+
+    _run_agent(
+        reporter, [spec], common, recorder=recorder, embedded_http=True, after_start=start_inspector
+    )
+
+
+@main.command(name="exit")
+@click.option("--name", required=True, envvar="BURROW_NAME", help="Name connectors use.")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    required=True,
+    envvar="BURROW_ALLOW",
+    help="CIDR[:PORTS],... the exit may dial (repeatable).",
+)
+@client_options
+def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
+    """Dial allow-listed addresses for connectors: a bastion with no sudo and no TUN device."""
+    from burrow.allowlist import AllowList
+    from burrow.roles.agent import ExitSpec
+
+    reporter = Reporter(as_json=common["as_json"])
+    try:
+        spec = ExitSpec(name=name.lower(), allow=AllowList.parse(allow))
+    except BurrowError as exc:
+        _fail(reporter, exc)
+    _run_agent(reporter, [spec], common)
+
+
+def _connector(reporter: Reporter, services: list[Any]) -> Callable[[dict[str, Any]], Any]:
+    from burrow.roles.connector import Connector, ConnectorConfig
+
+    def build(fields: dict[str, Any]) -> Connector:
+        fields.pop("state")
+        return Connector(ConnectorConfig(**fields, services=services), on_event=reporter.event)
+
+    return build
+
+
+@main.command()
+@click.argument("services", nargs=-1, required=True, envvar="BURROW_CONNECT")
+@client_options
+def connect(services: tuple[str, ...], **common: Any) -> None:
+    """Reach private services as local ports: NAME[=LISTEN] (PORT, HOST:PORT or unix:PATH)."""
+    from burrow.roles.connector import ListenSpec
+
+    reporter = Reporter(as_json=common["as_json"])
+    try:
+        specs = [ListenSpec.parse(item) for text in services for item in text.split(",") if item]
+        if common["relay_addr"] in (None, ""):
+            raise ConfigError("burrow connect needs a relay: pass --to RELAY (or BURROW_RELAY)")
+    except BurrowError as exc:
+        _fail(reporter, exc)
+    _run_client(reporter, _connector(reporter, specs), common)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:1055",
+    show_default=True,
+    envvar="BURROW_SOCKS",
+    help="SOCKS5 address.",
+)
+@click.option(
+    "--http-listen", envvar="BURROW_HTTP_PROXY", help="Also an HTTP CONNECT proxy on this address."
+)
+@click.option(
+    "--exit",
+    "exit_name",
+    envvar="BURROW_EXIT",
+    help="Exit that dials HOST:PORT targets (NAME targets go to private services).",
+)
+@click.option("--auth", envvar="BURROW_SOCKS_AUTH", help="USER:PASS the proxy's clients must give.")
+@client_options
+def socks(
+    listen: str, http_listen: str | None, exit_name: str | None, auth: str | None, **common: Any
+) -> None:
+    """A SOCKS5 (and HTTP CONNECT) proxy to private services and exits."""
+    reporter = Reporter(as_json=common["as_json"])
+    try:
+        if common["relay_addr"] in (None, ""):
+            raise ConfigError("burrow socks needs a relay: pass --to RELAY (or BURROW_RELAY)")
+        socks_at = parse_hostport(listen, 1055, listen=True)
+        http_at = parse_hostport(http_listen, 1056, listen=True) if http_listen else None
+        credentials = None
+        if auth is not None:
+            user, sep, password = auth.partition(":")
+            if not sep or not user:
+                raise ConfigError("--auth expects USER:PASS")
+            credentials = (user, password)
+    except BurrowError as exc:
+        _fail(reporter, exc)
+
+    async def start_proxy(connector: Any) -> Any:
+        from burrow.net.proxy_server import ProxyServer
+
+        server = ProxyServer(connector, exit_name=exit_name, credentials=credentials)
+        for kind, at in (("socks", socks_at), ("http", http_at)):
+            if at is None:
+                continue
+            try:
+                bound = await server.listen(kind, *at)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {at[0]}:{at[1]}: {exc.strerror}") from None
+            reporter.event(
+                {
+                    "event": "tunnel_ready",
+                    "kind": "socks" if kind == "socks" else "http-connect",
+                    "local": f"{bound[0]}:{bound[1]}",
+                }
+            )
+        return server
+
+    _run_client(reporter, _connector(reporter, []), common, after_start=start_proxy)
+
+
+@main.group()
+def token() -> None:
+    """Scoped tokens: which names a holder may expose or connect to."""
+
+
+@token.command("issue")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_STATE_DIR",
+    help="The relay's state directory [default: ~/.local/state/burrow/relay].",
+)
+@click.option("--expose", multiple=True, help="Names (globs) the holder may offer.")
+@click.option(
+    "--connect", "connect_names", multiple=True, help="Names (globs) the holder may reach."
+)
+@click.option("--ttl", default="30d", show_default=True, help="Lifetime: 30d, 12h, 15m, never.")
+def token_issue(
+    state_dir: Path | None, expose: tuple[str, ...], connect_names: tuple[str, ...], ttl: str
+) -> None:
+    """Mint a token signed with the relay's key; printed once, on the last line."""
+    import time as _time
+
+    from burrow.net.tls import default_state_dir
+    from burrow.tokens import TokenKey, mint, parse_ttl
+
+    reporter = Reporter(as_json=False)
+    try:
+        if not expose and not connect_names:
+            raise ConfigError("a token needs --expose and/or --connect names")
+        seconds = parse_ttl(ttl)
+        key = TokenKey.load_or_create(state_dir or default_state_dir("relay"))
+        text = mint(key, list(expose), list(connect_names), seconds, _time.time())
+    except BurrowError as exc:
+        _fail(reporter, exc)
+    from burrow.tokens import parse_token
+
+    claims, _, _ = parse_token(text)
+    sys.stderr.write(
+        f"token {claims['id']}: expose {list(expose) or '-'}, connect {list(connect_names) or '-'}"
+        f", {'no expiry' if seconds is None else 'valid ' + ttl}\n"
+    )
+    click.echo(text)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="BURROW_STATE_DIR")
+def token_revoke(token_id: str, state_dir: Path | None) -> None:
+    """Refuse the token with this id from the next handshake or stream on."""
+    from burrow.net.tls import default_state_dir
+    from burrow.tokens import deny
+
+    reporter = Reporter(as_json=False)
+    try:
+        deny(state_dir or default_state_dir("relay"), token_id)
+    except BurrowError as exc:
+        _fail(reporter, exc)
+    click.echo(f"revoked {token_id}")
 
 
 @main.command()
@@ -348,7 +845,7 @@ def up(config_path: Path, as_json: bool, verbose: int) -> None:
     reporter = Reporter(as_json=as_json)
     try:
         file = load_agent_config(config_path)
-        specs = [
+        specs: list[Any] = [
             TcpTunnelSpec(
                 local=parse_local(t.local),
                 port=t.port,
@@ -359,106 +856,21 @@ def up(config_path: Path, as_json: bool, verbose: int) -> None:
         ]
     except BurrowError as exc:
         _fail(reporter, exc)
-    _run_agent(
-        reporter,
-        specs,
-        relay_addr=file.relay,
-        secret=file.secret,
-        fingerprint=file.fingerprint,
-        ca=Path(file.ca) if file.ca else None,
-        insecure=file.insecure,
-        known_relays=None,
-        state_dir=None,
-        connect_timeout=10.0,
-        retry_forever=False,
-        as_json=as_json,
-        verbose=verbose,
-    )
-
-
-def _run_agent(
-    reporter: Reporter,
-    specs: list[Any],
-    *,
-    relay_addr: str | None,
-    secret: str | None,
-    fingerprint: str | None,
-    ca: Path | None,
-    insecure: bool,
-    known_relays: Path | None,
-    state_dir: Path | None,
-    connect_timeout: float,
-    retry_forever: bool,
-    as_json: bool,
-    verbose: int,
-) -> None:
-    from burrow.net.tls import TrustPolicy, default_state_dir
-    from burrow.roles.agent import Agent, AgentConfig, load_or_create_identity
-    from burrow.roles.relay import Relay, RelayConfig
-
-    _setup_logging(verbose)
-    embedded = relay_addr is None or relay_addr == ""
-    try:
-        if embedded and (fingerprint or ca):
-            raise ConfigError("--fingerprint and --ca need a relay: pass --to RELAY")
-        if connect_timeout <= 0:
-            raise ConfigError("--connect-timeout must be positive")
-        trust = None
-        if not embedded and not insecure:
-            trust = TrustPolicy(ca_file=ca, fingerprint=fingerprint, known_relays=known_relays)
-        elif not embedded and (fingerprint or ca):
-            raise ConfigError("--insecure turns TLS off; it cannot go with --fingerprint or --ca")
-        relay_host, relay_port = (
-            ("127.0.0.1", 0) if embedded else parse_hostport(str(relay_addr), DEFAULT_RELAY_PORT)
-        )
-        identity = None
-        agent_state = None
-        if not embedded:
-            agent_state = state_dir or default_state_dir("agent")
-            identity = load_or_create_identity(agent_state / "identity.key")
-        config = AgentConfig(
-            relay=(relay_host, relay_port),
-            secret=secret,
-            trust=trust,
-            tunnels=specs,
-            identity_key=identity,
-            state_dir=agent_state,
-            connect_timeout=connect_timeout,
-            retry_forever=retry_forever,
-        )
-    except BurrowError as exc:
-        _fail(reporter, exc)
-
-    async def run() -> int:
-        stopper = _Stopper()
-        embedded_relay = None
-        if embedded:
-            embedded_relay = Relay(
-                RelayConfig(listen_host="127.0.0.1", listen_port=0, insecure=True, secret=secret),
-                on_event=reporter.embedded_relay_event,
-            )
-            await embedded_relay.start()
-            assert embedded_relay.control_address is not None
-            config.relay = embedded_relay.control_address
-        agent = Agent(config, on_event=reporter.event)
-        reporter.attach_agent(agent, embedded=embedded)
-        try:
-            await stopper.run(agent.start())
-            if stopper.event.is_set():
-                return 0
-            failure = await stopper.run(agent.wait_failed())
-            return failure.exit_code if isinstance(failure, BurrowError) else 0
-        finally:
-            reporter.detach()
-            await agent.close()
-            if embedded_relay is not None:
-                await embedded_relay.close()
-
-    try:
-        code = _run(run)
-    except BurrowError as exc:
-        _fail(reporter, exc)
-    sys.exit(code)
+    common = {
+        "relay_addr": file.relay,
+        "secret": file.secret,
+        "token": None,
+        "fingerprint": file.fingerprint,
+        "ca": Path(file.ca) if file.ca else None,
+        "insecure": file.insecure,
+        "known_relays": None,
+        "state_dir": None,
+        "connect_timeout": 10.0,
+        "retry_forever": False,
+        "as_json": as_json,
+        "verbose": verbose,
+    }
+    _run_agent(reporter, specs, common)
 
 
 if __name__ == "__main__":

@@ -104,11 +104,15 @@ class Reporter:
         table = Table(title=title, title_justify="left", expand=False)
         for column in ("tunnel", "public", "local", "conns", "open"):
             table.add_column(column)
-        for tunnel in agent.tunnels if agent is not None else []:
+        for service, local in getattr(agent, "listeners", {}).items():
+            table.add_row(service, "(private)", local, "-", "-")
+        for tunnel in getattr(agent, "tunnels", []):
+            options = getattr(tunnel.spec, "options", None)
+            local = getattr(tunnel.spec, "local", None) or getattr(options, "local", None)
             table.add_row(
                 tunnel.spec.key,
                 tunnel.public or "-",
-                "{}:{}".format(*tunnel.spec.local),
+                "{}:{}".format(*local) if local else "(exit)",
                 str(tunnel.connections),
                 str(tunnel.open_connections),
             )

@@ -1,4 +1,4 @@
-"""Port leases: who holds which public port, and for how long after its agent went away.
+"""Leases: who holds which public port or name, and for how long after its agent went away.
 
 A lease belongs to an agent identity (its Ed25519 public key) and a tunnel key chosen by the
 agent. While the agent is connected the lease is live; when its session ends the lease is
@@ -8,14 +8,22 @@ inside: callers pass ``now``, so the rules are tested without sleeping.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from burrow.errors import TunnelError
 
 
+def describe(key: Hashable) -> str:
+    """How a lease key reads in a message: ``port 20001`` or ``name 'db'``."""
+    if isinstance(key, tuple) and len(key) == 2:
+        return f"name {key[1]!r}"
+    return f"port {key}"
+
+
 @dataclass(slots=True)
 class Lease:
-    port: int
+    port: Hashable  # a port number, or (namespace, name) for a named service
     owner: str  # the agent's identity
     key: str  # the agent's name for the tunnel
     connected: bool = True
@@ -23,16 +31,16 @@ class Lease:
 
 
 class LeaseTable:
-    """Leases by port, for one relay node."""
+    """Leases by port or name, for one relay node."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
-        self._by_port: dict[int, Lease] = {}
+        self._by_port: dict[Hashable, Lease] = {}
 
     def __len__(self) -> int:
         return len(self._by_port)
 
-    def get(self, port: int) -> Lease | None:
+    def get(self, port: Hashable) -> Lease | None:
         return self._by_port.get(port)
 
     def find(self, owner: str, key: str, now: float) -> Lease | None:
@@ -43,26 +51,26 @@ class LeaseTable:
                 return lease
         return None
 
-    def check_free(self, port: int, owner: str, now: float) -> None:
+    def check_free(self, port: Hashable, owner: str, now: float) -> None:
         """Raise unless ``owner`` may take ``port`` (free, expired, or its own)."""
         lease = self._by_port.get(port)
         if lease is None or lease.owner == owner:
             return
         if lease.connected:
-            raise TunnelError(f"port {port} is in use by another agent", "port_in_use")
+            raise TunnelError(f"{describe(port)} is in use by another agent", _in_use(port))
         if lease.expires > now:
             raise TunnelError(
-                f"port {port} is reserved for another agent for {lease.expires - now:.0f} s more "
-                "(its lease survives a reconnect); ask for another port or wait",
-                "port_in_use",
+                f"{describe(port)} is reserved for another agent for {lease.expires - now:.0f} s "
+                "more (its lease survives a reconnect); ask for another or wait",
+                _in_use(port),
             )
 
-    def take(self, port: int, owner: str, key: str) -> Lease:
+    def take(self, port: Hashable, owner: str, key: str) -> Lease:
         lease = Lease(port, owner, key)
         self._by_port[port] = lease
         return lease
 
-    def release(self, port: int, now: float) -> None:
+    def release(self, port: Hashable, now: float) -> None:
         """The agent's session ended: keep the port for the grace period."""
         lease = self._by_port.get(port)
         if lease is not None:
@@ -71,11 +79,11 @@ class LeaseTable:
             if self.grace <= 0:
                 del self._by_port[port]
 
-    def drop(self, port: int) -> None:
+    def drop(self, port: Hashable) -> None:
         """The agent closed the tunnel on purpose: free the port at once."""
         self._by_port.pop(port, None)
 
-    def expire(self, now: float) -> list[int]:
+    def expire(self, now: float) -> list[Hashable]:
         """Forget leases whose grace has run out; return their ports."""
         gone = [
             p for p, lease in self._by_port.items() if not lease.connected and lease.expires <= now
@@ -83,3 +91,7 @@ class LeaseTable:
         for port in gone:
             del self._by_port[port]
         return gone
+
+
+def _in_use(key: Hashable) -> str:
+    return "name_in_use" if isinstance(key, tuple) else "port_in_use"

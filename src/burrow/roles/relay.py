@@ -9,8 +9,10 @@ import asyncio
 import errno
 import logging
 import random
+import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,11 @@ DEFAULT_CONTROL_PORT = 7835
 HANDSHAKE_TIMEOUT = 10.0
 #: How many random ports to try before giving up (bore's figure: ~99.999% success at 15% free).
 RANDOM_PORT_TRIES = 150
+#: Names of HTTP tunnels and private services: one DNS label.
+NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_DOMAIN = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 @dataclass
@@ -47,6 +54,9 @@ class RelayConfig:
     lease_grace: float = 60.0
     heartbeat: float = 5.0
     admin: tuple[str, int] | None = None
+    http_listen: tuple[str, int] | None = None
+    https_listen: tuple[str, int] | None = None
+    domain: str = "localhost"
 
     def validate(self) -> None:
         if not 1 <= self.min_port <= 65535 or not 1 <= self.max_port <= 65535:
@@ -61,6 +71,10 @@ class RelayConfig:
             raise ConfigError("--lease-grace must not be negative")
         if not 0.05 <= self.heartbeat <= 3600:
             raise ConfigError("--heartbeat must be between 0.05 and 3600 seconds")
+        if not _DOMAIN.fullmatch(self.domain):
+            raise ConfigError(
+                f"--domain {self.domain!r} is not a domain name (e.g. tunnels.example.com)"
+            )
 
 
 @dataclass(eq=False)
@@ -71,6 +85,26 @@ class TcpTunnel:
     server: asyncio.Server
     conn: SessionConnection | None
     visitors: set[StreamBridge] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class NamedRoute:
+    """An HTTP name, a private service or an exit, held by one agent."""
+
+    kind: str  # "http", "private" or "exit"
+    name: str
+    key: str
+    owner: str
+    conn: SessionConnection | None
+    streams: int = 0
+
+    @property
+    def lease_key(self) -> tuple[str, str]:
+        return _namespace(self.kind), self.name
+
+
+def _namespace(kind: str) -> str:
+    return "http" if kind == "http" else "svc"
 
 
 class Relay:
@@ -85,11 +119,14 @@ class Relay:
         self.admin_address: tuple[str, int] | None = None
         self.leases = LeaseTable(config.lease_grace)
         self.tunnels: dict[int, TcpTunnel] = {}
+        self.names: dict[tuple[str, str], NamedRoute] = {}
         self.sessions: set[SessionConnection] = set()
+        self.http: Any = None  # burrow.http.frontend.HttpFrontend, with --http-listen
+        self._token_verifier: Any = None
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._ssl: ssl.SSLContext | None = None
-        self._expiry: dict[int, asyncio.TimerHandle] = {}
+        self._expiry: dict[Any, asyncio.TimerHandle] = {}
         self._closing = False
         self._closed_bytes = [0, 0]
         self.metrics: Any = None
@@ -101,6 +138,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         if not config.insecure:
             self._ssl = self._tls_context()
+        self._load_tokens()
         try:
             self._server = await loop.create_server(
                 self._new_session,
@@ -116,6 +154,8 @@ class Relay:
         self.control_address = (sockname[0], sockname[1])
         if config.admin is not None:
             await self._start_admin(config.admin)
+        if config.http_listen is not None or config.https_listen is not None:
+            await self._start_http()
         emit(
             self.on_event,
             "relay_ready",
@@ -124,6 +164,69 @@ class Relay:
             tls=self._ssl is not None,
             **({"admin": format_hostport(*self.admin_address)} if self.admin_address else {}),
         )
+
+    def _load_tokens(self) -> None:
+        """Accept scoped tokens when ``burrow token issue`` made a key in the state dir."""
+        from burrow.net.tls import default_state_dir
+
+        state_dir = self.config.state_dir or default_state_dir("relay")
+        if not (state_dir / "token.key").is_file():
+            return
+        from burrow.tokens import TokenKey, TokenVerifier, load_deny
+
+        key = TokenKey.load_or_create(state_dir)
+        deny_file = state_dir / "token.deny"
+        seen: list[Any] = [None, TokenVerifier(key, load_deny(state_dir))]
+
+        def verify(claims: str, mac: str, transcript: bytes) -> Any:
+            # Revocations apply to the next handshake: re-read the deny list when it changes.
+            try:
+                stamp: Any = deny_file.stat().st_mtime_ns
+            except OSError:
+                stamp = None
+            if stamp != seen[0]:
+                seen[0], seen[1] = stamp, TokenVerifier(key, load_deny(state_dir))
+            return seen[1].verify(claims, mac, transcript, time.time())
+
+        self._token_verifier = verify
+
+    async def _start_http(self) -> None:
+        from burrow.http.frontend import HttpFrontend
+
+        config = self.config
+        self.http = HttpFrontend(
+            config.domain, self._resolve_http, on_visitor=self._http_visitor, status=self._status
+        )
+        for scheme, address in (("http", config.http_listen), ("https", config.https_listen)):
+            if address is None:
+                continue
+            context = self._https_context() if scheme == "https" else None
+            try:
+                bound = await self.http.listen(scheme, address[0], address[1], ssl=context)
+            except OSError as exc:
+                raise _bind_error(address[0], address[1], exc, f"{scheme} port") from None
+            emit(
+                self.on_event,
+                "http_ready",
+                scheme=scheme,
+                listen=format_hostport(*bound),
+                example=self.http.url_for("NAME"),
+            )
+
+    def _https_context(self) -> ssl.SSLContext:
+        from burrow.net import tls
+
+        config = self.config
+        if config.tls_cert is not None and config.tls_key is not None:
+            cert, key = config.tls_cert, config.tls_key
+        else:
+            state_dir = (config.state_dir or tls.default_state_dir("relay")) / "https"
+            names = (config.domain, f"*.{config.domain}", *config.hostnames)
+            pair = tls.load_or_create_relay_cert(state_dir, names)
+            cert, key = pair.cert_path, pair.key_path
+        context = tls.server_context(cert, key)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
     def _tls_context(self) -> ssl.SSLContext:
         from burrow.net import tls
@@ -164,8 +267,9 @@ class Relay:
         return {
             "status": "ok",
             "sessions": len(self.sessions),
-            "tunnels": len(self.tunnels),
+            "tunnels": len(self.tunnels) + len(self.names),
             "streams": sum(len(t.visitors) for t in self.tunnels.values()),
+            "names": sorted(f"{route.kind}:{route.name}" for route in self.names.values()),
         }
 
     async def close(self) -> None:
@@ -177,6 +281,8 @@ class Relay:
             self._server.close()
         for tunnel in list(self.tunnels.values()):
             self._close_tunnel(tunnel)
+        if self.http is not None:
+            self.http.close()
         for conn in list(self.sessions):
             conn.close("relay shutting down")
         if self._admin is not None:
@@ -198,9 +304,16 @@ class Relay:
     # --- sessions --------------------------------------------------------------------------
 
     def _new_session(self) -> SessionConnection:
-        session = Session(Role.RELAY, secret=self.config.secret, heartbeat=self.config.heartbeat)
+        session = Session(
+            Role.RELAY,
+            secret=self.config.secret,
+            heartbeat=self.config.heartbeat,
+            token_verifier=self._token_verifier,
+            allow_anonymous=self.config.secret is None and self._token_verifier is None,
+        )
         conn = SessionConnection(
             session,
+            on_stream=self._on_client_stream,
             on_control=self._on_control,
             on_handshake=self._on_handshake,
             on_closed=self._on_session_closed,
@@ -247,6 +360,16 @@ class Relay:
                     self._expiry[tunnel.port] = loop.call_later(
                         self.config.lease_grace, self._expire, tunnel.port
                     )
+        for route in list(self.names.values()):
+            if route.conn is conn:
+                route.conn = None
+                self.leases.release(route.lease_key, now)
+                if self.config.lease_grace <= 0:
+                    self._drop_name(route)
+                else:
+                    self._expiry[route.lease_key] = loop.call_later(
+                        self.config.lease_grace, self._expire_name, route.lease_key
+                    )
 
     def _expire(self, port: int) -> None:
         self._expiry.pop(port, None)
@@ -255,6 +378,21 @@ class Relay:
             self.leases.drop(port)
             self._close_tunnel(tunnel)
             emit(self.on_event, "lease_expired", port=port)
+
+    def _expire_name(self, key: tuple[str, str]) -> None:
+        self._expiry.pop(key, None)
+        route = self.names.get(key)
+        if route is not None and route.conn is None:
+            self._drop_name(route)
+            emit(self.on_event, "lease_expired", name=route.name, kind=route.kind)
+
+    def _drop_name(self, route: NamedRoute) -> None:
+        self.leases.drop(route.lease_key)
+        if self.names.get(route.lease_key) is route:
+            del self.names[route.lease_key]
+            if self.metrics is not None:
+                self.metrics.tunnels.labels(kind=route.kind).dec()
+            emit(self.on_event, "tunnel_closed", kind=route.kind, name=route.name)
 
     # --- control ---------------------------------------------------------------------------
 
@@ -284,9 +422,18 @@ class Relay:
     ) -> None:
         try:
             kind = message.get("kind")
+            key = str(message.get("key") or "")[:256]
+            if kind in ("http", "private", "exit"):
+                route = self._register_name(conn, str(kind), key, message)
+                reply: dict[str, Any] = {"op": "registered", "id": request_id, "name": route.name}
+                if kind == "http":
+                    reply["url"] = self.http.url_for(route.name)
+                conn.send_control(reply)
+                emit(self.on_event, "tunnel_opened", kind=kind, name=route.name, peer=conn.peer)
+                return
             if kind != "tcp":
                 raise TunnelError(f"tunnel kind {kind!r} is not served by this relay", "bad_kind")
-            key = str(message.get("key") or "")[:256]
+            self._check_expose(conn, key)
             want = message.get("port")
             if want is not None and (not isinstance(want, int) or not 0 <= want <= 65535):
                 raise TunnelError(f"invalid port {want!r}", "bad_port")
@@ -310,6 +457,126 @@ class Relay:
         if self.metrics is not None:
             self.metrics.tunnels.labels(kind="tcp").set(len(self.tunnels))
         emit(self.on_event, "tunnel_opened", kind="tcp", port=tunnel.port, peer=conn.peer)
+
+    def _check_expose(self, conn: SessionConnection, name: str) -> None:
+        scope = conn.session.scope
+        if scope is not None and not scope.may_expose(name):
+            raise TunnelError(scope.missing("expose", name), "not_allowed")
+
+    def _register_name(
+        self, conn: SessionConnection, kind: str, key: str, message: dict[str, Any]
+    ) -> NamedRoute:
+        """Give ``conn`` the name it asks for (or a new readable one), held by lease."""
+        if kind == "http" and self.http is None:
+            raise TunnelError(
+                "this relay serves no HTTP tunnels; start it with --http-listen", "bad_kind"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        owner = self._owner(conn)
+        wanted = message.get("name")
+        exact = bool(message.get("exact", True))
+        if wanted is not None:
+            if not isinstance(wanted, str) or not NAME_PATTERN.fullmatch(wanted):
+                raise TunnelError(
+                    f"invalid name {str(wanted)[:80]!r}: use lowercase letters, digits and "
+                    "hyphens (a DNS label, at most 63 characters)",
+                    "bad_name",
+                )
+            self._check_expose(conn, wanted)
+            try:
+                return self._claim_name(conn, kind, wanted, key, owner, now)
+            except TunnelError:
+                if exact:
+                    raise
+        for _ in range(50):
+            name = readable_name()
+            if (_namespace(kind), name) not in self.names:
+                self._check_expose(conn, name)
+                return self._claim_name(conn, kind, name, key, owner, now)
+        raise TunnelError("could not find a free name; pass one with --name", "no_free_name")
+
+    def _claim_name(
+        self, conn: SessionConnection, kind: str, name: str, key: str, owner: str, now: float
+    ) -> NamedRoute:
+        lease_key = (_namespace(kind), name)
+        self.leases.check_free(lease_key, owner, now)
+        route = self.names.get(lease_key)
+        if route is not None and route.kind != kind:
+            raise TunnelError(f"name {name!r} is in use by a {route.kind} service", "name_in_use")
+        handle = self._expiry.pop(lease_key, None)
+        if handle is not None:
+            handle.cancel()
+        if route is None:
+            route = NamedRoute(kind=kind, name=name, key=key, owner=owner, conn=conn)
+            self.names[lease_key] = route
+            if self.metrics is not None:
+                self.metrics.tunnels.labels(kind=kind).inc()
+        else:
+            previous = route.conn
+            if previous is not None and previous is not conn and previous.is_open:
+                previous.send_control({"op": "tunnel_moved", "key": route.key})
+            route.conn, route.owner, route.key = conn, owner, key
+        self.leases.take(lease_key, owner, key)
+        return route
+
+    # --- HTTP and connectors ----------------------------------------------------------------
+
+    def _resolve_http(self, name: str) -> Any:
+        from burrow.http.frontend import Route
+
+        route = self.names.get(("http", name))
+        return None if route is None else Route(name, route.conn)
+
+    def _http_visitor(self, bridge: StreamBridge) -> None:
+        if self.metrics is not None:
+            self.metrics.streams.inc()
+            self.metrics.streams_total.inc()
+
+    def _status(self, name: str) -> dict[str, Any] | None:
+        route = self.names.get(("http", name))
+        if route is None:
+            return None
+        online = route.conn is not None and route.conn.is_open
+        return {"name": name, "online": online, "connected_sockets": 1 if online else 0}
+
+    def _on_client_stream(
+        self, conn: SessionConnection, stream_id: int, info: dict[str, Any]
+    ) -> None:
+        """A connector opens a stream to a private service or an exit: check, route, join."""
+        from burrow.net.join import JoinHalf, join
+
+        session = conn.session
+        name = info.get("service")
+        if not isinstance(name, str) or not name:
+            session.reset_stream(stream_id, "not_allowed", "streams must name a service")
+            return
+        scope = session.scope
+        if scope is not None and not scope.may_connect(name):
+            session.reset_stream(stream_id, "not_allowed", scope.missing("connect", name))
+            emit(self.on_event, "stream_refused", peer=conn.peer, service=name, reason="scope")
+            return
+        route = self.names.get(("svc", name[:64]))
+        if route is None:
+            session.reset_stream(stream_id, "no_such_tunnel", f"no service named {name!r}")
+            return
+        target = route.conn
+        if target is None or not target.is_open:
+            session.reset_stream(
+                stream_id, "unreachable", f"service {name!r} is offline (its agent is away)"
+            )
+            return
+        forward: dict[str, Any] = {"service": name, "src": info.get("src") or _peer_list(conn)}
+        if route.kind == "exit":
+            forward["target"] = info.get("target")
+        elif "target" in info:
+            session.reset_stream(stream_id, "not_allowed", f"{name!r} is not an exit")
+            return
+        near = JoinHalf(conn, stream_id)
+        far = JoinHalf(target, target.session.open_stream(forward))
+        join(near, far)
+        target.flush()
+        route.streams += 1
 
     def _owner(self, conn: SessionConnection) -> str:
         return conn.session.peer_identity or f"session:{conn.session.session_id}"
@@ -467,3 +734,105 @@ def _bind_error(
         message = f"cannot listen on {address} ({what}): {exc.strerror or exc}"
         code = "bind_failed"
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
+
+
+_ADJECTIVES = [
+    "amber",
+    "azure",
+    "bold",
+    "brave",
+    "brisk",
+    "calm",
+    "clever",
+    "cosmic",
+    "crisp",
+    "dapper",
+    "eager",
+    "fancy",
+    "gentle",
+    "glad",
+    "golden",
+    "happy",
+    "jolly",
+    "keen",
+    "lively",
+    "lucky",
+    "merry",
+    "mighty",
+    "misty",
+    "nimble",
+    "noble",
+    "proud",
+    "quick",
+    "quiet",
+    "rapid",
+    "rosy",
+    "shiny",
+    "silver",
+    "sleek",
+    "snowy",
+    "solar",
+    "sunny",
+    "swift",
+    "tidy",
+    "vivid",
+    "warm",
+    "wise",
+    "witty",
+    "zesty",
+]
+_NOUNS = [
+    "badger",
+    "beaver",
+    "bison",
+    "camel",
+    "crane",
+    "dingo",
+    "eagle",
+    "falcon",
+    "ferret",
+    "finch",
+    "fox",
+    "gecko",
+    "heron",
+    "ibis",
+    "koala",
+    "lemur",
+    "lynx",
+    "marmot",
+    "moose",
+    "newt",
+    "otter",
+    "owl",
+    "panda",
+    "puffin",
+    "quail",
+    "rabbit",
+    "raven",
+    "robin",
+    "seal",
+    "shrew",
+    "sloth",
+    "stoat",
+    "swan",
+    "tapir",
+    "tiger",
+    "toad",
+    "walrus",
+    "weasel",
+    "wombat",
+    "yak",
+    "zebra",
+]
+
+
+def readable_name() -> str:
+    """A random name people can read aloud: ``swift-otter-4821``."""
+    rng = random.SystemRandom()
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.randrange(1000, 10000)}"
+
+
+def _peer_list(conn: SessionConnection) -> list[Any] | None:
+    transport = conn.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return [peer[0], peer[1]] if isinstance(peer, tuple) else None

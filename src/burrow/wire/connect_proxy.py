@@ -24,7 +24,7 @@ import http
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
@@ -75,7 +75,7 @@ STATUS_FOR_RESET: Final[Mapping[str, int]] = MappingProxyType(
 _TOKEN_RE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9._~-]{1,255}")
 _BARE_LF_RE: Final = re.compile(rb"(?<!\r)\n")
-_BARE_CR_RE: Final = re.compile(rb"\r(?!\n)")
+_BARE_CR_RE: Final = re.compile(rb"\r(?=[^\n])")  # a CR at the end may await its LF
 _CTL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION_RE: Final = re.compile(r"HTTP/(\d)\.(\d)")
 _CODE_RE: Final = re.compile(r"[^A-Za-z0-9_.-]")
@@ -184,13 +184,15 @@ class ConnectStateError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
     """A complete CONNECT head. ``host`` has no brackets (``::1``, not ``[::1]``);
-    ``credentials`` is the Basic ``(user, password)`` from Proxy-Authorization, if any."""
+    ``credentials`` is the Basic ``(user, password)`` from Proxy-Authorization, if any. That
+    header is not in ``headers`` and credentials are not in the repr, so logging a request
+    never logs a password."""
 
     host: str
     port: int
     http_version: str
     headers: tuple[tuple[str, str], ...] = ()
-    credentials: tuple[str, str] | None = None
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
 
     def header(self, name: str) -> str | None:
         """The first header called ``name`` (any case), or None."""
@@ -209,6 +211,12 @@ class ConnectParser:
         self._failed = False
         self._line: tuple[str, int, str] | None = None
         self.request: ConnectRequest | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held from the client: the head so far (under MAX_HEAD) or, once the request
+        is parsed, early data (at most MAX_EARLY_DATA)."""
+        return len(self._buffer)
 
     def trailing_data(self) -> bytes:
         """Bytes the client sent after the head; they belong to the upstream. Emptied by the
@@ -248,8 +256,7 @@ class ConnectParser:
             if line_end >= 0:
                 # Answer a GET or a bad target now, without waiting for the headers.
                 self._line = _parse_request_line(bytes(buf[:line_end]))
-        # A trailing CR may be the first half of a CRLF still to come.
-        if _BARE_LF_RE.search(scan) or _BARE_CR_RE.search(scan if head_end >= 0 else scan[:-1]):
+        if _BARE_LF_RE.search(scan) or _BARE_CR_RE.search(scan):
             raise BadRequest("request lines must end with CRLF")
         if head_end < 0 or self._line is None:
             if len(buf) >= MAX_HEAD:
@@ -263,6 +270,7 @@ class ConnectParser:
         if len(auth) > 1:
             raise BadRequest("more than one Proxy-Authorization header")
         credentials = _basic_credentials(auth[0]) if auth else None
+        headers = tuple((k, v) for k, v in headers if k.lower() != "proxy-authorization")
         self.request = ConnectRequest(host, port, version, headers, credentials)
         if len(buf) > MAX_EARLY_DATA:
             raise EarlyDataTooLarge(

@@ -49,6 +49,7 @@ __all__ = [
     "REPLY_FOR_RESET",
     "SUCCEEDED",
     "TTL_EXPIRED",
+    "AddressType",
     "AddressTypeNotSupported",
     "AuthFailed",
     "BadRequest",
@@ -234,6 +235,12 @@ class SocksServer:
     def should_close(self) -> bool:
         """True once the negotiation failed: send ``data_to_send()``, then close."""
         return self.state is SocksState.CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held from the client: an incomplete message (at most MAX_HANDSHAKE_BUFFER) or,
+        once the request is in, early data (at most MAX_EARLY_DATA)."""
+        return len(self._buffer)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the client, emptied by the call."""

@@ -1,0 +1,229 @@
+"""The relay's HTTP(S) listener: reads each visitor connection's first request head, routes it
+by Host (``NAME.DOMAIN``) to the agent holding NAME, and from then on relays raw bytes.
+
+The relay does not speak HTTP beyond that head: the agent parses every request (policies,
+inspector, headers), so the same agent code can serve a serverless relay. Names the relay does
+not know get a 404 page; names whose agent is away get a 502 page; the bare domain serves a
+landing page and ``/api/tunnels/NAME/status`` (localtunnel's status API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import h11
+
+from burrow.net.bridge import StreamBridge, visitor_info
+from burrow.net.connection import SessionConnection
+
+log = logging.getLogger("burrow.http")
+
+MAX_HEAD = 64 * 1024
+HEAD_TIMEOUT = 30.0
+
+
+@dataclass
+class Route:
+    """Where a name goes: an open session, or ``None`` while its agent is reconnecting."""
+
+    name: str
+    conn: SessionConnection | None
+
+
+class HttpFrontend:
+    """Serves one or more listeners (HTTP, HTTPS) for the relay."""
+
+    def __init__(
+        self,
+        domain: str,
+        resolve: Callable[[str], Route | None],
+        *,
+        on_visitor: Callable[[StreamBridge], None] | None = None,
+        status: Callable[[str], dict[str, Any] | None] | None = None,
+    ) -> None:
+        self.domain = domain.lower().strip(".")
+        self.resolve = resolve
+        self.on_visitor = on_visitor
+        self.status = status
+        self.servers: list[asyncio.Server] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    async def listen(self, scheme: str, host: str, port: int, ssl: Any = None) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _HeadReader(self, scheme),
+            host,
+            port,
+            ssl=ssl,
+            ssl_handshake_timeout=10.0 if ssl is not None else None,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        self.addresses[scheme] = (sockname[0], sockname[1])
+        return self.addresses[scheme]
+
+    def url_for(self, name: str) -> str:
+        """The public URL of ``name`` on the first listener (https preferred)."""
+        for scheme, default in (("https", 443), ("http", 80)):
+            if scheme in self.addresses:
+                port = self.addresses[scheme][1]
+                suffix = "" if port == default else f":{port}"
+                return f"{scheme}://{name}.{self.domain}{suffix}"
+        return f"http://{name}.{self.domain}"
+
+    def name_for_host(self, host: str) -> str | None:
+        """``NAME`` for ``NAME.DOMAIN[:port]``; None for the bare domain or another host."""
+        host = host.lower().rsplit(":", 1)[0] if not host.startswith("[") else host.lower()
+        host = host.strip(".")
+        suffix = "." + self.domain
+        if host.endswith(suffix):
+            name = host[: -len(suffix)]
+            if name and "." not in name:
+                return name
+        return None
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+class _HeadReader(asyncio.Protocol):
+    """Buffers a visitor's bytes until the first request head is complete, then routes."""
+
+    def __init__(self, frontend: HttpFrontend, scheme: str) -> None:
+        self.frontend = frontend
+        self.scheme = scheme
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        if self.transport is not None:
+            self._answer(408, "Request Timeout", "The request head did not arrive in time.")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD:
+                self._answer(
+                    431, "Request Header Fields Too Large", "The request head is too large."
+                )
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self._route(bytes(self.buffer[: end + 4]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+    def _route(self, head: bytes) -> None:
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        parser.receive_data(head)
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            self._answer(status, "Bad Request", f"The request could not be parsed: {exc}.")
+            return
+        if not isinstance(event, h11.Request):
+            self._answer(400, "Bad Request", "The request could not be parsed.")
+            return
+        host = next((v.decode("latin-1") for k, v in event.headers if k == b"host"), "")
+        frontend = self.frontend
+        name = frontend.name_for_host(host)
+        if name is None:
+            self._serve_domain(event.target.decode("latin-1"), host)
+            return
+        route = frontend.resolve(name)
+        if route is None:
+            self._answer(
+                404,
+                "Not Found",
+                f"There is no tunnel named {name!r} on this relay.",
+                title="Tunnel not found",
+            )
+            return
+        conn = route.conn
+        if conn is None or not conn.is_open:
+            self._answer(
+                502,
+                "Bad Gateway",
+                f"The tunnel {name!r} is offline: its agent is not connected right now.",
+                title="Tunnel offline",
+            )
+            return
+        transport = self.transport
+        assert transport is not None
+        bridge = StreamBridge(conn)
+        info = visitor_info(transport, http=route.name, scheme=self.scheme)
+        bridge.attach(conn.session.open_stream(info))
+        conn.flush()
+        if frontend.on_visitor is not None:
+            frontend.on_visitor(bridge)
+        transport.set_protocol(bridge)
+        bridge.connection_made(transport)
+        bridge.data_received(bytes(self.buffer))
+        self.buffer = bytearray()
+
+    def _serve_domain(self, target: str, host: str) -> None:
+        prefix = "/api/tunnels/"
+        if target.startswith(prefix) and target.endswith("/status"):
+            name = target[len(prefix) : -len("/status")]
+            report = self.frontend.status(name) if self.frontend.status else None
+            if report is None:
+                self._json(404, {"error": f"no tunnel named {name!r}"})
+            else:
+                self._json(200, report)
+            return
+        if target in ("/", ""):
+            example = self.frontend.url_for("NAME")
+            self._answer(
+                200,
+                "OK",
+                f"This is a burrow relay. Tunnels live at {example}; "
+                "start one with `burrow http PORT --to RELAY`.",
+                title="burrow relay",
+            )
+            return
+        self._answer(404, "Not Found", f"Nothing here: ask for NAME.{self.frontend.domain}.")
+
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self._write(status, "OK" if status == 200 else "Not Found", "application/json", payload)
+
+    def _answer(self, status: int, reason: str, message: str, *, title: str | None = None) -> None:
+        heading = html.escape(title or f"{status} {reason}")
+        page = (
+            "<!doctype html><meta charset=utf-8><title>"
+            f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
+            f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
+        ).encode()
+        self._write(status, reason, "text/html; charset=utf-8", page)
+
+    def _write(self, status: int, reason: str, content_type: str, body: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+            "Server: burrow\r\n\r\n"
+        ).encode()
+        transport.write(head + body)
+        transport.close()
+        self.transport = None

@@ -1,0 +1,230 @@
+"""``burrow socks``: a SOCKS5 and an HTTP CONNECT proxy in front of a connector.
+
+Targets ``NAME`` or ``NAME.burrow`` reach private services; ``HOST:PORT`` goes to the exit
+named with ``--exit`` (the exit resolves the name, so private DNS names work). The reply is
+sent only once the far end connected, with the precise code: SOCKS 0x02 not allowed, 0x03/0x04
+unreachable, 0x05 refused, 0x06 timed out; HTTP 403/502/504 with a ``Burrow-Error`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from typing import Any, cast
+
+from burrow.errors import ConnectError
+from burrow.events import emit
+from burrow.net.channel import ChannelReset
+from burrow.roles.connector import Connector
+from burrow.wire import connect_proxy, socks
+
+log = logging.getLogger("burrow.socks")
+
+ACCEPT_TIMEOUT = 30.0
+
+
+def route_target(host: str, port: int, exit_name: str | None) -> tuple[str, str | None] | None:
+    """(service, exit target) for a proxy request, or None when nothing can serve it."""
+    name = host.lower().rstrip(".")
+    if name.endswith(".burrow"):
+        return name[: -len(".burrow")], None
+    is_ip = True
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        is_ip = False
+    if not is_ip and "." not in name:
+        return name, None
+    if exit_name is None:
+        return None
+    target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+    return exit_name, target
+
+
+class _ProxyClient(asyncio.Protocol):
+    """One client of the proxy, SOCKS5 or HTTP CONNECT, until its stream is accepted."""
+
+    def __init__(self, server: ProxyServer, kind: str) -> None:
+        self.server = server
+        self.kind = kind
+        self.transport: asyncio.Transport | None = None
+        self.socks = socks.SocksServer(auth=server.check_auth if server.credentials else None)
+        self.http = connect_proxy.ConnectParser()
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None:  # the request is in: later bytes wait in the parser
+            self._feed_early(data)
+            return
+        try:
+            if self.kind == "socks":
+                self._socks(data)
+            else:
+                self._http(data)
+        except socks.SocksError:
+            self._flush_close()
+        except connect_proxy.ConnectProxyError as exc:
+            self._write_close(exc.response())
+
+    def _feed_early(self, data: bytes) -> None:
+        try:
+            if self.kind == "socks":
+                self.socks.receive_data(data)
+            else:
+                self.http.receive_data(data)
+        except (socks.SocksError, connect_proxy.ConnectProxyError):
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _socks(self, data: bytes) -> None:
+        for event in self.socks.receive_data(data):
+            if isinstance(event, socks.AuthFailed):
+                self._flush_close()
+                return
+            if isinstance(event, socks.ConnectRequest):
+                self._flush()
+                self.task = asyncio.get_running_loop().create_task(
+                    self._open(event.host, event.port)
+                )
+                return
+        self._flush()
+        if self.socks.should_close:
+            self._flush_close()
+
+    def _http(self, data: bytes) -> None:
+        request = self.http.receive_data(data)
+        if request is None:
+            return
+        if self.server.credentials and not (
+            request.credentials is not None and self.server.check_auth(*request.credentials)
+        ):
+            self._write_close(connect_proxy.proxy_auth_required())
+            return
+        self.task = asyncio.get_running_loop().create_task(self._open(request.host, request.port))
+
+    async def _open(self, host: str, port: int) -> None:
+        server = self.server
+        routed = route_target(host, port, server.exit_name)
+        if routed is None:
+            self._fail(
+                "not_allowed",
+                f"{host}:{port} is not a burrow service and no --exit is configured",
+            )
+            return
+        service, target = routed
+        try:
+            channel = server.connector.open_channel(service, target)
+        except ConnectError as exc:
+            self._fail("unreachable", str(exc))
+            return
+        try:
+            async with asyncio.timeout(ACCEPT_TIMEOUT):
+                await channel.wait_accepted()
+        except TimeoutError:
+            channel.reset("timeout", "no answer")
+            self._fail("timeout", f"{service} did not answer within {ACCEPT_TIMEOUT:.0f} s")
+            return
+        except ChannelReset as exc:
+            self._fail(exc.code, exc.reason or exc.code)
+            return
+        transport = self.transport
+        if transport is None:
+            channel.reset("cancelled", "client went away")
+            return
+        if self.kind == "socks":
+            self.socks.reply(socks.SUCCEEDED)
+            transport.write(self.socks.data_to_send())
+            early = self.socks.trailing_data()
+        else:
+            transport.write(connect_proxy.connect_ok())
+            early = self.http.trailing_data()
+        # Hand the socket to a bridge on the same stream: the data path is Protocols only.
+        conn = channel.conn
+        conn.handlers.pop(channel.stream_id, None)
+        from burrow.net.bridge import StreamBridge
+
+        bridge = StreamBridge(conn)
+        bridge.attach(channel.stream_id)
+        transport.set_protocol(bridge)
+        bridge.connection_made(transport)
+        if early:
+            bridge.data_received(early)
+        emit(server.connector.on_event, "proxied", service=service, target=target)
+
+    def _fail(self, code: str, reason: str) -> None:
+        emit(self.server.connector.on_event, "warning", message=f"proxy: {reason}")
+        if self.kind == "socks":
+            try:
+                self.socks.reply(socks.reply_code_for_reset(code))
+            except socks.SocksStateError:
+                pass
+            self._flush_close()
+        else:
+            self._write_close(connect_proxy.reset_response(code, reason))
+
+    def _flush(self) -> None:
+        out = self.socks.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+
+    def _flush_close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _write_close(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+class ProxyServer:
+    """SOCKS5 and/or HTTP CONNECT listeners over one connector."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        exit_name: str | None = None,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.connector = connector
+        self.exit_name = exit_name
+        self.credentials = credentials
+        self.servers: list[asyncio.Server] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    def check_auth(self, user: str, password: str) -> bool:
+        if self.credentials is None:
+            return True
+        want_user, want_password = self.credentials
+        user_ok = hmac.compare_digest(user.encode("utf-8", "surrogateescape"), want_user.encode())
+        password_ok = hmac.compare_digest(
+            password.encode("utf-8", "surrogateescape"), want_password.encode()
+        )
+        return user_ok and password_ok
+
+    async def listen(self, kind: str, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _ProxyClient(self, kind), host, port, reuse_address=True, backlog=512
+        )
+        self.servers.append(server)
+        name = server.sockets[0].getsockname()
+        self.addresses[kind] = (name[0], name[1])
+        return self.addresses[kind]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {kind: f"{a[0]}:{a[1]}" for kind, a in self.addresses.items()}
