@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -392,6 +393,7 @@ def _run_client(
                     insecure=True,
                     secret=common["secret"],
                     http_listen=("127.0.0.1", 0) if embedded_http else None,
+                    http_fallback=True,
                 ),
                 on_event=reporter.embedded_relay_event,
             )
@@ -636,11 +638,11 @@ def http(
             ]
 
         assert recorder is not None
-        inspector = Inspector(recorder, tunnels, lambda exchange: replay(options, exchange))
+        inspector = Inspector(recorder, tunnels, partial(replay, options, recorder=recorder))
         try:
             bound = await inspector.start(*inspect_at)
         except InspectorBindError as exc:
-            if inspect_at[1] == 0:
+            if inspect_at[1] == 0 or not exc.in_use:
                 raise
             reporter.event({"event": "warning", "message": f"{exc}; using a free port instead"})
             bound = await inspector.start(inspect_at[0], 0)

@@ -46,11 +46,13 @@ class HttpFrontend:
         *,
         on_visitor: Callable[[StreamBridge], None] | None = None,
         status: Callable[[str], dict[str, Any] | None] | None = None,
+        fallback: Callable[[], str | None] | None = None,
     ) -> None:
         self.domain = domain.lower().strip(".")
         self.resolve = resolve
         self.on_visitor = on_visitor
         self.status = status
+        self.fallback = fallback  # the name for hosts that are not NAME.DOMAIN, if any
         self.servers: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}
 
@@ -146,6 +148,8 @@ class _HeadReader(asyncio.Protocol):
         host = next((v.decode("latin-1") for k, v in event.headers if k == b"host"), "")
         frontend = self.frontend
         name = frontend.name_for_host(host)
+        if name is None and frontend.fallback is not None:
+            name = frontend.fallback()
         if name is None:
             self._serve_domain(event.target.decode("latin-1"), host)
             return

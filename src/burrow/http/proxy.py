@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import time
+from http import HTTPStatus
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -52,9 +53,10 @@ IDLE_TIMEOUT = 75.0
 HEAD_TIMEOUT = 30.0
 #: Longest silence inside a request body before the visitor is given up on.
 BODY_TIMEOUT = 300.0
-#: How long a visitor that sent ``Expect: 100-continue`` waits for the local service's 100
-#: before burrow sends one itself (curl waits 1 s on its own).
-CONTINUE_WAIT = 1.0
+#: How long a visitor that sent ``Expect: 100-continue`` waits for the local service's 100 (or
+#: its early refusal) before burrow sends one itself. The local service is next door, so one
+#: that implements 100-continue answers well within this; one that does not costs only this.
+CONTINUE_WAIT = 0.25
 #: After an early response, how much unread request body is discarded to keep the connection.
 DISCARD_LIMIT = 1024 * 1024
 #: Time allowed for that discarding, and for a lingering close (so the visitor reads our answer
@@ -363,11 +365,8 @@ class _Visitor:
             return None
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
-            if status == 431:
-                title, detail = "Request Header Fields Too Large", "the request head is over 64 KiB"
-            else:
-                title, detail = ("Bad Request" if status == 400 else "Not Implemented"), str(exc)
-            await self._page(status, title, f"burrow: {detail}")
+            detail = "the request head is over 64 KiB" if status == 431 else str(exc)
+            await self._page(status, _phrase(status), f"burrow: {detail}")
             return None
 
     async def _client_event(self) -> h11.Event:
@@ -401,7 +400,7 @@ class _Visitor:
             method=request.method.decode("latin-1"),
             target=request.target.decode("latin-1"),
             http_version=request.http_version.decode("latin-1"),
-            request_headers=_text(raw),
+            request_headers=_text(_redacted(raw) if self.options.basic_auth else raw),
             client=self.client_label,
         )
         started = time.monotonic()
@@ -443,8 +442,9 @@ class _Visitor:
         except _ClientError as exc:
             exchange.error = f"the visitor sent a malformed body: {exc}"
             if self.conn.our_state is h11.SEND_RESPONSE:
-                status, headers, body = error_page(exc.status, "Bad Request", f"burrow: {exc}")
-                await self._reply(status, "Bad Request", headers, body, exchange)
+                title = _phrase(exc.status)
+                status, headers, body = error_page(exc.status, title, f"burrow: {exc}")
+                await self._reply(status, title, headers, body, exchange)
             return False
         except _ClientGone as exc:
             exchange.error = exchange.error or f"the visitor went away ({exc})"
@@ -848,6 +848,18 @@ class _Visitor:
                 self.recorder.end(exchange)
             except Exception:
                 log.exception("the request recorder failed")
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _redacted(headers: list[Header]) -> list[Header]:
+    """A denied visitor's head for the inspector, without the password it tried."""
+    return [(n, b"[redacted]" if n.lower() == b"authorization" else v) for n, v in headers]
 
 
 def _text(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

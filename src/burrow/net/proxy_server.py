@@ -17,7 +17,7 @@ from typing import Any, cast
 from burrow.errors import ConnectError
 from burrow.events import emit
 from burrow.net.channel import ChannelReset
-from burrow.roles.connector import Connector
+from burrow.roles.connector import Connector, splice
 from burrow.wire import connect_proxy, socks
 
 log = logging.getLogger("burrow.socks")
@@ -143,17 +143,7 @@ class _ProxyClient(asyncio.Protocol):
         else:
             transport.write(connect_proxy.connect_ok())
             early = self.http.trailing_data()
-        # Hand the socket to a bridge on the same stream: the data path is Protocols only.
-        conn = channel.conn
-        conn.handlers.pop(channel.stream_id, None)
-        from burrow.net.bridge import StreamBridge
-
-        bridge = StreamBridge(conn)
-        bridge.attach(channel.stream_id)
-        transport.set_protocol(bridge)
-        bridge.connection_made(transport)
-        if early:
-            bridge.data_received(early)
+        splice(channel, transport, early)  # from here on, Protocols only
         emit(server.connector.on_event, "proxied", service=service, target=target)
 
     def _fail(self, code: str, reason: str) -> None:

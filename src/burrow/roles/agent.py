@@ -222,7 +222,15 @@ class Agent(RelayClient):
         tunnel.open_connections += 1
         spec = tunnel.spec
         if isinstance(spec, HttpTunnelSpec):
-            self._spawn(self._serve_http(conn, stream_id, info, tunnel))
+            from burrow.net.channel import Channel
+
+            # Attach now: DATA for this stream may follow in the same read.
+            channel = Channel(conn)
+            channel.info = info
+            channel.attach(stream_id)
+            channel.accept()
+            self._channels.add(channel)
+            self._spawn(self._serve_http(channel, info, tunnel))
             return
         if isinstance(spec, ExitSpec):
             target = info.get("target")
@@ -314,17 +322,9 @@ class Agent(RelayClient):
         bridge.conn.session.reset_stream(bridge.stream_id, code, why)
         bridge.conn.flush()
 
-    async def _serve_http(
-        self, conn: SessionConnection, stream_id: int, info: dict[str, Any], tunnel: ActiveTunnel
-    ) -> None:
+    async def _serve_http(self, channel: Any, info: dict[str, Any], tunnel: ActiveTunnel) -> None:
         from burrow.http.proxy import serve_http
-        from burrow.net.channel import Channel
 
-        channel = Channel(conn)
-        channel.info = info
-        channel.attach(stream_id)
-        channel.accept()
-        self._channels.add(channel)
         spec = tunnel.spec
         assert isinstance(spec, HttpTunnelSpec)
         try:

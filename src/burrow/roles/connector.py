@@ -177,6 +177,20 @@ class Connector(RelayClient):
         return bridge
 
 
+def splice(channel: Channel, transport: asyncio.BaseTransport, early: bytes = b"") -> StreamBridge:
+    """Hand an accepted stream from a ``Channel`` to a ``StreamBridge`` on ``transport``, so
+    the data path runs on Protocols once a handshake (SOCKS, a readiness wait) is done."""
+    conn = channel.conn
+    conn.handlers.pop(channel.stream_id, None)
+    bridge = StreamBridge(conn)
+    bridge.attach(channel.stream_id)
+    transport.set_protocol(bridge)
+    bridge.connection_made(transport)
+    if early:
+        bridge.data_received(early)
+    return bridge
+
+
 class _ConnectorVisitor(asyncio.Protocol):
     """A local client of ``burrow connect``: becomes a bridge at once."""
 

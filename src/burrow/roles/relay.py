@@ -57,6 +57,9 @@ class RelayConfig:
     http_listen: tuple[str, int] | None = None
     https_listen: tuple[str, int] | None = None
     domain: str = "localhost"
+    #: Route requests for any other Host (127.0.0.1:PORT) to the one HTTP tunnel, if only one:
+    #: for embedded relays, whose clients may not resolve NAME.localhost.
+    http_fallback: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.min_port <= 65535 or not 1 <= self.max_port <= 65535:
@@ -195,7 +198,11 @@ class Relay:
 
         config = self.config
         self.http = HttpFrontend(
-            config.domain, self._resolve_http, on_visitor=self._http_visitor, status=self._status
+            config.domain,
+            self._resolve_http,
+            on_visitor=self._http_visitor,
+            status=self._status,
+            fallback=self._only_http_name if config.http_fallback else None,
         )
         for scheme, address in (("http", config.http_listen), ("https", config.https_listen)):
             if address is None:
@@ -527,6 +534,10 @@ class Relay:
 
         route = self.names.get(("http", name))
         return None if route is None else Route(name, route.conn)
+
+    def _only_http_name(self) -> str | None:
+        names = [route.name for route in self.names.values() if route.kind == "http"]
+        return names[0] if len(names) == 1 else None
 
     def _http_visitor(self, bridge: StreamBridge) -> None:
         if self.metrics is not None:
