@@ -36,7 +36,7 @@ def basic(user_pass: str) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", b"Basic " + base64.b64encode(user_pass.encode()))]
 
 
-# --- validation --------------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_parse_local() -> None:
             parse_local(bad)
 
 
-# --- IP rules ---------------------------------------------------------------------------------
+# --- IP rules -------------------------------------------------------------------------------------
 
 
 def test_no_rules_allow_everyone() -> None:
@@ -139,7 +139,7 @@ def test_unparseable_peer_is_denied_when_rules_exist() -> None:
     assert check_access(opts(deny=["10.0.0.0/8"]), "not-an-ip", []) is not None
 
 
-# --- Basic auth -------------------------------------------------------------------------------
+# --- Basic auth -----------------------------------------------------------------------------------
 
 
 def test_basic_auth() -> None:
@@ -161,7 +161,7 @@ def test_ip_rules_come_before_auth() -> None:
     assert denial is not None and denial.status == 403
 
 
-# --- request rewriting --------------------------------------------------------------------------
+# --- request rewriting ----------------------------------------------------------------------------
 
 
 def rewrite(options: HttpOptions, headers: list[tuple[bytes, bytes]], **kw: Any) -> Any:
@@ -318,7 +318,7 @@ def test_response_rewrite() -> None:
     assert values(switched, b"connection") == [b"upgrade"]
 
 
-# --- pages ------------------------------------------------------------------------------------------
+# --- pages ----------------------------------------------------------------------------------------
 
 
 def test_error_page() -> None:

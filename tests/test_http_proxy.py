@@ -59,7 +59,7 @@ def stream_pattern(seed: int, size: int, chunk: int = 256 * 1024) -> Any:
         left -= n
 
 
-# --- the local app -------------------------------------------------------------------------------
+# --- the local app --------------------------------------------------------------------------------
 
 
 class App:
@@ -336,7 +336,7 @@ async def stack(**option_kw: Any) -> AsyncIterator[tuple[App, int, HttpOptions]]
             yield app, port, options
 
 
-# --- visitors ------------------------------------------------------------------------------------
+# --- visitors -------------------------------------------------------------------------------------
 
 
 async def curl(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
@@ -446,11 +446,11 @@ class ListRecorder:
         self.ended.append(exchange)
 
 
-# --- tests: basics ---------------------------------------------------------------------------------
+# --- tests: basics --------------------------------------------------------------------------------
 
 
 async def test_get_and_post_with_curl() -> None:
-    async with stack() as (app, port, _):
+    async with stack() as (_app, port, _):
         rc, out, err = await curl("-i", f"http://127.0.0.1:{port}/echo?q=1")
         assert rc == 0, err
         lines, body = split_head(out)
@@ -466,7 +466,9 @@ async def test_get_and_post_with_curl() -> None:
         assert header(lines, "Keep-Alive") == []
         assert header(lines, "X-App") == ["1"]
 
-        rc, out, err = await curl("--data-binary", "name=burrow&x=1", f"http://127.0.0.1:{port}/echo")
+        rc, out, err = await curl(
+            "--data-binary", "name=burrow&x=1", f"http://127.0.0.1:{port}/echo"
+        )
         assert rc == 0, err
         seen = json.loads(out)
         assert seen["method"] == "POST" and seen["body"] == "name=burrow&x=1"
@@ -477,7 +479,18 @@ async def test_keep_alive_uses_one_local_connection() -> None:
         urls = [f"http://127.0.0.1:{port}/id/{n}" for n in range(5)]
         rc, out, err = await curl("-w", " %{num_connects}\n", *urls)
         assert rc == 0, err
-        assert out.decode().split() == ["id=0", "1", "id=1", "0", "id=2", "0", "id=3", "0", "id=4", "0"]
+        assert out.decode().split() == [
+            "id=0",
+            "1",
+            "id=1",
+            "0",
+            "id=2",
+            "0",
+            "id=3",
+            "0",
+            "id=4",
+            "0",
+        ]
         assert app.connections == 1
 
 
@@ -530,7 +543,9 @@ async def test_chunked_both_ways_with_trailers() -> None:
         assert (status, data) == (200, b"alpha-beta-gamma")
 
         payload = b"".join(pattern(7, 300_000))
-        rc, out, err = await curl("-T", "-", "-X", "POST", f"http://127.0.0.1:{port}/sha", stdin=payload)
+        rc, out, err = await curl(
+            "-T", "-", "-X", "POST", f"http://127.0.0.1:{port}/sha", stdin=payload
+        )
         assert rc == 0, err
         assert out.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
 
@@ -645,13 +660,20 @@ async def test_parallel_requests_pair_correctly() -> None:
             assert got == [f"id={n}-{k}" for k in range(3)]
 
         # Pipelined: five requests written at once come back in order.
-        pipelined = b"".join(
-            f"GET /id/p{k} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for k in range(5)
-        ) + b"GET /id/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        pipelined = (
+            b"".join(f"GET /id/p{k} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for k in range(5))
+            + b"GET /id/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         out = await raw_exchange(port, pipelined)
         ids = [part.split(b"\r\n\r\n")[1][:8] for part in out.split(b"HTTP/1.1 200 ")[1:]]
-        assert [i.rstrip(b"H") for i in ids] == [b"id=p0", b"id=p1", b"id=p2", b"id=p3",
-                                                  b"id=p4", b"id=last"]
+        assert [i.rstrip(b"H") for i in ids] == [
+            b"id=p0",
+            b"id=p1",
+            b"id=p2",
+            b"id=p3",
+            b"id=p4",
+            b"id=last",
+        ]
 
 
 async def test_websocket_echo() -> None:
@@ -667,7 +689,9 @@ async def test_websocket_echo() -> None:
         recorder = ListRecorder()
         options = HttpOptions(local=("127.0.0.1", ws_port))
         async with running_proxy(options, recorder) as port:
-            async with connect(f"ws://127.0.0.1:{port}/chat", compression=None, max_size=None) as ws:
+            async with connect(
+                f"ws://127.0.0.1:{port}/chat", compression=None, max_size=None
+            ) as ws:
                 await ws.send("hello")
                 assert await ws.recv() == "hello"
                 blob = os.urandom(2 * MiB)
@@ -683,7 +707,9 @@ async def test_connect_is_spliced() -> None:
     async with stack() as (_, port, _opts):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nearly")
+            writer.write(
+                b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nearly"
+            )
             await writer.drain()
             async with asyncio.timeout(5):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -745,7 +771,11 @@ async def test_200mb_upload_and_download_with_bounded_memory() -> None:
         try:
             # Download through curl, hashed as it streams out of curl's stdout.
             proc = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--max-time", "40", f"http://127.0.0.1:{port}/download?size={size}&seed=3",
+                "curl",
+                "-sS",
+                "--max-time",
+                "40",
+                f"http://127.0.0.1:{port}/download?size={size}&seed=3",
                 stdout=asyncio.subprocess.PIPE,
             )
             assert proc.stdout is not None
@@ -761,9 +791,17 @@ async def test_200mb_upload_and_download_with_bounded_memory() -> None:
 
             # Upload through curl from a pipe (chunked), hashed by the app as it streams in.
             proc = await asyncio.create_subprocess_exec(
-                "curl", "-sS", "--max-time", "40", "-T", "-", "-X", "POST",
+                "curl",
+                "-sS",
+                "--max-time",
+                "40",
+                "-T",
+                "-",
+                "-X",
+                "POST",
                 f"http://127.0.0.1:{port}/sha",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
             )
             assert proc.stdin is not None and proc.stdout is not None
             sent = hashlib.sha256()
@@ -790,7 +828,9 @@ async def test_streamed_content_length_upload_with_http_client() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
             try:
                 conn.request(
-                    "PUT", "/sha", body=stream_pattern(5, size),
+                    "PUT",
+                    "/sha",
+                    body=stream_pattern(5, size),
                     headers={"Content-Length": str(size)},
                 )
                 resp = conn.getresponse()
@@ -816,9 +856,15 @@ async def test_refused_local_service_gets_a_502_page() -> None:
         assert f"the local service at 127.0.0.1:{dead} refused the connection".encode() in body
         assert headers["content-type"].startswith("text/html")
         # The connection stays usable: a second request on it gets the same answer.
-        rc, out, err = await curl(
-            "-w", "%{http_code} %{num_connects}\n", "-o", "/dev/null", "-o", "/dev/null",
-            f"http://127.0.0.1:{port}/a", f"http://127.0.0.1:{port}/b",
+        _, out, err = await curl(
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            f"http://127.0.0.1:{port}/a",
+            f"http://127.0.0.1:{port}/b",
         )
         assert out.split() == [b"502", b"1", b"502", b"0"], err
         assert recorder.ended[0].status == 502
@@ -848,7 +894,7 @@ async def test_local_service_that_never_accepts_gets_504(
         await asyncio.sleep(30)
 
     async with stack(connect_timeout=0.3) as (app, port, _):
-        monkeypatch.setattr(proxy.asyncio, "open_connection", black_hole)
+        monkeypatch.setattr(asyncio, "open_connection", black_hole)
         status, _, body = await asyncio.to_thread(http_request, port, "GET", "/")
         assert status == 504
         assert f"127.0.0.1:{app.port} did not accept the connection within 0.3 s".encode() in body
@@ -909,8 +955,15 @@ async def test_basic_auth_on_the_wire() -> None:
             response, _ = await fetch(reader, writer, conn, "POST", "/echo", body=b"x" * 1000)
             assert response.status_code == 401
             token = base64.b64encode(b"alice:s3cret").decode()
-            response, body = await fetch(reader, writer, conn, "POST", "/echo",
-                                         [("Authorization", f"Basic {token}")], b"y" * 1000)
+            response, body = await fetch(
+                reader,
+                writer,
+                conn,
+                "POST",
+                "/echo",
+                [("Authorization", f"Basic {token}")],
+                b"y" * 1000,
+            )
             assert response.status_code == 200 and json.loads(body)["body"] == "y" * 1000
         finally:
             writer.close()
@@ -950,7 +1003,11 @@ async def test_header_rules_and_spoofing_on_the_wire() -> None:
         response_header_remove=["Server"],
     ) as (_, port, _opts):
         status, headers, body = await asyncio.to_thread(
-            http_request, port, "GET", "/echo", None,
+            http_request,
+            port,
+            "GET",
+            "/echo",
+            None,
             {"X-Drop": "1", "X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil"},
         )
         assert status == 200
@@ -972,7 +1029,7 @@ async def test_host_header_rewrite_on_the_wire() -> None:
         assert {k.lower(): v for k, v in json.loads(body)["headers"]}["host"] == "app.internal"
 
 
-# --- tests: inspector and replay ---------------------------------------------------------------------
+# --- tests: inspector and replay ------------------------------------------------------------------
 
 
 async def test_recorder_sees_each_exchange() -> None:
@@ -981,7 +1038,9 @@ async def test_recorder_sees_each_exchange() -> None:
         options = HttpOptions(local=("127.0.0.1", app.port), name="web")
         async with running_proxy(options, recorder) as port:
             big = os.urandom(2 * MiB)
-            rc, _, err = await curl("--data-binary", "@-", f"http://127.0.0.1:{port}/sha", stdin=big)
+            rc, _, err = await curl(
+                "--data-binary", "@-", f"http://127.0.0.1:{port}/sha", stdin=big
+            )
             assert rc == 0, err
             size = 3 * MiB
             rc, out, err = await curl(f"http://127.0.0.1:{port}/download?size={size}")
@@ -1005,7 +1064,11 @@ async def test_replay_resends_a_post() -> None:
         options = HttpOptions(local=("127.0.0.1", app.port), name="web")
         async with running_proxy(options, recorder) as port:
             status, _, _ = await asyncio.to_thread(
-                http_request, port, "POST", "/echo?n=1", b'{"order": 42}',
+                http_request,
+                port,
+                "POST",
+                "/echo?n=1",
+                b'{"order": 42}',
                 {"Content-Type": "application/json"},
             )
             assert status == 200
@@ -1015,7 +1078,10 @@ async def test_replay_resends_a_post() -> None:
         assert json.loads(again.response_body)["body"] == '{"order": 42}'
     first, second = app.requests
     assert (first["method"], first["target"], first["body"]) == (
-        second["method"], second["target"], second["body"])
+        second["method"],
+        second["target"],
+        second["body"],
+    )
     h1 = {k.lower(): v for k, v in first["headers"]}
     h2 = {k.lower(): v for k, v in second["headers"]}
     assert h1["content-type"] == h2["content-type"] == "application/json"
@@ -1027,7 +1093,7 @@ async def test_replay_resends_a_post() -> None:
     assert failed.status == 502 and "refused" in (failed.error or "")
 
 
-# --- tests: other transports -------------------------------------------------------------------------
+# --- tests: other transports ----------------------------------------------------------------------
 
 
 class DuckReader:
@@ -1082,10 +1148,16 @@ class DuckWriter:
 async def test_duck_typed_streams() -> None:
     async with running_app() as app:
         options = HttpOptions(local=("127.0.0.1", app.port))
-        wrap: Callable[[Any, Any], tuple[Any, Any]] = lambda r, w: (DuckReader(r), DuckWriter(w))
+
+        def wrap(r: Any, w: Any) -> tuple[Any, Any]:
+            return DuckReader(r), DuckWriter(w)
+
         async with running_proxy(options, wrap=wrap) as port:
             rc, out, err = await curl(
-                "--data-binary", "@-", f"http://127.0.0.1:{port}/echo", f"http://127.0.0.1:{port}/chunked",
+                "--data-binary",
+                "@-",
+                f"http://127.0.0.1:{port}/echo",
+                f"http://127.0.0.1:{port}/chunked",
                 stdin=b"z" * 5000,
             )
             assert rc == 0, err

@@ -21,10 +21,10 @@ import logging
 import socket
 import ssl
 import time
-from http import HTTPStatus
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -57,6 +57,8 @@ BODY_TIMEOUT = 300.0
 #: its early refusal) before burrow sends one itself. The local service is next door, so one
 #: that implements 100-continue answers well within this; one that does not costs only this.
 CONTINUE_WAIT = 0.25
+#: When a response ends before its request body, how long the body may take to finish.
+BODY_GRACE = 1.0
 #: After an early response, how much unread request body is discarded to keep the connection.
 DISCARD_LIMIT = 1024 * 1024
 #: Time allowed for that discarding, and for a lingering close (so the visitor reads our answer
@@ -581,7 +583,7 @@ class _Visitor:
             if not pump.done() and not flow.refused_continue:
                 # The response ended before the request body; most often its last bytes are in
                 # flight, else the local service answered early and the rest is not wanted.
-                await asyncio.wait({pump}, timeout=CONTINUE_WAIT)
+                await asyncio.wait({pump}, timeout=BODY_GRACE)
             if pump.done() and not pump.cancelled() and pump.exception() is not None:
                 log.debug("request body after the response: %s", pump.exception())
         finally:

@@ -155,7 +155,9 @@ class StreamBridge(asyncio.Protocol):
             if not self._closed:
                 self._pre_connect.append(bytes(data))
             return
-        transport.write(data)
+        # ``data`` may be a view of the session's read buffer, reused on the next read, while
+        # the transport may keep what it cannot send at once: give it bytes of its own.
+        transport.write(bytes(data) if type(data) is memoryview else data)
         if self._socket_paused:
             self._unconsumed += len(data)
         else:

@@ -33,6 +33,8 @@ from burrow.wire.session import (
 
 log = logging.getLogger("burrow.session")
 
+#: Size of the buffer the session's transport reads into.
+READ_BUFFER = 256 * 1024
 #: Write-buffer marks for the session transport: high enough to keep the pipe full.
 SESSION_WRITE_HIGH = 1024 * 1024
 SESSION_WRITE_LOW = 256 * 1024
@@ -54,8 +56,12 @@ class StreamHandler(Protocol):
     def resume_source(self) -> None: ...
 
 
-class SessionConnection(asyncio.Protocol):
-    """One session over one transport; shared by relay, agent and connector."""
+class SessionConnection(asyncio.BufferedProtocol):
+    """One session over one transport; shared by relay, agent and connector.
+
+    A buffered protocol: the transport (and TLS) reads straight into one reused buffer, which
+    spares an allocation per read; payloads handed on are views of it, valid during the call.
+    """
 
     def __init__(
         self,
@@ -76,6 +82,7 @@ class SessionConnection(asyncio.Protocol):
         self.close_reason = ""
         self.bytes_in = 0
         self.bytes_out = 0
+        self._read_view = memoryview(bytearray(READ_BUFFER))
         self._on_stream = on_stream
         self._on_control = on_control
         self._on_handshake = on_handshake
@@ -98,7 +105,13 @@ class SessionConnection(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "peer"
         self._last_rx = self._loop.time()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._last_rx = self._loop.time()
         self.bytes_in += len(data)
         session = self.session

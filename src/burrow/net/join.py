@@ -35,6 +35,8 @@ class JoinHalf:
         other = self.other
         if other is None:
             return
+        if type(data) is memoryview:
+            data = bytes(data)  # a view of the session's read buffer: it is reused
         if self.pending:
             self.pending.append(bytes(data))
             return

@@ -413,7 +413,7 @@ class Session:
 
     # --- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
         """Feed bytes from the peer; return what happened.
 
         Raises ``ProtocolError`` when the peer broke the protocol (a GOAWAY saying why is
@@ -441,7 +441,7 @@ class Session:
             self._queue_goaway(exc.code, str(exc))
             raise
 
-    def _take_preface(self, data: bytes) -> bytes:
+    def _take_preface(self, data: bytes | memoryview) -> bytes | memoryview:
         done = len(hs.PREFACE) - self._preface_needed
         chunk = data[: self._preface_needed]
         if chunk != hs.PREFACE[done : done + len(chunk)]:

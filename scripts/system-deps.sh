@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian packages the tests drive: Chromium (the inspector's browser test, via Playwright with
+# Debian's binary, since Playwright's own browser download cannot work here) and curl.
+set -euo pipefail
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v curl >/dev/null || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "system-deps: need ${missing[*]}; run as root or install them (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "system-deps: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
