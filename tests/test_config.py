@@ -210,7 +210,10 @@ def test_ca_missing(tmp_path: Path) -> None:
             '[[tunnel]]\nlocal = "1"\nport = true\n',
             "tunnel[0].port: expected an integer from 1 to 65535",
         ),
-        ('[[tunnel]]\nlocal = "1"\nkind = "udp"\n', 'tunnel[0].kind: expected "tcp"'),
+        (
+            '[[tunnel]]\nlocal = "1"\nkind = "udp"\n',
+            'tunnel[0].kind: expected "tcp", "private", "http" or "exit"',
+        ),
         (
             '[[tunnel]]\nlocal = "1"\nproxy_protocol = "v3"\n',
             'tunnel[0].proxy_protocol: expected "v1" or "v2"',
@@ -310,3 +313,32 @@ def test_message_uses_the_path_as_given(tmp_path: Path, monkeypatch: pytest.Monk
         load_agent_config(Path("burrow.toml"))
     assert str(info.value) == "burrow.toml: tunnel[0].port: expected an integer from 1 to 65535"
     assert info.value.exit_code == 2
+
+
+def test_every_kind_loads(tmp_path: Path) -> None:
+    path = tmp_path / "burrow.toml"
+    path.write_text(
+        'relay = "relay.example:7835"\ntoken = "bt1.x.y"\n'
+        '[[tunnel]]\nkind = "private"\nname = "pg"\nlocal = "5432"\n'
+        '[[tunnel]]\nkind = "http"\nname = "web"\nlocal = "3000"\nbasic_auth = ["u:p"]\n'
+        '[[tunnel]]\nkind = "exit"\nname = "vpc"\nallow = ["10.0.0.0/8:5432"]\n'
+    )
+    loaded = load_agent_config(path)
+    assert [t.kind for t in loaded.tunnels] == ["private", "http", "exit"]
+    assert loaded.token == "bt1.x.y"
+    assert loaded.tunnels[1].basic_auth == ["u:p"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[[tunnel]]\nkind = "private"\nlocal = "5432"\n', "needs the name"),
+        ('[[tunnel]]\nkind = "exit"\nname = "vpc"\n', "allow"),
+        ('[[tunnel]]\nkind = "http"\nlocal = "3000"\nport = 80\n', "no public port"),
+    ],
+)
+def test_kind_rules(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "burrow.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(path)

@@ -564,11 +564,11 @@ async def test_all_attacks_at_once_leave_only_the_legitimate_session(
                 await asyncio.sleep(0.02)
         health = st.relay.health()
         assert {k: health[k] for k in ("status", "sessions", "tunnels", "streams")} == {
-        "status": "ok",
-        "sessions": 1,
-        "tunnels": 1,
-        "streams": 0,
-    }, health
+            "status": "ok",
+            "sessions": 1,
+            "tunnels": 1,
+            "streams": 0,
+        }, health
         assert len(st.events.named("session_closed")) == 8
         assert len(st.events.named("session_refused")) == 8
         assert all(e["reason"] for e in st.events.named("session_refused"))

@@ -40,7 +40,16 @@ from burrow.errors import TunnelError
 from burrow.http.policy import HttpOptions
 from burrow.roles.agent import Agent, HttpTunnelSpec
 from burrow.roles.relay import Relay
-from helpers import SCALE, Events, agent_config, burrow_cli, free_port, read_event, relay_config, stop
+from helpers import (
+    SCALE,
+    Events,
+    agent_config,
+    burrow_cli,
+    free_port,
+    read_event,
+    relay_config,
+    stop,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -235,7 +244,11 @@ async def start_relay(tmp: Path, **overrides: Any) -> Relay:
 
 
 async def start_http_agent(
-    relay: Relay, local: tuple[str, int], name: str | None, events: Events | None = None, **opts: Any
+    relay: Relay,
+    local: tuple[str, int],
+    name: str | None,
+    events: Events | None = None,
+    **opts: Any,
 ) -> Agent:
     spec = HttpTunnelSpec(options=HttpOptions(local=local, **opts), name=name)
     agent = Agent(agent_config(relay, local, tunnel=spec), on_event=events)
@@ -461,6 +474,86 @@ async def test_http_client_and_urllib(tmp_path: Path) -> None:
         assert await asyncio.to_thread(keep_alive) == [f"id=k{n}".encode() for n in range(5)]
 
 
+async def test_large_post_with_expect_100_continue(tmp_path: Path) -> None:
+    """curl sends ``Expect: 100-continue`` for a body over 1 MiB and waits for the 100."""
+    body = random.Random(3).randbytes(3 * MiB)
+    upload = tmp_path / "body.bin"
+    upload.write_bytes(body)
+    async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
+        started = time.monotonic()
+        reply = await curl_reply("--data-binary", f"@{upload}", f"{t.url}/big-post")
+        assert reply.status == 200
+        assert app.requests[-1]["body"].encode("latin-1") == body
+        assert time.monotonic() - started < 5  # curl did not sit out its 1 s Expect timeout x3
+
+
+async def test_pipelined_requests_and_http10(tmp_path: Path) -> None:
+    async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
+        try:
+            heads = b"".join(
+                f"GET /id/p{n} HTTP/1.1\r\nHost: {t.host}\r\n\r\n".encode() for n in range(3)
+            )
+            writer.write(
+                heads
+                + f"GET /id/last HTTP/1.1\r\nHost: {t.host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            async with asyncio.timeout(10 * SCALE):
+                raw = await reader.read(-1)  # until the agent closes after "Connection: close"
+        finally:
+            writer.close()
+        client = h11.Connection(h11.CLIENT)
+        bodies = []
+        for _ in range(4):
+            client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            client.send(h11.EndOfMessage())
+            client.receive_data(raw)
+            raw = b""
+            body = b""
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                if isinstance(event, h11.Data):
+                    body += event.data
+            bodies.append(body)
+            if client.our_state is h11.DONE and client.their_state is h11.DONE:
+                client.start_next_cycle()
+        assert bodies == [b"id=p0", b"id=p1", b"id=p2", b"id=last"]
+
+        reply = await curl_reply("--http1.0", f"{t.url}/chunked")
+        assert reply.status == 200 and reply.body == b"alpha-beta-gamma"
+        assert reply.header("Transfer-Encoding") == []  # HTTP/1.0 gets a close-delimited body
+
+
+async def test_https_listener(tmp_path: Path) -> None:
+    async with (
+        running_app() as app,
+        http_tunnel(
+            tmp_path,
+            ("127.0.0.1", app.port),
+            relay_options={"https_listen": ("127.0.0.1", 0)},
+        ) as t,
+    ):
+        https_port = t.relay.http.addresses["https"][1]
+        assert t.agent.tunnels[0].public == f"https://demo.localhost:{https_port}"
+        reply = await curl_reply("-k", f"https://demo.localhost:{https_port}/secure")
+        assert reply.status == 200 and reply.json()["target"] == "/secure"
+        assert app.last_header("X-Forwarded-Proto") == ["https"]
+        # The plain listener still works, and says http.
+        assert (await curl_reply(f"{t.url}/plain")).status == 200
+        assert app.last_header("X-Forwarded-Proto") == ["http"]
+
+
+async def test_oversized_head_gets_431(tmp_path: Path) -> None:
+    """Heads are bounded at 64 KiB while incomplete (by the relay, or by the agent if the relay
+    got the whole head in one read), so a 200 KB head never reaches the local service."""
+    async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
+        big = tmp_path / "header.txt"
+        big.write_text("X-Big: " + "b" * 200_000 + "\n")
+        reply = await curl_reply("-H", f"@{big}", f"{t.url}/")
+        assert reply.status == 431
+        assert app.requests == []
+
+
 async def test_100_parallel_requests_pair_correctly(tmp_path: Path) -> None:
     async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
         ids = [uuid.uuid4().hex for _ in range(100)]
@@ -483,9 +576,13 @@ async def test_100_parallel_requests_pair_correctly(tmp_path: Path) -> None:
 # --- big transfers, bounded memory -----------------------------------------------------------
 
 #: The local service and the client of the big-transfer tests, run as ``python -c PEER MODE``.
-#: Data: 1 MiB blocks of one random block, each stamped with its index (order matters).
+#: Data: 1 MiB blocks of one random block, each stamped with its index (order matters). The
+#: receiving side stops reading for ``PAUSE`` seconds after ``PAUSE_AT`` bytes, so a relay or agent
+#: that buffers instead of pushing back shows up as RSS growth.
 PEER = r"""
-import hashlib, http.client, http.server, json, random, sys
+import hashlib, http.client, http.server, json, random, sys, time
+
+PAUSE_AT, PAUSE = 64 << 20, 3.0
 
 MiB = 1 << 20
 
@@ -522,6 +619,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         left = int(self.headers["Content-Length"])
         digest, size = hashlib.sha256(), 0
         while left:
+            if size == PAUSE_AT:  # rfile.read(n) returns n bytes until the end
+                time.sleep(PAUSE)
             data = self.rfile.read(min(MiB, left))
             if not data:
                 break
@@ -548,11 +647,15 @@ elif mode == "download":
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("GET", f"/download?size={size}&seed=7", headers={"Host": host})
     response = conn.getresponse()
-    digest, got = hashlib.sha256(), 0
+    digest, got, paused = hashlib.sha256(), 0, False
     while data := response.read(MiB):
+        if got >= PAUSE_AT and not paused:
+            paused = True
+            time.sleep(PAUSE)
         digest.update(data)
         got += len(data)
-    say(event="downloaded", status=response.status, sha256=digest.hexdigest(), size=got)
+    say(event="downloaded", status=response.status, sha256=digest.hexdigest(), size=got,
+        paused=paused)
 elif mode == "upload":
     port, host, size = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     digest = hashlib.sha256()
@@ -593,7 +696,9 @@ def peer_server() -> Iterator[tuple[subprocess.Popen[str], int]]:
         stop(proc)
 
 
-async def big_transfer(tunnel: HttpTunnel, mode: str, size: int) -> tuple[dict[str, Any], float, int]:
+async def big_transfer(
+    tunnel: HttpTunnel, mode: str, size: int
+) -> tuple[dict[str, Any], float, int]:
     """Run the PEER client ``mode``; returns its report, the seconds it took and the peak RSS
     growth of this process (relay and agent) while it ran."""
     baseline = rss()
@@ -643,11 +748,13 @@ async def test_1gb_download_intact_with_bounded_memory(tmp_path: Path) -> None:
         async with http_tunnel(tmp_path, ("127.0.0.1", port), name="big") as t:
             report, elapsed, growth = await big_transfer(t, "download", size)
             sent = await asyncio.to_thread(read_event, server, "sent", 30)
-    assert report["status"] == 200
+    assert report["status"] == 200 and report["paused"]
     assert report["size"] == size == sent["size"]
     assert report["sha256"] == sent["sha256"]
-    print(f"\n1 GiB download through the tunnel: {elapsed:.1f} s "
-          f"({size / MiB / elapsed:.0f} MiB/s), RSS growth {growth / MiB:.1f} MiB")
+    print(
+        f"\n1 GiB download through the tunnel: {elapsed:.1f} s "
+        f"({size / MiB / elapsed:.0f} MiB/s), RSS growth {growth / MiB:.1f} MiB"
+    )
     assert growth < 100 * MiB, f"relay+agent RSS grew by {growth / MiB:.0f} MiB"
 
 
@@ -662,8 +769,10 @@ async def test_200mb_upload_intact_with_bounded_memory(tmp_path: Path) -> None:
     assert report["status"] == 200
     assert report["answer"] == {"sha256": report["sha256"], "size": size}
     assert received["sha256"] == report["sha256"] and received["size"] == size
-    print(f"\n200 MiB upload through the tunnel: {elapsed:.1f} s "
-          f"({size / MiB / elapsed:.0f} MiB/s), RSS growth {growth / MiB:.1f} MiB")
+    print(
+        f"\n200 MiB upload through the tunnel: {elapsed:.1f} s "
+        f"({size / MiB / elapsed:.0f} MiB/s), RSS growth {growth / MiB:.1f} MiB"
+    )
     assert growth < 100 * MiB, f"relay+agent RSS grew by {growth / MiB:.0f} MiB"
 
 
@@ -671,7 +780,9 @@ async def test_200mb_upload_intact_with_bounded_memory(tmp_path: Path) -> None:
 
 
 async def test_websocket_echo(tmp_path: Path) -> None:
-    pytest.importorskip("websockets", reason="needs the websockets package (pip install websockets)")
+    pytest.importorskip(
+        "websockets", reason="needs the websockets package (pip install websockets)"
+    )
     from websockets.asyncio.client import connect
     from websockets.asyncio.server import ServerConnection, serve
 
@@ -686,13 +797,16 @@ async def test_websocket_echo(tmp_path: Path) -> None:
     async with serve(echo, "127.0.0.1", 0) as server:
         port = list(server.sockets)[0].getsockname()[1]
         async with http_tunnel(tmp_path, ("127.0.0.1", port), name="ws") as t:
-            async with asyncio.timeout(20 * SCALE), connect(
-                f"ws://{t.host}/socket?room=1",
-                host="127.0.0.1",
-                port=t.port,
-                proxy=None,
-                open_timeout=10,
-            ) as ws:
+            async with (
+                asyncio.timeout(20 * SCALE),
+                connect(
+                    f"ws://{t.host}/socket?room=1",
+                    host="127.0.0.1",
+                    port=t.port,
+                    proxy=None,
+                    open_timeout=10,
+                ) as ws,
+            ):
                 for message in ("hello", "w" * 100_000, "über"):
                     await ws.send(message)
                     assert await ws.recv() == message
@@ -740,9 +854,10 @@ async def test_server_sent_events_stream(tmp_path: Path) -> None:
 
 
 async def test_basic_auth(tmp_path: Path) -> None:
-    async with running_app() as app, http_tunnel(
-        tmp_path, ("127.0.0.1", app.port), basic_auth=["alice:s3cret"]
-    ) as t:
+    async with (
+        running_app() as app,
+        http_tunnel(tmp_path, ("127.0.0.1", app.port), basic_auth=["alice:s3cret"]) as t,
+    ):
         reply = await curl_reply(f"{t.url}/private")
         assert reply.status == 401
         assert reply.header("WWW-Authenticate") == ['Basic realm="burrow", charset="UTF-8"']
@@ -776,14 +891,17 @@ async def test_ip_deny_and_allow(tmp_path: Path) -> None:
 
 
 async def test_header_rules(tmp_path: Path) -> None:
-    async with running_app() as app, http_tunnel(
-        tmp_path,
-        ("127.0.0.1", app.port),
-        request_header_add=["X-Tunnel: burrow"],
-        request_header_remove=["X-Secret"],
-        response_header_add=["X-Frame-Options: DENY"],
-        response_header_remove=["X-App", "Server"],
-    ) as t:
+    async with (
+        running_app() as app,
+        http_tunnel(
+            tmp_path,
+            ("127.0.0.1", app.port),
+            request_header_add=["X-Tunnel: burrow"],
+            request_header_remove=["X-Secret"],
+            response_header_add=["X-Frame-Options: DENY"],
+            response_header_remove=["X-App", "Server"],
+        ) as t,
+    ):
         reply = await curl_reply("-H", "X-Secret: hunter2", "-H", "X-Keep: yes", f"{t.url}/h")
         assert reply.status == 200
         assert app.last_header("X-Tunnel") == ["burrow"]

@@ -215,6 +215,9 @@ async def extension(env: dict[str, str]) -> AsyncIterator[Extension]:
     ext._pump = pump = asyncio.ensure_future(ext.pump())
     try:
         yield ext
+    except BaseException:
+        print("extension stderr:", *ext.lines, sep="\n  ")  # shown with the failure
+        raise
     finally:
         if proc.returncode is None:
             proc.kill()

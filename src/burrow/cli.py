@@ -842,26 +842,17 @@ def token_revoke(token_id: str, state_dir: Path | None) -> None:
 def up(config_path: Path, as_json: bool, verbose: int) -> None:
     """Open every tunnel listed in a config file, in one agent."""
     from burrow.config import load_agent_config
-    from burrow.roles.agent import TcpTunnelSpec
 
     reporter = Reporter(as_json=as_json)
     try:
         file = load_agent_config(config_path)
-        specs: list[Any] = [
-            TcpTunnelSpec(
-                local=parse_local(t.local),
-                port=t.port,
-                name=t.name or None,
-                proxy_protocol=t.proxy_protocol,
-            )
-            for t in file.tunnels
-        ]
+        specs = [_spec_from_file(t, config_path.parent) for t in file.tunnels]
     except BurrowError as exc:
         _fail(reporter, exc)
     common = {
         "relay_addr": file.relay,
         "secret": file.secret,
-        "token": None,
+        "token": file.token,
         "fingerprint": file.fingerprint,
         "ca": Path(file.ca) if file.ca else None,
         "insecure": file.insecure,
@@ -872,39 +863,45 @@ def up(config_path: Path, as_json: bool, verbose: int) -> None:
         "as_json": as_json,
         "verbose": verbose,
     }
-    _run_agent(reporter, specs, common)
+    has_http = any(t.kind == "http" for t in file.tunnels)
+    _run_agent(reporter, specs, common, embedded_http=has_http)
 
 
-# --- lambda (appended block: the AWS Lambda extension layer) -------------------------------
+def _spec_from_file(t: Any, base: Path) -> Any:
+    """An agent's tunnel spec from a ``[[tunnel]]`` table of burrow.toml."""
+    from burrow.roles.agent import ExitSpec, HttpTunnelSpec, TcpTunnelSpec
 
+    if t.kind == "exit":
+        from burrow.allowlist import AllowList
 
-@main.group(name="lambda")
-def lambda_group() -> None:
-    """AWS Lambda: burrow as an extension that gives the function private services."""
+        return ExitSpec(name=t.name.lower(), allow=AllowList.parse(t.allow))
+    if t.kind == "http":
+        from burrow.http.policy import HttpOptions
+        from burrow.http.policy import parse_local as parse_http_local
 
-
-@lambda_group.group(name="layer")
-def lambda_layer() -> None:
-    """The layer that installs the extension (extensions/burrow and python/)."""
-
-
-@lambda_layer.command(name="build")
-@click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default="layer.zip", show_default=True
-)
-@click.option("--python-version", default="3.12", show_default=True, help="The runtime's Python.")
-@click.option("--arch", default="x86_64", show_default=True, help="x86_64 or arm64.")
-@click.option("--no-deps", is_flag=True, help="Only the burrow package (no download).")
-def lambda_layer_build(output: Path, python_version: str, arch: str, no_deps: bool) -> None:
-    """Build the layer zip; prints its path and size."""
-    from burrow.aws.layer import build_layer
-
-    reporter = Reporter(as_json=False)
-    try:
-        path = build_layer(output, python_version=python_version, arch=arch, no_deps=no_deps)
-    except BurrowError as exc:
-        _fail(reporter, exc)
-    click.echo(f"{path} {path.stat().st_size} bytes")
+        address, https = parse_http_local(t.local)
+        options = HttpOptions(
+            local=address,
+            local_https=t.local_https or https,
+            local_ca=(base / t.local_ca) if t.local_ca else None,
+            local_insecure=t.local_insecure,
+            host_header=t.host_header,
+            basic_auth=list(t.basic_auth),
+            allow=list(t.allow),
+            deny=list(t.deny),
+            request_header_add=list(t.request_header_add),
+            request_header_remove=list(t.request_header_remove),
+            response_header_add=list(t.response_header_add),
+            response_header_remove=list(t.response_header_remove),
+        )
+        return HttpTunnelSpec(options=options, name=t.name.lower() or None)
+    return TcpTunnelSpec(
+        local=parse_local(t.local),
+        port=t.port,
+        name=t.name or None,
+        proxy_protocol=t.proxy_protocol,
+        private=t.kind == "private",
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,18 @@ _HUMAN: dict[str, str] = {
     "session_lost": "lost the relay {relay}: {reason}",
     "reconnecting": "reconnecting to {relay} in {delay}s (attempt {attempt}): {reason}",
     "warning": "warning: {message}",
+    "inspector_ready": "inspector at {url}",
+    "http_ready": "HTTP tunnels at {example}",
+    "stream_refused": "refused a stream from {peer} to {service}: {reason}",
+}
+_TUNNEL_READY: dict[str, str] = {
+    "tcp": "forwarding {public} -> {local}",
+    "http": "forwarding {url} -> {local}",
+    "private": "private service {name} -> {local} (reach it with `burrow connect {name}`)",
+    "exit": "exit {name} dials {allow}",
+    "connect": "{name} reachable at {local}",
+    "socks": "SOCKS5 proxy at {local}",
+    "http-connect": "HTTP CONNECT proxy at {local}",
 }
 
 
@@ -45,7 +57,10 @@ class Reporter:
             self._refresh()
             if record["event"] not in ("warning", "session_lost", "reconnecting"):
                 return
-        template = _HUMAN.get(record["event"])
+        if record["event"] == "tunnel_ready":
+            template = _TUNNEL_READY.get(str(record.get("kind")))
+        else:
+            template = _HUMAN.get(record["event"])
         if template is None:
             return
         try:
@@ -106,6 +121,9 @@ class Reporter:
             table.add_column(column)
         for service, local in getattr(agent, "listeners", {}).items():
             table.add_row(service, "(private)", local, "-", "-")
+        recorder = getattr(getattr(agent, "config", None), "recorder", None)
+        if recorder is not None:
+            table.caption = http_stats(recorder.newest_first())
         for tunnel in getattr(agent, "tunnels", []):
             options = getattr(tunnel.spec, "options", None)
             local = getattr(tunnel.spec, "local", None) or getattr(options, "local", None)
@@ -117,3 +135,21 @@ class Reporter:
                 str(tunnel.open_connections),
             )
         return table
+
+
+def http_stats(exchanges: list[Any], now: float | None = None) -> str:
+    """ngrok's connection line for HTTP tunnels: requests, rate over the last minute, p50/p90."""
+    now = time.time() if now is None else now
+    recent = [e for e in exchanges if now - e.started <= 60]
+    durations = sorted(e.duration for e in exchanges[:500] if e.duration is not None)
+
+    def percentile(p: float) -> str:
+        if not durations:
+            return "-"
+        value = durations[min(len(durations) - 1, int(p * len(durations)))]
+        return f"{value * 1000:.0f} ms"
+
+    return (
+        f"requests {len(exchanges)}  rate(1m) {len(recent) / 60:.2f}/s  "
+        f"p50 {percentile(0.5)}  p90 {percentile(0.9)}"
+    )

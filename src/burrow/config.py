@@ -146,22 +146,52 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
 
 
 class TunnelSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One ``[[tunnel]]`` table; ``name`` is filled in as ``<kind>-<local>`` when left out."""
+    """One ``[[tunnel]]`` table. ``kind`` is ``tcp`` (a public port), ``private`` (reachable by
+    connectors only), ``http`` (a public name) or ``exit`` (dials ``allow``-listed targets).
+    A tcp tunnel's ``name`` is filled in as ``tcp-<local>`` when left out; an http tunnel with
+    no name gets a random one from the relay."""
 
-    local: str
-    kind: Literal["tcp"] = "tcp"
+    local: str = ""
+    kind: Literal["tcp", "private", "http", "exit"] = "tcp"
     name: str = ""
     port: Port | None = None
     proxy_protocol: Literal["v1", "v2"] | None = None
+    # http
+    basic_auth: list[str] = msgspec.field(default_factory=list)
+    allow: list[str] = msgspec.field(default_factory=list)  # http: visitor CIDRs; exit: targets
+    deny: list[str] = msgspec.field(default_factory=list)
+    host_header: str = "preserve"
+    request_header_add: list[str] = msgspec.field(default_factory=list)
+    request_header_remove: list[str] = msgspec.field(default_factory=list)
+    response_header_add: list[str] = msgspec.field(default_factory=list)
+    response_header_remove: list[str] = msgspec.field(default_factory=list)
+    local_https: bool = False
+    local_ca: str | None = None
+    local_insecure: bool = False
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here with the tunnel's path; the prefix names the key.
-        try:
-            parse_local(self.local)
-        except ConfigError as err:
-            raise ValueError(f"local: {err}") from None
+        if self.kind == "exit":
+            if self.local:
+                raise ValueError("local: an exit dials its allow-list; remove local")
+            if not self.name:
+                raise ValueError("name: an exit needs the name connectors use")
+            if not self.allow:
+                raise ValueError("allow: an exit needs CIDR[:PORTS] targets it may dial")
+        elif not self.local:
+            raise ValueError("local: missing; this key is required")
+        elif self.kind != "http":
+            try:
+                parse_local(self.local)
+            except ConfigError as err:
+                raise ValueError(f"local: {err}") from None
+        if self.kind == "private" and not self.name:
+            raise ValueError("name: a private service needs the name connectors use")
+        if self.kind in ("private", "http", "exit") and self.port is not None:
+            raise ValueError(f"port: a {self.kind} tunnel has no public port; remove port")
         if not self.name:
-            self.name = f"{self.kind}-{self.local}"
+            if self.kind == "tcp":
+                self.name = f"{self.kind}-{self.local}"
         elif len(self.name) > _MAX_NAME or not self.name.isprintable() or " " in self.name:
             raise ValueError(
                 f"name: {_shown(self.name)} must be 1 to {_MAX_NAME} printable characters "
@@ -182,6 +212,7 @@ class AgentFile(msgspec.Struct, forbid_unknown_fields=True):
     fingerprint: str | None = None
     ca: str | None = None  # load_agent_config resolves it against the file's directory
     insecure: bool = False
+    token: str | None = None
     tunnels: list[TunnelSpec] = msgspec.field(default_factory=list, name="tunnel")
 
     def __post_init__(self) -> None:
@@ -214,7 +245,8 @@ _EXPECTED = {
     "insecure": "expected true or false",
     "tunnel": "expected [[tunnel]] tables (write [[tunnel]], not [tunnel])",
     "name": "expected a string",
-    "kind": 'expected "tcp"',
+    "kind": 'expected "tcp", "private", "http" or "exit"',
+    "token": "expected a string (from `burrow token issue`)",
     "local": 'expected a string such as "5432" or "db.internal:5432" (quote it)',
     "port": "expected an integer from 1 to 65535",
     "proxy_protocol": 'expected "v1" or "v2"',

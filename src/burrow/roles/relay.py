@@ -126,6 +126,9 @@ class Relay:
         self.sessions: set[SessionConnection] = set()
         self.http: Any = None  # burrow.http.frontend.HttpFrontend, with --http-listen
         self._token_verifier: Any = None
+        self._token_state_dir: Path | None = None
+        self._deny_stamp: Any = None
+        self._deny: frozenset[str] = frozenset()
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._ssl: ssl.SSLContext | None = None
@@ -175,23 +178,41 @@ class Relay:
         state_dir = self.config.state_dir or default_state_dir("relay")
         if not (state_dir / "token.key").is_file():
             return
-        from burrow.tokens import TokenKey, TokenVerifier, load_deny
+        from burrow.tokens import TokenKey, TokenVerifier
 
         key = TokenKey.load_or_create(state_dir)
-        deny_file = state_dir / "token.deny"
-        seen: list[Any] = [None, TokenVerifier(key, load_deny(state_dir))]
+        self._token_state_dir = state_dir
 
         def verify(claims: str, mac: str, transcript: bytes) -> Any:
-            # Revocations apply to the next handshake: re-read the deny list when it changes.
-            try:
-                stamp: Any = deny_file.stat().st_mtime_ns
-            except OSError:
-                stamp = None
-            if stamp != seen[0]:
-                seen[0], seen[1] = stamp, TokenVerifier(key, load_deny(state_dir))
-            return seen[1].verify(claims, mac, transcript, time.time())
+            return TokenVerifier(key, self._denied()).verify(claims, mac, transcript, time.time())
 
         self._token_verifier = verify
+
+    def _denied(self) -> frozenset[str]:
+        """The token deny list, re-read when its file changes, so a revocation applies to the
+        next handshake, registration and stream open, without a restart."""
+        from burrow.tokens import load_deny
+
+        state_dir = self._token_state_dir
+        if state_dir is None:
+            return frozenset()
+        try:
+            stamp: Any = (state_dir / "token.deny").stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._deny_stamp:
+            self._deny_stamp, self._deny = stamp, load_deny(state_dir)
+        return self._deny
+
+    def _scope_error(self, conn: SessionConnection, kind: str, name: str) -> str | None:
+        """Why ``conn`` may not ``kind`` (expose/connect) ``name`` now, or None."""
+        scope = conn.session.scope
+        if scope is None:
+            return None
+        if scope.token_id is not None and scope.token_id in self._denied():
+            return "token has been revoked"
+        allowed = scope.may_expose(name) if kind == "expose" else scope.may_connect(name)
+        return None if allowed else str(scope.missing(kind, name))
 
     async def _start_http(self) -> None:
         from burrow.http.frontend import HttpFrontend
@@ -466,9 +487,9 @@ class Relay:
         emit(self.on_event, "tunnel_opened", kind="tcp", port=tunnel.port, peer=conn.peer)
 
     def _check_expose(self, conn: SessionConnection, name: str) -> None:
-        scope = conn.session.scope
-        if scope is not None and not scope.may_expose(name):
-            raise TunnelError(scope.missing("expose", name), "not_allowed")
+        problem = self._scope_error(conn, "expose", name)
+        if problem is not None:
+            raise TunnelError(problem, "not_allowed")
 
     def _register_name(
         self, conn: SessionConnection, kind: str, key: str, message: dict[str, Any]
@@ -562,9 +583,9 @@ class Relay:
         if not isinstance(name, str) or not name:
             session.reset_stream(stream_id, "not_allowed", "streams must name a service")
             return
-        scope = session.scope
-        if scope is not None and not scope.may_connect(name):
-            session.reset_stream(stream_id, "not_allowed", scope.missing("connect", name))
+        problem = self._scope_error(conn, "connect", name)
+        if problem is not None:
+            session.reset_stream(stream_id, "not_allowed", problem)
             emit(self.on_event, "stream_refused", peer=conn.peer, service=name, reason="scope")
             return
         route = self.names.get(("svc", name[:64]))
