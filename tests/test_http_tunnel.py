@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import http.client
 import json
 import random
@@ -795,7 +794,7 @@ async def test_websocket_echo(tmp_path: Path) -> None:
             await ws.send(message)
 
     async with serve(echo, "127.0.0.1", 0) as server:
-        port = list(server.sockets)[0].getsockname()[1]
+        port = next(iter(server.sockets)).getsockname()[1]
         async with http_tunnel(tmp_path, ("127.0.0.1", port), name="ws") as t:
             async with (
                 asyncio.timeout(20 * SCALE),
@@ -1309,13 +1308,13 @@ class WebhookReceiver(ThreadingHTTPServer):
         self.received: list[tuple[str, dict[str, Any]]] = []
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # noqa: N805
+            def do_POST(handler) -> None:
                 length = int(handler.headers["Content-Length"])
                 self.received.append((handler.path, json.loads(handler.rfile.read(length))))
                 handler.send_response(204)
                 handler.end_headers()
 
-            def log_message(handler, *args: Any) -> None:  # noqa: N805
+            def log_message(handler, *args: Any) -> None:
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
