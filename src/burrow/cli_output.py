@@ -47,12 +47,15 @@ class Reporter:
         self._agent: Any = None
         self._embedded = False
         self._started = time.monotonic()
+        self._inspector: str | None = None
 
     def event(self, record: dict[str, Any]) -> None:
         if self.as_json:
             self.stream.write(json.dumps(record, default=str) + "\n")
             self.stream.flush()
             return
+        if record["event"] == "inspector_ready":
+            self._inspector = str(record.get("url"))
         if self._live is not None:
             self._refresh()
             if record["event"] not in ("warning", "session_lost", "reconnecting"):
@@ -116,6 +119,8 @@ class Reporter:
         relay = "embedded (loopback)" if self._embedded else (agent.relay_label if agent else "")
         rtt = f"{conn.rtt * 1000:.1f} ms" if conn is not None and conn.rtt is not None else "-"
         title = f"burrow {'online' if online else 'connecting'} · relay {relay} · rtt {rtt}"
+        if self._inspector:
+            title += f" · inspector {self._inspector}"
         table = Table(title=title, title_justify="left", expand=False)
         for column in ("tunnel", "public", "local", "conns", "open"):
             table.add_column(column)
@@ -128,7 +133,7 @@ class Reporter:
             options = getattr(tunnel.spec, "options", None)
             local = getattr(tunnel.spec, "local", None) or getattr(options, "local", None)
             table.add_row(
-                tunnel.spec.key,
+                tunnel.name or tunnel.spec.key,
                 tunnel.public or "-",
                 "{}:{}".format(*local) if local else "(exit)",
                 str(tunnel.connections),
