@@ -317,13 +317,16 @@ async def test_lifecycle_freeze_and_shutdown(world: World) -> None:
         assert [c.kind for c in api.calls] == ["register", "next"]
 
         # It asked for the first event only once pg answered: the first query just works.
-        ready = await ext.wait_line(r"ready in (\d+) ms(?:, (\d+) ms since process start)?")
+        ready = await ext.wait_line(
+            r"ready in (\d+) ms \((.*?)(?:, (\d+) ms since process start)?\)"
+        )
         assert f"pg on 127.0.0.1:{pg_port}" in ready.string
         external_ms = (first_next.at - ext.started) * 1000
-        since_process = ready.group(2) or "?"
+        register_ms = (register.at - ext.started) * 1000
         print(
-            f"\ncold start: {ready.group(1)} ms from import to ready, {since_process} ms from "
-            f"process start (kernel), {external_ms:.0f} ms from spawn to the first event/next"
+            f"\ncold start: {ready.group(1)} ms from import to ready ({ready.group(2)}), "
+            f"{ready.group(3) or '?'} ms from process start (kernel), {external_ms:.0f} ms from "
+            f"spawn to the first event/next; registered {register_ms:.0f} ms after spawn"
         )
         assert await asyncio.to_thread(query, pg_port) == 1
 
@@ -363,6 +366,32 @@ async def test_lifecycle_freeze_and_shutdown(world: World) -> None:
         assert not any("Traceback" in line for line in ext.lines), ext.lines
 
 
+async def socks_to_postgres(port: int) -> bytes:
+    """SOCKS5 CONNECT to the service "pg", then PostgreSQL's SSLRequest: its one-byte answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x03\x02pg" + POSTGRES_PORT.to_bytes(2, "big"))
+        reply = await reader.readexactly(10)
+        assert reply[:2] == b"\x05\x00", reply
+        writer.write(bytes.fromhex("0000000804d2162f"))
+        return await reader.readexactly(1)
+    finally:
+        writer.close()
+
+
+async def test_socks_only(world: World) -> None:
+    socks_port = free_port()
+    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}")) as ext:
+        await world.api.wait_call("next", timeout=15)
+        await ext.wait_line(rf"ready in \d+ ms .*: socks on 127.0.0.1:{socks_port}$")
+        async with asyncio.timeout(10 * SCALE):
+            assert await socks_to_postgres(socks_port) in (b"N", b"S")
+        world.api.push("SHUTDOWN", shutdownReason="timeout")
+        assert await ext.exited(3) == 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "kind", "message"),
     [
@@ -371,6 +400,8 @@ async def test_lifecycle_freeze_and_shutdown(world: World) -> None:
         ({"BURROW_CONNECT": "pg=127.0.0.1:99999"}, "ConfigError", "port must be"),
         ({"BURROW_RELAY": ""}, "ConfigError", "BURROW_RELAY is not set"),
         ({"BURROW_FINGERPRINT": "sha256:nope"}, "ConfigError", "fingerprint"),
+        ({"BURROW_INSECURE": "1"}, "ConfigError", "BURROW_INSECURE turns TLS off"),
+        ({"BURROW_CONNECT": "", "BURROW_SOCKS": ""}, "ConfigError", "nothing to do"),
     ],
 )
 async def test_bad_configuration_reports_init_error(

@@ -74,7 +74,7 @@ def test_platform_tags() -> None:
 )
 def test_bad_options(tmp_path: Path, options: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        build_layer(tmp_path / "layer.zip", no_deps=True, **options)  # type: ignore[arg-type]
+        build_layer(tmp_path / "layer.zip", no_deps=True, **options)
     assert not (tmp_path / "layer.zip").exists()
 
 

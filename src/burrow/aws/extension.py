@@ -40,6 +40,7 @@ from burrow.errors import BurrowError, ConfigError, ConnectError  # noqa: E402
 
 if TYPE_CHECKING:
     from burrow.events import EventSink
+    from burrow.net.bridge import StreamBridge
     from burrow.net.proxy_server import ProxyServer
     from burrow.net.tls import TrustPolicy
     from burrow.roles.connector import Connector, ConnectorConfig, ListenSpec
@@ -449,7 +450,7 @@ def _connector_class() -> Callable[..., FreezeAwareConnector]:
             target: str | None = None,
             *,
             buffered: bytes = b"",
-        ) -> Any:
+        ) -> StreamBridge | None:
             if not self._should_hold():
                 return super().bridge_transport(transport, service, target, buffered=buffered)
             held = cast(asyncio.Transport, transport)
@@ -479,6 +480,7 @@ class Running:
     proxy: ProxyServer | None
     ready_ms: float
     where: list[str]
+    phases: str  # where the cold start went, for the ready line
 
     async def close(self) -> None:
         if self.proxy is not None:
@@ -503,6 +505,7 @@ async def start(settings: Settings, on_event: EventSink | None = None) -> Runnin
     )
     connector = _connector_class()(config, check_timeout=settings.check_timeout, on_event=on_event)
     proxy: ProxyServer | None = None
+    marks = [time.monotonic()]
     try:
         try:
             async with asyncio.timeout(budget):
@@ -511,6 +514,7 @@ async def start(settings: Settings, on_event: EventSink | None = None) -> Runnin
             raise ConnectError(
                 f"relay {connector.relay_label} not reached within {budget:.0f} s"
             ) from None
+        marks.append(time.monotonic())
         where = [f"{name} on {address}" for name, address in connector.listeners.items()]
         if settings.socks is not None:
             from burrow.net.proxy_server import ProxyServer
@@ -536,7 +540,12 @@ async def start(settings: Settings, on_event: EventSink | None = None) -> Runnin
             proxy.close()
         await connector.close()
         raise
-    return Running(connector, proxy, (time.monotonic() - STARTED) * 1000, where)
+    marks.append(time.monotonic())
+    start_ms, relay_ms, services_ms = (
+        (b - a) * 1000 for a, b in zip([STARTED, *marks], marks, strict=False)
+    )
+    phases = f"start-up {start_ms:.0f}, relay {relay_ms:.0f}, services {services_ms:.0f} ms"
+    return Running(connector, proxy, (marks[-1] - STARTED) * 1000, where, phases)
 
 
 def process_age() -> float | None:
@@ -586,9 +595,15 @@ async def run(env: Mapping[str, str]) -> int:
         await api.report_error("init", exc)
         say(f"error: {exc}")
         return exc.exit_code
+    except Exception as exc:  # a bug: tell Lambda at once rather than let Init time out
+        await api.report_error("init", exc)
+        raise
     age = process_age()
     since_process = f", {age * 1000:.0f} ms since process start" if age is not None else ""
-    say(f"ready in {running.ready_ms:.0f} ms{since_process}: {', '.join(running.where)}")
+    say(
+        f"ready in {running.ready_ms:.0f} ms ({running.phases}{since_process}): "
+        + ", ".join(running.where)
+    )
     try:
         return await serve(api, settings, running, stop)
     finally:

@@ -87,8 +87,9 @@ def build_layer(
 ) -> Path:
     """Write the layer zip to ``output`` and return its path.
 
-    ``no_deps`` copies only the burrow package (offline; for tests, or when the function's
-    own deployment already ships the dependencies for the same Python version).
+    ``no_deps`` copies only the burrow package and downloads nothing: for tests, or for a
+    runtime whose own site-packages already hold burrow's dependencies (the function's
+    deployment package in /var/task is not on the extension's path).
     """
     check_python_version(python_version)
     check_arch(arch)
