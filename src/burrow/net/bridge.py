@@ -21,7 +21,9 @@ log = logging.getLogger("burrow.bridge")
 SOCKET_WRITE_HIGH = 256 * 1024
 SOCKET_WRITE_LOW = 64 * 1024
 #: Reset codes after which the far side closed cleanly (a FIN to our socket, not a RST).
-CLEAN_RESETS = frozenset({"refused", "unreachable", "timeout", "not_allowed", "no_such_tunnel"})
+CLEAN_RESETS = frozenset(
+    {"refused", "unreachable", "timeout", "not_allowed", "no_such_tunnel", "closed"}
+)
 
 
 class StreamBridge(asyncio.Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from burrow.net.connection import SessionConnection
@@ -47,6 +48,11 @@ class Channel:
         self._fin_wanted = False
         self._fin_sent = False
         self._source_paused = False
+        #: Called when the peer resets the stream (the visitor went away), e.g. to cancel work.
+        self.on_peer_reset: Callable[[], object] | None = None
+        self.busy = False  # set by users: work is under way for the peer
+        #: Called when the peer half-closes (sends FIN).
+        self.on_peer_end: Callable[[], object] | None = None
 
     # --- opening ----------------------------------------------------------------------
 
@@ -143,6 +149,13 @@ class Channel:
             self._buffered += len(data)
             self._preconsumed += len(data)  # its credit went back when it was first read
             self._readable.set()
+
+    def take_buffered(self) -> list[bytes]:
+        """Hand over unread data (its credit not yet returned) to a new owner of the stream."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return chunks
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -258,9 +271,13 @@ class Channel:
         self._eof = True
         self._readable.set()
         self._maybe_forget()
+        if self.on_peer_end is not None:
+            self.on_peer_end()
 
     def on_reset(self, code: str, reason: str) -> None:
         self._on_reset_local(code, reason)
+        if self.on_peer_reset is not None:
+            self.on_peer_reset()
 
     def _on_reset_local(self, code: str, reason: str) -> None:
         self._reset = ChannelReset(code, reason)

@@ -117,21 +117,30 @@ class _ProxyClient(asyncio.Protocol):
             )
             return
         service, target = routed
-        try:
-            channel = server.connector.open_channel(service, target)
-        except ConnectError as exc:
-            self._fail("unreachable", str(exc))
-            return
-        try:
-            async with asyncio.timeout(ACCEPT_TIMEOUT):
-                await channel.wait_accepted()
-        except TimeoutError:
-            channel.reset("timeout", "no answer")
-            self._fail("timeout", f"{service} did not answer within {ACCEPT_TIMEOUT:.0f} s")
-            return
-        except ChannelReset as exc:
-            self._fail(exc.code, exc.reason or exc.code)
-            return
+        attempts = [(service, target)]
+        if target is None and server.exit_name is not None and not host.endswith(".burrow"):
+            # A bare name may be a private service or a host on the exit's network
+            # (localhost, a Kubernetes service): try the service, then the exit.
+            attempts.append((server.exit_name, f"{host}:{port}"))
+        for index, (service, target) in enumerate(attempts):
+            try:
+                channel = server.connector.open_channel(service, target)
+            except ConnectError as exc:
+                self._fail("unreachable", str(exc))
+                return
+            try:
+                async with asyncio.timeout(ACCEPT_TIMEOUT):
+                    await channel.wait_accepted()
+            except TimeoutError:
+                channel.reset("timeout", "no answer")
+                self._fail("timeout", f"{service} did not answer within {ACCEPT_TIMEOUT:.0f} s")
+                return
+            except ChannelReset as exc:
+                if exc.code in ("no_such_tunnel", "not_allowed") and index + 1 < len(attempts):
+                    continue
+                self._fail(exc.code, exc.reason or exc.code)
+                return
+            break
         transport = self.transport
         if transport is None:
             channel.reset("cancelled", "client went away")

@@ -230,7 +230,11 @@ class Agent(RelayClient):
             channel.attach(stream_id)
             channel.accept()
             self._channels.add(channel)
-            self._spawn(self._serve_http(channel, info, tunnel))
+            task = self._spawn(self._serve_http(channel, info, tunnel))
+            # A visitor that goes away (reset, or closed while a request is under way, as
+            # nginx reads it) stops the exchange: the local service is not kept waiting.
+            channel.on_peer_reset = task.cancel
+            channel.on_peer_end = partial(_abort_if_busy, task, channel)
             return
         if isinstance(spec, ExitSpec):
             target = info.get("target")
@@ -257,10 +261,11 @@ class Agent(RelayClient):
         self._bridges.add(bridge)
         return bridge
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _dial(
         self, bridge: StreamBridge, tunnel: ActiveTunnel, local: tuple[str, int]
@@ -334,15 +339,15 @@ class Agent(RelayClient):
                 options=spec.options,
                 peer=_address(info.get("src")),
                 scheme=str(info.get("scheme", "http")),
-                recorder=self.config.recorder,
+                recorder=_BusyMarker(channel, self.config.recorder),
             )
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("HTTP stream failed")
             channel.reset("error", "agent error")
         finally:
-            channel.close()
+            await _finish_http(channel)
             self._channels.discard(channel)
             tunnel.open_connections -= 1
 
@@ -414,6 +419,46 @@ def load_or_create_identity(path: Path) -> Ed25519PrivateKey:
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 key; delete it to make a new one")
     return loaded
+
+
+class _BusyMarker:
+    """A recorder that marks the channel busy from a request's head to its response's end,
+    so a visitor closing in between is taken as gone, and passes exchanges on."""
+
+    def __init__(self, channel: Any, inner: Any) -> None:
+        self.channel = channel
+        self.inner = inner
+
+    def begin(self, exchange: Any) -> None:
+        self.channel.busy = True
+        if self.inner is not None:
+            self.inner.begin(exchange)
+
+    def end(self, exchange: Any) -> None:
+        self.channel.busy = False
+        if self.inner is not None:
+            self.inner.end(exchange)
+
+
+def _abort_if_busy(task: asyncio.Task[None], channel: Any) -> None:
+    """The visitor half-closed: if a request is still being served, treat it as gone."""
+    if getattr(channel, "busy", False):
+        task.cancel()
+
+
+async def _finish_http(channel: Any) -> None:
+    """End a visitor's stream after the proxy is done with it: half-close after the last
+    response, and if the visitor is still sending (an upload answered early, say with 401),
+    reset once the answer is on its way, so the relay stops waiting for it to finish."""
+    channel.close()
+    if channel.at_eof():
+        return
+    try:
+        async with asyncio.timeout(5):
+            await channel.drain()
+    except (TimeoutError, ConnectionError):
+        pass
+    channel.reset("closed", "the agent finished this connection")
 
 
 def _address(value: Any) -> tuple[str, int]:

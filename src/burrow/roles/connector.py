@@ -186,6 +186,10 @@ def splice(channel: Channel, transport: asyncio.BaseTransport, early: bytes = b"
     bridge.attach(channel.stream_id)
     transport.set_protocol(bridge)
     bridge.connection_made(transport)
+    for chunk in channel.take_buffered():  # what the far end said first (a server greeting)
+        bridge.on_data(chunk)
+    if channel.at_eof():
+        bridge.on_end()
     if early:
         bridge.data_received(early)
     return bridge

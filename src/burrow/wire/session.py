@@ -62,6 +62,7 @@ RESET_CODES: Final = {
     6: "cancelled",  # the opener gave up
     7: "error",  # anything else
     8: "too_many_streams",
+    9: "closed",  # the far end finished and reads no more (not an error)
 }
 RESET_NUMBERS: Final = {name: number for number, name in RESET_CODES.items()}
 
@@ -288,8 +289,8 @@ class Session:
                 self.state = State.CLOSED
                 self.close_reason = HandshakeRejected(reject.code, reject.message)
                 raise self.close_reason
-        if frame_type == FrameType.GOAWAY:
-            # The peer hit a protocol error in our handshake: keep its reason.
+        if frame_type == FrameType.GOAWAY and self.role is Role.CLIENT:
+            # The relay hit a protocol error in our handshake: keep its reason.
             message = _decode_object(payload, "goaway")
             self.state = State.CLOSED
             self.close_reason = HandshakeRejected(
