@@ -176,8 +176,7 @@ class Channel:
             self._writable.clear()
 
     def writelines(self, lines: list[bytes]) -> None:
-        for line in lines:
-            self.write(line)
+        self.write(b"".join(lines))
 
     def _send(self, data: bytes) -> None:
         session = self.conn.session
@@ -189,7 +188,7 @@ class Channel:
                 session.send_data(self.stream_id, data[:credit])
             self._pending.append(data[credit:])
             self._pending_size += len(data) - credit
-        self.conn.flush()
+        self.conn.flush_soon()
 
     def _flush_pending(self) -> None:
         pending, self._pending, self._pending_size = self._pending, [], 0

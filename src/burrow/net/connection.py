@@ -94,6 +94,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._last_rx = loop.time()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._pong_waiters: list[asyncio.Future[None]] = []
+        self._flush_scheduled = False
 
     # --- transport callbacks ----------------------------------------------------------
 
@@ -232,6 +233,17 @@ class SessionConnection(asyncio.BufferedProtocol):
             else:
                 self.bytes_out += sum(map(len, out))
                 self.transport.writelines(out)
+
+    def flush_soon(self) -> None:
+        """Flush at the end of this turn of the event loop, so the many small writes a
+        protocol handler makes (an HTTP head, a body, its end) leave as one TLS record."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def send_control(self, message: dict[str, Any]) -> None:
         if self.session.state is State.OPEN and self.transport is not None:
