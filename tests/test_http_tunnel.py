@@ -1164,10 +1164,11 @@ async def test_cli_refuses_invalid_names_in_one_line(tmp_path: Path) -> None:
                     "--no-inspect",
                 )
                 out, err = await asyncio.to_thread(proc.communicate, None, 20)
-                assert proc.returncode == 1, (out, err)
+                # Checked before dialling the relay: a usage error (exit 2), in one line.
+                assert proc.returncode == 2, (out, err)
                 lines = err.strip().splitlines()
                 assert len(lines) == 1, err
-                assert lines[0].startswith("burrow: error: ") and "invalid name" in lines[0]
+                assert lines[0].startswith("burrow: error: ") and "invalid --name" in lines[0]
                 assert "Traceback" not in err
 
             # Upper case is lowered by the CLI, not refused.

@@ -167,7 +167,7 @@ async def aforward(
             response_header_add=list(response_header_add or []),
             response_header_remove=list(response_header_remove or []),
         )
-        spec = HttpTunnelSpec(options=options, name=name)
+        spec = HttpTunnelSpec(options=options, name=name.lower() if name else None)
         local_text = "{}:{}".format(*address)
     elif proto == "tcp":
         from burrow.config import parse_local

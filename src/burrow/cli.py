@@ -322,6 +322,21 @@ def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
 agent_options = client_options
 
 
+def _check_name(name: str | None, what: str = "--name") -> str | None:
+    """Names are DNS labels (they become NAME.DOMAIN): say so before dialling the relay."""
+    if name is None:
+        return None
+    from burrow.roles.relay import NAME_PATTERN
+
+    lowered = name.lower()
+    if not NAME_PATTERN.fullmatch(lowered):
+        raise ConfigError(
+            f"invalid {what} {name!r}: use letters, digits and hyphens (a DNS label, at most "
+            "63 characters, not starting or ending with a hyphen)"
+        )
+    return lowered
+
+
 def _client_config(common: dict[str, Any], *, embedded: bool) -> dict[str, Any]:
     """ClientConfig fields from the shared options; raises ConfigError on bad combinations."""
     from burrow.net.tls import TrustPolicy, default_state_dir
@@ -488,6 +503,8 @@ def tcp(
             raise ConfigError(f"invalid --port {port}: expected 1 to 65535")
         if private and not name:
             raise ConfigError("--private needs --name: connectors reach the service by name")
+        if private:
+            name = _check_name(name)
         if private and port:
             raise ConfigError("--private services have no public port; drop --port")
         spec = TcpTunnelSpec(
@@ -609,9 +626,7 @@ def http(
         validate = getattr(options, "validate", None)
         if validate is not None:
             validate()
-        if name is not None:
-            name = name.lower()
-        spec = HttpTunnelSpec(options=options, name=name)
+        spec = HttpTunnelSpec(options=options, name=_check_name(name))
         inspect_at = None if no_inspect else parse_hostport(inspect, 4040, listen=True)
         if inspect_at is not None:
             from burrow.http.inspector import ExchangeStore
@@ -672,7 +687,7 @@ def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
 
     reporter = Reporter(as_json=common["as_json"])
     try:
-        spec = ExitSpec(name=name.lower(), allow=AllowList.parse(allow))
+        spec = ExitSpec(name=_check_name(name) or name, allow=AllowList.parse(allow))
     except BurrowError as exc:
         _fail(reporter, exc)
     _run_agent(reporter, [spec], common)

@@ -185,6 +185,7 @@ class _HeadReader(asyncio.Protocol):
         self.buffer = bytearray()
 
     def _serve_domain(self, target: str, host: str) -> None:
+        target = target.split("?", 1)[0]
         prefix = "/api/tunnels/"
         if target.startswith(prefix) and target.endswith("/status"):
             name = target[len(prefix) : -len("/status")]
