@@ -68,6 +68,11 @@ _RESERVED = frozenset(
         b"trailer",
     }
 )
+#: Names that may be hop-by-hop before looking at Connection or the proxy- prefix.
+_MAYBE_HOP = HOP_BY_HOP | {b"proxy"}
+_NO_TOKENS: frozenset[bytes] = frozenset()
+#: Request headers the rewrite may drop or replace.
+_REQUEST_TOUCHED = HOP_BY_HOP | FORWARDING | {b"host", b"authorization"}
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _HOST = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:\[\]%-]+$")
@@ -289,14 +294,30 @@ def rewrite_request_headers(
     through untouched: h11 owns framing. With Basic auth on, the visitor's Authorization header
     (the tunnel's password) is not passed on."""
     pairs = _pairs(headers)
-    upgrade = is_upgrade(pairs)
-    dropped = _connection_listed(pairs)
-    host = next((v for n, v in pairs if n.lower() == b"host"), None)
+    # One pass for what the rewrite depends on: Host, Upgrade and the Connection tokens.
+    host: bytes | None = None
+    has_upgrade = False
+    connection: list[bytes] = []
+    for name, value in pairs:
+        low = name.lower()
+        if low == b"host":
+            if host is None:
+                host = value
+        elif low == b"upgrade":
+            has_upgrade = True
+        elif low == b"connection":
+            connection.append(value)
+    tokens = _tokens(connection)
+    upgrade = has_upgrade and b"upgrade" in tokens
+    dropped = tokens - _UNLISTABLE
     original_host = host if host is not None else public_host.encode("latin-1")
     prior: dict[bytes, list[bytes]] = {name: [] for name in FORWARDING}
     out: list[Header] = []
     for name, value in pairs:
         low = name.lower()
+        if low not in _REQUEST_TOUCHED and low not in dropped and not low.startswith(b"proxy"):
+            out.append((name, value))  # the common case: passed on as it is
+            continue
         if low in FORWARDING:
             prior[low].append(value)
             if options.trust_forwarded and low == b"forwarded":
@@ -341,7 +362,12 @@ def rewrite_response_headers(
     out = [
         (name, value)
         for name, value in pairs
-        if not _hop_by_hop(name.lower(), dropped) or (upgrade and name.lower() == b"upgrade")
+        if (
+            (low := name.lower()) not in _MAYBE_HOP
+            and low not in dropped
+            and not low.startswith(b"proxy-")
+        )
+        or (upgrade and low == b"upgrade")
     ]
     if upgrade:
         out.append((b"Connection", b"upgrade"))
@@ -359,22 +385,26 @@ def _hop_by_hop(low: bytes, listed: frozenset[bytes]) -> bool:
     return low in HOP_BY_HOP or low == b"proxy" or low.startswith(b"proxy-") or low in listed
 
 
-def _connection_tokens(pairs: list[Header]) -> set[bytes]:
-    return {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-        if token.strip()
-    }
+def _connection_tokens(pairs: list[Header]) -> frozenset[bytes]:
+    return _tokens([value for name, value in pairs if name.lower() == b"connection"])
+
+
+def _tokens(values: list[bytes]) -> frozenset[bytes]:
+    if not values:
+        return _NO_TOKENS
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
 
 
 def _connection_listed(pairs: list[Header]) -> frozenset[bytes]:
-    return frozenset(_connection_tokens(pairs) - _UNLISTABLE)
+    return _connection_tokens(pairs) - _UNLISTABLE
 
 
 def _apply_rules(headers: list[Header], remove: list[str], add: list[str]) -> list[Header]:
     """Remove first, then add: ``--remove X --add 'X: 1'`` replaces X."""
+    if not remove and not add:
+        return headers
     if remove:
         gone = {name.strip().lower().encode("latin-1") for name in remove}
         headers = [(n, v) for n, v in headers if n.lower() not in gone]
@@ -403,13 +433,19 @@ def _check_rule_name(flag: str, rule: str, name: str) -> None:
 
 
 def _pairs(headers: HeaderInput) -> list[Header]:
-    return [(_bytes(name), _bytes(value)) for name, value in headers]
+    return [
+        (name, value)
+        if type(name) is bytes and type(value) is bytes
+        else (_bytes(name), _bytes(value))
+        for name, value in headers
+    ]
 
 
 def _bytes(text: bytes | str) -> bytes:
     return text.encode("latin-1", "replace") if isinstance(text, str) else bytes(text)
 
 
+@lru_cache(maxsize=1024)
 def _display_ip(text: str) -> str:
     address = _parse_ip(text)
     return str(address) if address is not None else text

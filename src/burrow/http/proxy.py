@@ -21,7 +21,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import h11
 
 from burrow.errors import ConfigError
+from burrow.http import fastparse
 from burrow.http.policy import (
     Header,
     HttpOptions,
@@ -277,6 +278,60 @@ class _Flow:
         self.upstream_bytes = 0
 
 
+class _Timer:
+    """The fast path's deadlines: one timer per connection, armed and disarmed by setting a
+    float, where ``asyncio.timeout`` would make (and cancel) a timer for every wait. An expired
+    wait cancels the task and reads as ``TimeoutError``, as with ``asyncio.timeout``."""
+
+    __slots__ = ("expired", "handle", "loop", "task", "when")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.when: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    async def wait(self, aw: Awaitable[bytes], seconds: float) -> bytes:
+        """``await aw``, but at most ``seconds`` (then ``TimeoutError``)."""
+        when = self.loop.time() + seconds
+        self.when = when
+        handle = self.handle
+        if handle is None or handle.when() > when:
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(when, self._fire)
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if self.expired:
+                self.expired = False
+                if self.task.uncancel() == 0:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self.when = None
+
+    def _fire(self) -> None:
+        self.handle = None
+        when = self.when
+        if when is None:
+            return  # no wait under way: the timer is re-armed by the next one
+        if self.loop.time() < when:
+            self.handle = self.loop.call_at(when, self._fire)  # re-armed later since
+            return
+        self.when = None
+        self.expired = True
+        self.task.cancel()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class _Visitor:
     """One visitor connection: its h11 SERVER, its kept local connection, its exchanges."""
 
@@ -300,20 +355,358 @@ class _Visitor:
         self.upstream: _Upstream | None = None
         self.method = b""
         self.public_netloc = urlsplit(options.public_url).netloc if options.public_url else ""
+        #: Visitor bytes not yet parsed (the fast path's buffer; h11 holds them on the slow path).
+        self.buf = b""
+        self.eof = False
+        self.responded = False  # the fast path has started the visitor's response
+        self.late = False  # the fast path handed this exchange to h11 after sending it
+        self.policed = bool(options.allow or options.deny or options.basic_auth)
+        self.loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
+        self.timer = _Timer()
         try:
             while True:
                 self.method = b""
+                outcome = await self._fast_cycle()
+                if outcome is not None:
+                    if outcome:
+                        continue
+                    break
+                # Anything unusual goes through h11, starting from the same bytes.
+                self._to_h11()
                 request = await self._read_head()
                 if request is None or not await self._handle(request):
                     break
                 self.conn.start_next_cycle()
+                self._from_h11()
         except _ClientGone:
             pass
         finally:
+            self.timer.close()
             self._drop_upstream()
             await self._close()
+
+    # --- the fast path -------------------------------------------------------------------------
+    #
+    # The common exchange (an HTTP/1.1 request whose head and whole body arrived in one read,
+    # without Expect, Upgrade, CONNECT, Transfer-Encoding or Connection options; answered with an
+    # HTTP/1.1 final response framed by Content-Length) is parsed and relayed here without h11,
+    # tasks or per-event objects. Whatever the fast path does not handle it hands over before
+    # consuming anything (``None`` from ``_fast_cycle``), or, once the request went out, by
+    # replaying the bytes both sides have seen into h11 and finishing on the slow path.
+
+    def _to_h11(self) -> None:
+        """Hand the unparsed visitor bytes to a fresh h11 SERVER for the slow path."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if self.buf:
+            conn.receive_data(self.buf)
+        if self.eof:
+            conn.receive_data(b"")
+        self.buf = b""
+        self.conn = conn
+
+    def _from_h11(self) -> None:
+        """Take back what h11 holds of the next request, for the fast path."""
+        data, closed = self.conn.trailing_data
+        self.buf = bytes(data)
+        self.eof = closed
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    def _sync_visitor(self, raw: bytes) -> None:
+        """Feed a request the fast path consumed (head and whole body) to a fresh h11, which so
+        reaches the state the slow path would be in: request read, response not started."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        conn.receive_data(raw)
+        try:
+            for _ in range(3):  # Request, Data (when there is a body), EndOfMessage
+                event = conn.next_event()
+                if type(event) is h11.EndOfMessage:
+                    self.conn = conn
+                    return
+                if type(event) not in (h11.Request, h11.Data):
+                    break
+        except h11.RemoteProtocolError:
+            pass
+        raise _ClientGone("h11 does not read the request as the fast path did")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            raise _ClientGone(str(exc)) from None
+
+    async def _fast_drain(self) -> None:
+        if getattr(self.writer, "write_buffer_size", None) == 0:
+            return  # a Channel with nothing queued: drain() would return at once
+        await self._drain()
+
+    async def _fast_cycle(self) -> bool | None:
+        """One request on the fast path: True to go on with the next, False when the visitor
+        is done, None (nothing consumed) for the slow path."""
+        buf = self.buf
+        waited = not buf
+        if waited:
+            if self.eof:
+                return False
+            try:
+                buf = await self.timer.wait(self._recv(), IDLE_TIMEOUT)
+            except TimeoutError:
+                return False
+            if not buf:
+                self.eof = True
+                return False
+            self.buf = buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        end += 4
+        parsed = fastparse.parse_request(buf, end)
+        if parsed is None:
+            return None
+        method, target, raw = parsed
+        if method == b"CONNECT":
+            return None
+        host: bytes | None = None
+        length = 0
+        for name, value in raw:
+            low = name.lower()
+            if low in _REQUEST_SPECIAL:
+                if low == b"host":
+                    if host is not None:
+                        return None
+                    host = value
+                elif low == b"content-length":
+                    if length or not value.isdigit() or len(value) > 18:
+                        return None
+                    length = int(value) or -1
+                elif low == b"connection":
+                    if value.lower().strip() != b"keep-alive":
+                        return None
+                else:
+                    return None  # transfer-encoding, expect, upgrade
+        length = max(length, 0)
+        total = end + length
+        if host is None or total > len(buf):
+            return None
+        if self.policed and check_access(self.options, self.peer_ip, raw) is not None:
+            return None  # the slow path answers the denial
+        self.buf = buf[total:]
+        self.method = method
+        return await self._fast_handle(buf, end, total, method, target, raw, host, waited)
+
+    async def _fast_handle(
+        self,
+        buf: bytes,
+        end: int,
+        total: int,
+        method: bytes,
+        target: bytes,
+        raw: list[Header],
+        host: bytes,
+        waited: bool,
+    ) -> bool:
+        forwarded = rewrite_request_headers(
+            self.options,
+            raw,
+            peer_ip=self.peer_ip,
+            scheme=self.scheme,
+            public_host=host.decode("latin-1") or self.public_netloc,
+        )
+        exchange = Exchange(
+            tunnel=self.options.name,
+            method=method.decode("latin-1"),
+            target=target.decode("latin-1"),
+            http_version="1.1",
+            request_headers=_text(forwarded),
+            client=self.client_label,
+        )
+        started = time.monotonic()
+        body = buf[end:total]
+        self.responded = False
+        self.late = False
+        self._notify_begin(exchange)
+        try:
+            if body:
+                exchange.add_request_body(body)
+            request = fastparse.request_head(method, target, forwarded) + body
+            while True:
+                upstream = self.upstream
+                if upstream is None or not waited or not upstream.usable():
+                    # Having waited for the visitor, a pending EOF from the local side has
+                    # landed already; else give it the turn _upstream() gives it.
+                    upstream = await self._upstream()
+                waited = False
+                upstream.writer.write(request)
+                try:
+                    return await self._fast_response(
+                        upstream, buf, total, forwarded, body, exchange
+                    )
+                except _Retry:
+                    log.debug("kept local connection closed; dialling again")
+                    self._drop_upstream()
+                except BaseException:
+                    self._drop_upstream()
+                    raise
+        except _Fail as fail:
+            exchange.error = fail.detail
+            log.debug("http %s %s: %s", exchange.method, exchange.target, fail.detail)
+            if self.late:  # h11 has the exchange
+                if self.conn.our_state is not h11.SEND_RESPONSE:
+                    return False
+            elif self.responded:
+                return False  # the response had started: all we can do is cut it short
+            else:
+                self._sync_visitor(buf[:total])
+            status, headers, page = error_page(fail.status, fail.title, fail.detail)
+            return await self._reply(status, fail.title, headers, page, exchange)
+        except _ClientGone as exc:
+            exchange.error = exchange.error or f"the visitor went away ({exc})"
+            return False
+        finally:
+            if exchange.duration is None:
+                exchange.duration = time.monotonic() - started
+                self._notify_end(exchange)
+
+    async def _fast_response(
+        self,
+        upstream: _Upstream,
+        request: bytes,
+        total: int,
+        forwarded: list[Header],
+        body: bytes,
+        exchange: Exchange,
+    ) -> bool:
+        """Read the local service's response head; relay it and a Content-Length body, or
+        hand over to h11 for anything else."""
+        reader = upstream.reader
+        buf = b""
+        eof = False
+        timer = self.timer
+        deadline = self.loop.time() + self.options.response_timeout
+        try:
+            while True:
+                try:
+                    data = await timer.wait(reader.read(CHUNK), deadline - self.loop.time())
+                except TimeoutError:
+                    raise
+                except (ConnectionError, OSError):
+                    data = b""
+                if not data:
+                    if not buf:
+                        if upstream.reused and not body:
+                            raise _Retry
+                        raise _Fail(
+                            502,
+                            "Bad Gateway",
+                            f"burrow: the local service at {self.options.local_address} "
+                            "closed the connection without answering",
+                        )
+                    eof = True
+                    break
+                buf = buf + data if buf else data
+                if b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > MAX_HEAD:
+                    break
+        except TimeoutError:
+            raise _Fail(
+                504,
+                "Gateway Timeout",
+                f"burrow: the local service at {self.options.local_address} did not answer "
+                f"within {self.options.response_timeout:g} s",
+            ) from None
+        end = buf.find(b"\r\n\r\n") + 4
+        parsed = fastparse.parse_response(buf, end) if end >= 4 and not eof else None
+        length = -2  # -2: not for the fast path; -1: no Content-Length
+        if parsed is not None:
+            status, reason, raw = parsed
+            length = _response_length(raw, self.method, status)
+        if length == -2:
+            return await self._late(upstream, request[:total], forwarded, body, buf, eof, exchange)
+        close = length < -2
+        if close:
+            length = -3 - length
+        headers = rewrite_response_headers(self.options, raw)
+        exchange.status = status
+        exchange.reason = reason.decode("latin-1")
+        exchange.response_headers = _text(headers)
+        first = buf[end : end + length]
+        extra = len(buf) - end > length
+        self.responded = True
+        self._write(fastparse.response_head(status, reason, headers) + first)
+        if first:
+            exchange.add_response_body(first)
+        remaining = length - len(first)
+        while remaining > 0:
+            await self._fast_drain()
+            try:
+                data = await timer.wait(reader.read(min(CHUNK, remaining)), BODY_TIMEOUT)
+            except TimeoutError:
+                raise _Fail(
+                    504,
+                    "Gateway Timeout",
+                    f"burrow: the local service at {self.options.local_address} sent nothing "
+                    f"for {BODY_TIMEOUT:g} s",
+                ) from None
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                raise _Fail(
+                    502,
+                    "Bad Gateway",
+                    f"burrow: the local service at {self.options.local_address} sent a broken "
+                    "response: it closed before the whole body",
+                )
+            remaining -= len(data)
+            exchange.add_response_body(data)
+            self._write(data)
+        await self._fast_drain()
+        if extra or close:
+            self._drop_upstream()
+        else:
+            upstream.reused = True
+        return True
+
+    async def _late(
+        self,
+        upstream: _Upstream,
+        raw_request: bytes,
+        forwarded: list[Header],
+        body: bytes,
+        response: bytes,
+        eof: bool,
+        exchange: Exchange,
+    ) -> bool:
+        """The response is not one for the fast path: replay what both sides have seen into
+        h11 (the visitor's request, the request sent, the response bytes read) and finish on
+        the slow path."""
+        self._sync_visitor(raw_request)
+        self.late = True
+        conn = upstream.conn
+        try:
+            target = _target(raw_request)
+            conn.send(h11.Request(method=self.method, target=target, headers=forwarded))
+            if body:
+                conn.send(h11.Data(data=body))
+            conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            raise _Fail(502, "Bad Gateway", f"burrow: cannot relay this request: {exc}") from None
+        conn.receive_data(response)
+        if eof:
+            conn.receive_data(b"")
+        flow = _Flow(request_chunked=False, consumed=bool(body), eom_seen=True)
+        flow.request_finished = True
+        flow.upstream_bytes = len(response)
+
+        def end() -> None:
+            pass  # the exchange ends when _fast_handle returns
+
+        await self._relay(upstream, exchange, flow, end)
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            upstream.reused = True
+        else:
+            self._drop_upstream()
+        return self.conn.our_state is h11.DONE  # not when switched protocols or cut short
 
     # --- visitor I/O ---------------------------------------------------------------------------
 
@@ -337,10 +730,10 @@ class _Visitor:
         try:
             async with asyncio.timeout(BODY_TIMEOUT):
                 await self.writer.drain()
+        except TimeoutError:  # before OSError, of which it is a subclass
+            raise _ClientGone("the visitor stopped reading") from None
         except (ConnectionError, OSError) as exc:
             raise _ClientGone(str(exc)) from None
-        except TimeoutError:
-            raise _ClientGone("the visitor stopped reading") from None
 
     async def _read_head(self) -> h11.Request | None:
         """The next request head, or None when the visitor is done (closed, idle, or broke
@@ -662,14 +1055,14 @@ class _Visitor:
                 try:
                     async with asyncio.timeout(idle):
                         data = await upstream.reader.read(CHUNK)
-                except (ConnectionError, OSError):
-                    data = b""  # a reset reads as an end; h11 says whether it was premature
-                except TimeoutError:
+                except TimeoutError:  # before OSError, of which it is a subclass
                     raise _Fail(
                         504,
                         "Gateway Timeout",
                         f"burrow: the local service at {where} sent nothing for {idle:g} s",
                     ) from None
+                except (ConnectionError, OSError):
+                    data = b""  # a reset reads as an end; h11 says whether it was premature
                 if not data and flow.upstream_bytes == 0 and self._retryable(upstream, flow):
                     raise _Retry
                 flow.upstream_bytes += len(data)
@@ -850,6 +1243,48 @@ class _Visitor:
                 self.recorder.end(exchange)
             except Exception:
                 log.exception("the request recorder failed")
+
+
+_REQUEST_SPECIAL = frozenset(
+    {b"host", b"content-length", b"connection", b"transfer-encoding", b"expect", b"upgrade"}
+)
+_RESPONSE_SPECIAL = frozenset({b"content-length", b"connection", b"transfer-encoding", b"host"})
+
+
+def _response_length(raw: list[Header], method: bytes, status: int) -> int:
+    """How the fast path frames a response: its body length ``n`` (``-3 - n`` when the local
+    service closes after it), or -2 when it is one for h11: a 1xx, Transfer-Encoding, no
+    length, Connection options other than close and keep-alive, anything doubtful."""
+    length = -1
+    close = False
+    for name, value in raw:
+        low = name.lower()
+        if low in _RESPONSE_SPECIAL:
+            if low == b"content-length":
+                if length >= 0 or not value.isdigit() or len(value) > 18:
+                    return -2
+                length = int(value)
+            elif low == b"connection":
+                tokens = {t.strip() for t in value.lower().split(b",")} - {b""}
+                if not tokens <= {b"close", b"keep-alive"}:
+                    return -2
+                close = close or b"close" in tokens
+            else:
+                return -2  # transfer-encoding, host
+    if not 200 <= status < 600:
+        return -2
+    if method == b"HEAD" or status in (204, 304):
+        if length < 0 and method == b"HEAD":  # h11 would add chunked framing
+            return -2
+        length = 0
+    elif length < 0:  # close-delimited
+        return -2
+    return -3 - length if close else length
+
+
+def _target(raw_request: bytes) -> bytes:
+    """The request target of a request head the fast path accepted."""
+    return raw_request.split(b" ", 2)[1]
 
 
 def _phrase(status: int) -> str:
