@@ -274,7 +274,7 @@ async def test_close_drops_idle_connections(metrics: RelayMetrics) -> None:
 async def test_connections_beyond_the_cap_are_dropped(
     server: tuple[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(admin, "MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(admin.AdminServer, "max_connections", 1)
     _, idle = await asyncio.open_connection(*server)
     idle.write(b"GET /healthz HTTP/1.1\r\n")  # holds the only slot
     await idle.drain()

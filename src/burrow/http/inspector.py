@@ -37,6 +37,7 @@ import h11
 from burrow.errors import BurrowError
 from burrow.http.inspector_page import PAGE, SCRIPT, STYLE
 from burrow.http.record import Exchange
+from burrow.net.local_server import LocalServer, linger
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -67,10 +68,7 @@ READ_TIMEOUT = 10.0
 """Time for a whole request (head and body) to arrive."""
 WRITE_TIMEOUT = 10.0
 """Time for one write to drain; an event-stream reader that stops reading is dropped after it."""
-LINGER_TIMEOUT = 1.0
-LINGER_BYTES = 64 * 1024
 REPLAY_TIMEOUT = 60.0
-MAX_CONNECTIONS = 64
 MAX_STREAMS = 16
 """Concurrent /api/events streams (each open inspector tab holds one)."""
 MAX_REPLAYS = 8
@@ -372,7 +370,7 @@ class _Feed:
         self.wake.set()
 
 
-class Inspector:
+class Inspector(LocalServer):
     """Serves the inspector page and its JSON API over ``store``.
 
     ``tunnels`` lists the agent's tunnels (dicts with name, public_url, local, kind) and is
@@ -392,11 +390,9 @@ class Inspector:
         self._tunnels = tunnels
         self._replay = replay
         self._keepalive = keepalive
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        super().__init__()
         self._streams = 0
         self._replays = 0
-        self.address: tuple[str, int] | None = None
 
     @property
     def url(self) -> str:
@@ -410,71 +406,40 @@ class Inspector:
 
         Raises InspectorBindError (``in_use`` set when the port is taken) rather than OSError,
         so the CLI can print one line or retry with port 0."""
-        if self._server is not None:
-            raise RuntimeError("inspector already started")
         try:
-            self._server = await asyncio.start_server(self._handle, host, port)
+            return await super().start(host, port)
         except OSError as err:
             in_use = err.errno == errno.EADDRINUSE
             reason = "the port is already in use" if in_use else (err.strerror or str(err))
             raise InspectorBindError(
                 f"cannot serve the web inspector on {host}:{port}: {reason}", in_use=in_use
             ) from None
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (str(sockname[0]), int(sockname[1]))
-        return self.address
-
-    async def close(self) -> None:
-        """Stop listening and end every connection, event streams included."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
     # --- connections -------------------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._tasks) >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        response: _Response | None
         try:
-            response: _Response | None
-            try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    request = await _read_request(conn, reader)
-                if request is None:
-                    return
-                response = await self._dispatch(request, conn, reader, writer)
-                complete = True
-            except h11.RemoteProtocolError as err:
-                response, complete = _error(err.error_status_hint, str(err)), False
-            except _Refused as err:
-                response, complete = _error(err.status, err.message), False
-            except TimeoutError:
-                response, complete = _error(408, "request not received in time"), False
-            if response is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._send(conn, writer, response)
-                if not complete:
-                    await _linger(reader, writer)
-            writer.close()
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await writer.wait_closed()  # returns once the response is flushed
-        except (ConnectionError, TimeoutError):
-            pass
-        except Exception:
-            log.exception("inspector: request failed")
-        finally:
-            self._tasks.discard(task)
-            # A no-op after a clean close; otherwise (cancelled, timed out) drop the connection.
-            writer.transport.abort()
+            async with asyncio.timeout(READ_TIMEOUT):
+                request = await _read_request(conn, reader)
+            if request is None:
+                return
+            response = await self._dispatch(request, conn, reader, writer)
+            complete = True
+        except h11.RemoteProtocolError as err:
+            response, complete = _error(err.error_status_hint, str(err)), False
+        except _Refused as err:
+            response, complete = _error(err.status, err.message), False
+        except TimeoutError:
+            response, complete = _error(408, "request not received in time"), False
+        if response is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await self._send(conn, writer, response)
+            if not complete:
+                await linger(reader, writer)
+        writer.close()
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.wait_closed()  # returns once the response is flushed
 
     async def _send(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, response: _Response
@@ -754,15 +719,3 @@ def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
         return False
     own = _split_host(parts.netloc)
     return own is not None and (own[0], own[1] or 80) == (host[0], host[1] or 80)
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close and discard what the client is still sending, briefly, so closing with unread
-    input does not reset the connection before the client has read our error response."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    with contextlib.suppress(TimeoutError, ConnectionError):
-        async with asyncio.timeout(LINGER_TIMEOUT):
-            received = 0
-            while received < LINGER_BYTES and (chunk := await reader.read(16 * 1024)):
-                received += len(chunk)

@@ -9,7 +9,6 @@ framework, because it is exposed next to the relay and must not be a way to tie 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
@@ -17,6 +16,8 @@ from typing import Any, Generic, Literal, TypeVar
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from burrow.net.local_server import MAX_CONNECTIONS, LocalServer, linger
 
 __all__ = [
     "MAX_CONNECTIONS",
@@ -34,9 +35,6 @@ MAX_HEAD = 8 * 1024
 MAX_HEADERS = 64
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
-LINGER_TIMEOUT = 1.0
-LINGER_BYTES = 64 * 1024
-MAX_CONNECTIONS = 64
 """Concurrent admin connections; beyond this new ones are dropped so slow clients cannot pile up."""
 MAX_LABEL_VALUES = 32
 """Distinct ``kind`` labels kept per metric; later ones are counted as "other" to cap series."""
@@ -283,7 +281,9 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes]:
     return parts[0], parts[1].partition(b"?")[0]
 
 
-class AdminServer:
+class AdminServer(LocalServer):
+    name = "admin"
+
     """Serves /healthz and /metrics; one request per connection, always ``Connection: close``.
 
     ``health`` returns the /healthz JSON body; a "status" other than "ok" is served as 503 so a
@@ -291,65 +291,30 @@ class AdminServer:
     """
 
     def __init__(self, metrics: RelayMetrics, health: Callable[[], Mapping[str, Any]]) -> None:
+        super().__init__()
         self.metrics = metrics
         self._health = health
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.address: tuple[str, int] | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on (host, port), port 0 picking a free one; returns the bound address."""
-        if self._server is not None:
-            raise RuntimeError("admin server already started")
-        self._server = await asyncio.start_server(self._handle, host, port)
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (str(sockname[0]), int(sockname[1]))
-        return self.address
-
-    async def close(self) -> None:
-        """Stop listening and drop in-flight requests (they are at most a scrape's worth)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._tasks) >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    head = await _read_head(reader)
-                method, path = _parse_head(head)
-                status, ctype, body, extra = self._route(method, path)
-            except _BadRequest as err:
-                status, ctype, body, extra = err.status, "text/plain", b"", ()
-            except TimeoutError:
-                status, ctype, body, extra = 408, "text/plain", b"", ()
-            if not body:
-                body = f"{_REASONS[status].lower()}\n".encode()
-            await self._respond(writer, status, ctype, body, extra)
-            if status in (400, 408, 431):
-                await _linger(reader, writer)
-            writer.close()
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await writer.wait_closed()  # returns once the response is flushed
-        except (_Closed, ConnectionError, TimeoutError):
-            pass
-        except Exception:
-            log.exception("admin: request failed")
-        finally:
-            self._tasks.discard(task)
-            # A no-op after a clean close; otherwise (cancelled, timed out) drop the connection.
-            writer.transport.abort()
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await _read_head(reader)
+            method, path = _parse_head(head)
+            status, ctype, body, extra = self._route(method, path)
+        except _BadRequest as err:
+            status, ctype, body, extra = err.status, "text/plain", b"", ()
+        except TimeoutError:
+            status, ctype, body, extra = 408, "text/plain", b"", ()
+        except _Closed:
+            return
+        if not body:
+            body = f"{_REASONS[status].lower()}\n".encode()
+        await self._respond(writer, status, ctype, body, extra)
+        if status in (400, 408, 431):
+            await linger(reader, writer)
+        writer.close()
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.wait_closed()  # returns once the response is flushed
 
     def _route(
         self, method: bytes, path: bytes
@@ -389,15 +354,3 @@ class AdminServer:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body)
         async with asyncio.timeout(WRITE_TIMEOUT):
             await writer.drain()
-
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close and discard what the client is still sending, briefly, so closing with unread
-    input does not reset the connection before the client has read our error response."""
-    if writer.can_write_eof():
-        writer.write_eof()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LINGER_TIMEOUT):
-            received = 0
-            while received < LINGER_BYTES and (chunk := await reader.read(16 * 1024)):
-                received += len(chunk)
