@@ -392,6 +392,27 @@ async def test_socks_only(world: World) -> None:
         assert await ext.exited(3) == 0
 
 
+async def test_socks_holds_through_a_freeze(world: World) -> None:
+    """The SOCKS proxy's first connection after a freeze across a relay restart waits for the
+    session to come back, as the connect listeners do, instead of failing at once."""
+    socks_port = free_port()
+    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}")) as ext:
+        await world.api.wait_call("next", timeout=15)
+        await ext.wait_line(rf"ready in \d+ ms .*: socks on 127.0.0.1:{socks_port}$")
+        lost_before = len(world.agent_events.named("session_lost"))
+        ext.signal(signal.SIGSTOP)
+        await world.restart_relay()
+        await world.agent_events.wait_for("session_lost", lost_before + 1)
+        await asyncio.sleep(1.5)  # longer than the pause detector's threshold
+        ext.signal(signal.SIGCONT)
+        world.api.push("INVOKE")
+        async with asyncio.timeout(15 * SCALE):
+            assert await socks_to_postgres(socks_port) in (b"N", b"S")
+        await world.api.wait_call("next", 2, timeout=15)
+        world.api.push("SHUTDOWN", shutdownReason="spindown")
+        assert await ext.exited(3) == 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "kind", "message"),
     [

@@ -443,6 +443,10 @@ def _connector_class() -> Callable[..., FreezeAwareConnector]:
             last = self._last_tick
             return last is not None and asyncio.get_running_loop().time() - last > PAUSE_GAP + TICK
 
+        async def ready_for_streams(self) -> None:
+            if self._should_hold():
+                await asyncio.shield(self.check())
+
         def bridge_transport(
             self,
             transport: asyncio.BaseTransport,

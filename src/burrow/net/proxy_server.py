@@ -117,6 +117,7 @@ class _ProxyClient(asyncio.Protocol):
             )
             return
         service, target = routed
+        await server.connector.ready_for_streams()
         attempts = [(service, target)]
         if target is None and server.exit_name is not None and not host.endswith(".burrow"):
             # A bare name may be a private service or a host on the exit's network

@@ -118,6 +118,10 @@ class Connector(RelayClient):
 
     # --- streams ---------------------------------------------------------------------------
 
+    async def ready_for_streams(self) -> None:
+        """Wait until new streams can be opened; a subclass that knows its session may be
+        stale (after a Lambda freeze) holds callers here while it checks."""
+
     def open_channel(self, service: str, target: str | None = None) -> Channel:
         """A stream to ``service`` (an exit's ``target`` HOST:PORT); wait_accepted() before use."""
         conn = self.conn
