@@ -319,9 +319,6 @@ def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-agent_options = client_options
-
-
 def _check_name(name: str | None, what: str = "--name") -> str | None:
     """Names are DNS labels (they become NAME.DOMAIN): say so before dialling the relay."""
     if name is None:

@@ -665,12 +665,11 @@ class Relay:
             handle.cancel()
         previous = tunnel.conn
         if previous is not None and previous is not conn and previous.is_open:
-            previous.send_control({"op": "tunnel_moved", "port": tunnel.port})
+            previous.send_control({"op": "tunnel_moved", "key": tunnel.key, "port": tunnel.port})
         tunnel.conn = conn
         if key is not None:
             tunnel.key = key
-        lease = self.leases.take(tunnel.port, self._owner(conn), tunnel.key)
-        lease.connected = True
+        self.leases.take(tunnel.port, self._owner(conn), tunnel.key)
         return tunnel
 
     async def _bind(self, conn: SessionConnection, port: int, key: str, owner: str) -> TcpTunnel:
