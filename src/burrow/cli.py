@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -86,7 +86,26 @@ json_option = click.option(
     envvar="BURROW_JSON",
     help="One JSON object per line on stdout.",
 )
-verbose_option = click.option("-v", "--verbose", count=True, help="Log more (-vv for debug).")
+verbose_option = click.option(
+    "-v", "--verbose", count=True, envvar="BURROW_VERBOSE", help="Log more (-vv for debug)."
+)
+
+
+if TYPE_CHECKING:
+    _TextType = click.ParamType[str]
+else:  # click before 8.2 has no generic ParamType
+    _TextType = click.ParamType
+
+
+class _Lines(_TextType):
+    """A repeatable option whose environment variable holds one value per line (header rules
+    contain spaces, so whitespace cannot separate them)."""
+
+    name = "text"
+    envvar_list_splitter = "\n"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(value)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -564,10 +583,34 @@ def tcp(
     envvar="BURROW_DENY",
     help="Refuse these visitor CIDRs (repeatable).",
 )
-@click.option("--request-header-add", multiple=True, help="'Name: value' to add to requests.")
-@click.option("--request-header-remove", multiple=True, help="Header to remove from requests.")
-@click.option("--response-header-add", multiple=True, help="'Name: value' to add to responses.")
-@click.option("--response-header-remove", multiple=True, help="Header to remove from responses.")
+@click.option(
+    "--request-header-add",
+    multiple=True,
+    type=_Lines(),
+    envvar="BURROW_REQUEST_HEADER_ADD",
+    help="'Name: value' to add to requests.",
+)
+@click.option(
+    "--request-header-remove",
+    multiple=True,
+    type=_Lines(),
+    envvar="BURROW_REQUEST_HEADER_REMOVE",
+    help="Header to remove from requests.",
+)
+@click.option(
+    "--response-header-add",
+    multiple=True,
+    type=_Lines(),
+    envvar="BURROW_RESPONSE_HEADER_ADD",
+    help="'Name: value' to add to responses.",
+)
+@click.option(
+    "--response-header-remove",
+    multiple=True,
+    type=_Lines(),
+    envvar="BURROW_RESPONSE_HEADER_REMOVE",
+    help="Header to remove from responses.",
+)
 @click.option(
     "--inspect",
     default="127.0.0.1:4040",
@@ -790,11 +833,26 @@ def token() -> None:
     envvar="BURROW_STATE_DIR",
     help="The relay's state directory [default: ~/.local/state/burrow/relay].",
 )
-@click.option("--expose", multiple=True, help="Names (globs) the holder may offer.")
 @click.option(
-    "--connect", "connect_names", multiple=True, help="Names (globs) the holder may reach."
+    "--expose",
+    multiple=True,
+    envvar="BURROW_TOKEN_EXPOSE",
+    help="Names (globs) the holder may offer.",
 )
-@click.option("--ttl", default="30d", show_default=True, help="Lifetime: 30d, 12h, 15m, never.")
+@click.option(
+    "--connect",
+    "connect_names",
+    multiple=True,
+    envvar="BURROW_TOKEN_CONNECT",
+    help="Names (globs) the holder may reach.",
+)
+@click.option(
+    "--ttl",
+    default="30d",
+    show_default=True,
+    envvar="BURROW_TOKEN_TTL",
+    help="Lifetime: 30d, 12h, 15m, never.",
+)
 def token_issue(
     state_dir: Path | None, expose: tuple[str, ...], connect_names: tuple[str, ...], ttl: str
 ) -> None:
@@ -931,11 +989,33 @@ def lambda_layer() -> None:
 
 @lambda_layer.command(name="build")
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default="layer.zip", show_default=True
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default="layer.zip",
+    show_default=True,
+    envvar="BURROW_LAYER_OUTPUT",
 )
-@click.option("--python-version", default="3.12", show_default=True, help="The runtime's Python.")
-@click.option("--arch", default="x86_64", show_default=True, help="x86_64 or arm64.")
-@click.option("--no-deps", is_flag=True, help="Only the burrow package (no download).")
+@click.option(
+    "--python-version",
+    default="3.12",
+    show_default=True,
+    envvar="BURROW_LAYER_PYTHON",
+    help="The runtime's Python.",
+)
+@click.option(
+    "--arch",
+    default="x86_64",
+    show_default=True,
+    envvar="BURROW_LAYER_ARCH",
+    help="x86_64 or arm64.",
+)
+@click.option(
+    "--no-deps",
+    is_flag=True,
+    envvar="BURROW_LAYER_NO_DEPS",
+    help="Only the burrow package (no download).",
+)
 def lambda_layer_build(output: Path, python_version: str, arch: str, no_deps: bool) -> None:
     """Build the layer zip; prints its path and size."""
     from burrow.aws.layer import build_layer
