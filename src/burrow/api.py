@@ -152,23 +152,20 @@ async def aforward(
     spec: Any
     if proto == "http":
         from burrow.http.policy import HttpOptions
-        from burrow.http.policy import parse_local as parse_http_local
 
-        address, https = parse_http_local(str(local))
-        options = HttpOptions(
-            local=address,
-            local_https=https,
+        options = HttpOptions.for_local(
+            str(local),
             host_header=host_header,
-            basic_auth=list(basic_auth or []),
-            allow=list(allow or []),
-            deny=list(deny or []),
-            request_header_add=list(request_header_add or []),
-            request_header_remove=list(request_header_remove or []),
-            response_header_add=list(response_header_add or []),
-            response_header_remove=list(response_header_remove or []),
+            basic_auth=basic_auth,
+            allow=allow,
+            deny=deny,
+            request_header_add=request_header_add,
+            request_header_remove=request_header_remove,
+            response_header_add=response_header_add,
+            response_header_remove=response_header_remove,
         )
         spec = HttpTunnelSpec(options=options, name=name.lower() if name else None)
-        local_text = "{}:{}".format(*address)
+        local_text = options.local_address
     elif proto == "tcp":
         from burrow.config import parse_local
 

@@ -642,30 +642,25 @@ def http(
 ) -> None:
     """Expose the web service at LOCAL (PORT, HOST:PORT or URL) as http(s)://NAME.DOMAIN."""
     from burrow.http.policy import HttpOptions
-    from burrow.http.policy import parse_local as parse_http_local
     from burrow.roles.agent import HttpTunnelSpec
 
     reporter = Reporter(as_json=common["as_json"])
     recorder = None
     try:
-        address, https = parse_http_local(local)
-        options = HttpOptions(
-            local=address,
-            local_https=local_https or https,
+        options = HttpOptions.for_local(
+            local,
+            local_https=local_https,
             local_ca=local_ca,
             local_insecure=local_insecure,
             host_header=host_header,
-            basic_auth=list(basic_auth),
-            allow=list(allow_cidrs),
-            deny=list(deny_cidrs),
-            request_header_add=list(request_header_add),
-            request_header_remove=list(request_header_remove),
-            response_header_add=list(response_header_add),
-            response_header_remove=list(response_header_remove),
+            basic_auth=basic_auth,
+            allow=allow_cidrs,
+            deny=deny_cidrs,
+            request_header_add=request_header_add,
+            request_header_remove=request_header_remove,
+            response_header_add=response_header_add,
+            response_header_remove=response_header_remove,
         )
-        validate = getattr(options, "validate", None)
-        if validate is not None:
-            validate()
         spec = HttpTunnelSpec(options=options, name=_check_name(name))
         inspect_at = None if no_inspect else parse_hostport(inspect, 4040, listen=True)
         if inspect_at is not None:
@@ -947,22 +942,20 @@ def _spec_from_file(t: Any, base: Path) -> Any:
         return ExitSpec(name=t.name.lower(), allow=AllowList.parse(t.allow))
     if t.kind == "http":
         from burrow.http.policy import HttpOptions
-        from burrow.http.policy import parse_local as parse_http_local
 
-        address, https = parse_http_local(t.local)
-        options = HttpOptions(
-            local=address,
-            local_https=t.local_https or https,
+        options = HttpOptions.for_local(
+            t.local,
+            local_https=t.local_https,
             local_ca=(base / t.local_ca) if t.local_ca else None,
             local_insecure=t.local_insecure,
             host_header=t.host_header,
-            basic_auth=list(t.basic_auth),
-            allow=list(t.allow),
-            deny=list(t.deny),
-            request_header_add=list(t.request_header_add),
-            request_header_remove=list(t.request_header_remove),
-            response_header_add=list(t.response_header_add),
-            response_header_remove=list(t.response_header_remove),
+            basic_auth=t.basic_auth,
+            allow=t.allow,
+            deny=t.deny,
+            request_header_add=t.request_header_add,
+            request_header_remove=t.request_header_remove,
+            response_header_add=t.response_header_add,
+            response_header_remove=t.response_header_remove,
         )
         return HttpTunnelSpec(options=options, name=t.name.lower() or None)
     return TcpTunnelSpec(

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from burrow.errors import ConfigError
@@ -102,6 +103,19 @@ class HttpOptions:
     public_url: str = ""  # e.g. "https://demo.example.net", for X-Forwarded-Host fallbacks
     connect_timeout: float = 10.0  # dialling the local service, then 504
     response_timeout: float = 60.0  # local service's response head after the request, then 504
+
+    @classmethod
+    def for_local(cls, local: str, *, local_https: bool = False, **options: Any) -> HttpOptions:
+        """Options for a local service written as ``PORT``, ``HOST:PORT`` or an http(s) URL
+        (the CLI, the config file and the Python API all build them here). Sequences become
+        lists and ``None`` means the default."""
+        address, https = parse_local(local)
+        given: dict[str, Any] = {
+            key: list(value) if isinstance(value, list | tuple) else value
+            for key, value in options.items()
+            if value is not None
+        }
+        return cls(local=address, local_https=local_https or https, **given)
 
     def __post_init__(self) -> None:
         self.validate()
