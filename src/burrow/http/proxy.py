@@ -608,12 +608,7 @@ class _Visitor:
                 if b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > MAX_HEAD:
                     break
         except TimeoutError:
-            raise _Fail(
-                504,
-                "Gateway Timeout",
-                f"burrow: the local service at {self.options.local_address} did not answer "
-                f"within {self.options.response_timeout:g} s",
-            ) from None
+            raise self._no_answer() from None
         end = buf.find(b"\r\n\r\n") + 4
         parsed = fastparse.parse_response(buf, end) if end >= 4 and not eof else None
         length = -2  # -2: not for the fast path; -1: no Content-Length
@@ -1074,6 +1069,14 @@ class _Visitor:
     def _retryable(self, upstream: _Upstream, flow: _Flow) -> bool:
         return upstream.reused and not flow.consumed and not flow.informed
 
+    def _no_answer(self) -> _Fail:
+        return _Fail(
+            504,
+            "Gateway Timeout",
+            f"burrow: the local service at {self.options.local_address} did not answer "
+            f"within {self.options.response_timeout:g} s",
+        )
+
     async def _relay(
         self, upstream: _Upstream, exchange: Exchange, flow: _Flow, end: Callable[[], None]
     ) -> None:
@@ -1093,12 +1096,7 @@ class _Visitor:
                         continue
                     break
         except TimeoutError:
-            raise _Fail(
-                504,
-                "Gateway Timeout",
-                f"burrow: the local service at {self.options.local_address} did not answer "
-                f"within {self.options.response_timeout:g} s",
-            ) from None
+            raise self._no_answer() from None
         finally:
             flow.deadline = None
         if not isinstance(event, h11.Response | h11.InformationalResponse):

@@ -166,14 +166,7 @@ class RelayClient:
                     raise ConnectError(
                         f"{exc}; gave up after {config.connect_timeout:.0f} s"
                     ) from None
-                emit(
-                    self.on_event,
-                    "reconnecting",
-                    relay=self.relay_label,
-                    attempt=attempt,
-                    delay=round(delay, 2),
-                    reason=str(exc),
-                )
+                self._reconnecting(attempt, delay, str(exc))
                 await asyncio.sleep(delay)
 
     async def _connect(self, timeout: float) -> SessionConnection:
@@ -280,14 +273,7 @@ class RelayClient:
             while not self._closing:
                 attempt += 1
                 delay = backoff(attempt)
-                emit(
-                    self.on_event,
-                    "reconnecting",
-                    relay=self.relay_label,
-                    attempt=attempt,
-                    delay=round(delay, 2),
-                    reason=reason,
-                )
+                self._reconnecting(attempt, delay, reason)
                 await asyncio.sleep(delay)
                 try:
                     conn = await self._connect(CONNECT_TIMEOUT)
@@ -306,6 +292,16 @@ class RelayClient:
                     continue
                 attempt = 0
                 break
+
+    def _reconnecting(self, attempt: int, delay: float, reason: str) -> None:
+        emit(
+            self.on_event,
+            "reconnecting",
+            relay=self.relay_label,
+            attempt=attempt,
+            delay=round(delay, 2),
+            reason=reason,
+        )
 
     def _fail(self, exc: BurrowError) -> None:
         emit(self.on_event, "error", message=str(exc))
