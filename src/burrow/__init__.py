@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from burrow.version import __version__ as __version__
+
 __all__ = [
     "Agent",
     "AsyncTunnel",

@@ -126,22 +126,13 @@ async def aforward(
 ) -> AsyncTunnel:
     """Expose ``local`` (a port, ``HOST:PORT`` or a URL) through a relay; with no relay, an
     embedded one on loopback. ``proto`` is ``"http"`` (a public name) or ``"tcp"``."""
-    from burrow.roles.agent import Agent, AgentConfig, HttpTunnelSpec, TcpTunnelSpec
-    from burrow.roles.relay import Relay, RelayConfig
+    from burrow.node import embedded_relay
+    from burrow.roles.agent import Agent, AgentConfig
+    from burrow.roles.services import TcpTunnelSpec
 
     embedded = None
     if relay is None:
-        embedded = Relay(
-            RelayConfig(
-                listen_host="127.0.0.1",
-                listen_port=0,
-                insecure=True,
-                http_listen=("127.0.0.1", 0) if proto == "http" else None,
-                http_fallback=True,
-                min_port=20000,
-                max_port=60000,
-            )
-        )
+        embedded = embedded_relay(http=proto == "http")
         await embedded.start()
         assert embedded.control_address is not None
         fields: dict[str, Any] = {"relay": embedded.control_address}
@@ -152,6 +143,7 @@ async def aforward(
     spec: Any
     if proto == "http":
         from burrow.http.policy import HttpOptions
+        from burrow.http.service import HttpTunnelSpec
 
         options = HttpOptions.for_local(
             str(local),
@@ -164,7 +156,9 @@ async def aforward(
             response_header_add=response_header_add,
             response_header_remove=response_header_remove,
         )
-        spec = HttpTunnelSpec(options=options, name=name.lower() if name else None)
+        spec = HttpTunnelSpec(
+            options=options, name=name.lower() if name else None, recorder=recorder
+        )
         local_text = options.local_address
     elif proto == "tcp":
         from burrow.config import parse_local
@@ -174,7 +168,7 @@ async def aforward(
         local_text = "{}:{}".format(*address)
     else:
         raise ConfigError(f"proto {proto!r}: expected 'http' or 'tcp'")
-    agent = Agent(AgentConfig(**fields, tunnels=[spec], recorder=recorder), on_event=on_event)
+    agent = Agent(AgentConfig(**fields, tunnels=[spec]), on_event=on_event)
     try:
         await agent.start()
     except BaseException:
@@ -351,13 +345,11 @@ def open_socket(
     ours, theirs = socket.socketpair()
 
     async def open_() -> None:
-        from burrow.roles.connector import splice
-
         connector = await _connectors().get(fields)
         channel = await _open_stream(connector, service, timeout)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, theirs)
-        splice(channel, transport)
+        channel.splice(transport)
 
     try:
         _LoopThread.get().run(open_(), timeout + 5)

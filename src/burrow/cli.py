@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from burrow import __version__
 from burrow.cli_output import Reporter
 from burrow.config import parse_hostport, parse_local
 from burrow.errors import BurrowError, ConfigError
+from burrow.version import __version__
 
 T = TypeVar("T")
 
@@ -225,7 +225,7 @@ def relay(
     verbose: int,
 ) -> None:
     """Run a relay that agents dial out to."""
-    from burrow.roles.relay import Relay, RelayConfig
+    from burrow.node import Relay, RelayConfig
 
     _setup_logging(verbose)
     reporter = Reporter(as_json=as_json)
@@ -342,7 +342,7 @@ def _check_name(name: str | None, what: str = "--name") -> str | None:
     """Names are DNS labels (they become NAME.DOMAIN): say so before dialling the relay."""
     if name is None:
         return None
-    from burrow.roles.relay import NAME_PATTERN
+    from burrow.roles.names import NAME_PATTERN
 
     lowered = name.lower()
     if not NAME_PATTERN.fullmatch(lowered):
@@ -356,7 +356,7 @@ def _check_name(name: str | None, what: str = "--name") -> str | None:
 def _client_config(common: dict[str, Any], *, embedded: bool) -> dict[str, Any]:
     """ClientConfig fields from the shared options; raises ConfigError on bad combinations."""
     from burrow.net.tls import TrustPolicy, default_state_dir
-    from burrow.roles.agent import load_or_create_identity
+    from burrow.roles.identity import load_or_create_identity
 
     fingerprint, ca, insecure = common["fingerprint"], common["ca"], common["insecure"]
     if embedded and (fingerprint or ca):
@@ -402,7 +402,7 @@ def _run_client(
 ) -> None:
     """Build a client (agent or connector) from the options, run it until a signal or a
     failure it cannot recover from, and exit with a code that says which."""
-    from burrow.roles.relay import Relay, RelayConfig
+    from burrow.node import embedded_relay as make_embedded_relay
 
     _setup_logging(common["verbose"])
     embedded = not common["relay_addr"]
@@ -417,15 +417,9 @@ def _run_client(
         embedded_relay = None
         extra: list[Any] = []
         if embedded:
-            embedded_relay = Relay(
-                RelayConfig(
-                    listen_host="127.0.0.1",
-                    listen_port=0,
-                    insecure=True,
-                    secret=common["secret"],
-                    http_listen=("127.0.0.1", 0) if embedded_http else None,
-                    http_fallback=True,
-                ),
+            embedded_relay = make_embedded_relay(
+                http=embedded_http,
+                secret=common["secret"],
                 on_event=reporter.embedded_relay_event,
             )
             await embedded_relay.start()
@@ -465,8 +459,7 @@ def _run_agent(reporter: Reporter, specs: list[Any], common: dict[str, Any], **k
     def build(fields: dict[str, Any]) -> Agent:
         state = fields.pop("state")
         return Agent(
-            AgentConfig(**fields, tunnels=specs, state_dir=state, recorder=kw.get("recorder")),
-            on_event=reporter.event,
+            AgentConfig(**fields, tunnels=specs, state_dir=state), on_event=reporter.event
         )
 
     _run_client(
@@ -511,7 +504,7 @@ def tcp(
 ) -> None:
     """Expose LOCAL (PORT or HOST:PORT) as a public TCP port on the relay (or, with
     --private, as a service only connectors can reach)."""
-    from burrow.roles.agent import TcpTunnelSpec
+    from burrow.roles.services import TcpTunnelSpec
 
     reporter = Reporter(as_json=common["as_json"])
     try:
@@ -642,7 +635,7 @@ def http(
 ) -> None:
     """Expose the web service at LOCAL (PORT, HOST:PORT or URL) as http(s)://NAME.DOMAIN."""
     from burrow.http.policy import HttpOptions
-    from burrow.roles.agent import HttpTunnelSpec
+    from burrow.http.service import HttpTunnelSpec
 
     reporter = Reporter(as_json=common["as_json"])
     recorder = None
@@ -661,12 +654,12 @@ def http(
             response_header_add=response_header_add,
             response_header_remove=response_header_remove,
         )
-        spec = HttpTunnelSpec(options=options, name=_check_name(name))
         inspect_at = None if no_inspect else parse_hostport(inspect, 4040, listen=True)
         if inspect_at is not None:
             from burrow.http.inspector import ExchangeStore
 
             recorder = ExchangeStore()
+        spec = HttpTunnelSpec(options=options, name=_check_name(name), recorder=recorder)
     except BurrowError as exc:
         _fail(reporter, exc)
 
@@ -699,9 +692,7 @@ def http(
         reporter.event({"event": "inspector_ready", "url": f"http://{bound[0]}:{bound[1]}"})
         return inspector
 
-    _run_agent(
-        reporter, [spec], common, recorder=recorder, embedded_http=True, after_start=start_inspector
-    )
+    _run_agent(reporter, [spec], common, embedded_http=True, after_start=start_inspector)
 
 
 @main.command(name="exit")
@@ -718,7 +709,7 @@ def http(
 def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
     """Dial allow-listed addresses for connectors: a bastion with no sudo and no TUN device."""
     from burrow.allowlist import AllowList
-    from burrow.roles.agent import ExitSpec
+    from burrow.roles.services import ExitSpec
 
     reporter = Reporter(as_json=common["as_json"])
     try:
@@ -934,7 +925,8 @@ def up(config_path: Path, as_json: bool, verbose: int) -> None:
 
 def _spec_from_file(t: Any, base: Path) -> Any:
     """An agent's tunnel spec from a ``[[tunnel]]`` table of burrow.toml."""
-    from burrow.roles.agent import ExitSpec, HttpTunnelSpec, TcpTunnelSpec
+    from burrow.http.service import HttpTunnelSpec
+    from burrow.roles.services import ExitSpec, TcpTunnelSpec
 
     if t.kind == "exit":
         from burrow.allowlist import AllowList

@@ -126,9 +126,13 @@ class Reporter:
             table.add_column(column)
         for service, local in getattr(agent, "listeners", {}).items():
             table.add_row(service, "(private)", local, "-", "-")
-        recorder = getattr(getattr(agent, "config", None), "recorder", None)
-        if recorder is not None:
-            table.caption = http_stats(recorder.newest_first())
+        recorders = [
+            t.spec.recorder
+            for t in getattr(agent, "tunnels", [])
+            if getattr(t.spec, "recorder", None)
+        ]
+        if recorders:
+            table.caption = http_stats(recorders[0].newest_first())
         for tunnel in getattr(agent, "tunnels", []):
             options = getattr(tunnel.spec, "options", None)
             local = getattr(tunnel.spec, "local", None) or getattr(options, "local", None)

@@ -171,32 +171,10 @@ class Connector(RelayClient):
         if target is not None:
             info["target"] = target
         bridge = StreamBridge(conn, on_done=self._bridges.discard)
-        bridge.attach(conn.session.open_stream(info))
-        conn.flush()
+        bridge.open(info)
         self._bridges.add(bridge)
-        transport.set_protocol(bridge)
-        bridge.connection_made(transport)
-        if buffered:
-            bridge.data_received(buffered)
+        bridge.adopt(transport, buffered)
         return bridge
-
-
-def splice(channel: Channel, transport: asyncio.BaseTransport, early: bytes = b"") -> StreamBridge:
-    """Hand an accepted stream from a ``Channel`` to a ``StreamBridge`` on ``transport``, so
-    the data path runs on Protocols once a handshake (SOCKS, a readiness wait) is done."""
-    conn = channel.conn
-    conn.handlers.pop(channel.stream_id, None)
-    bridge = StreamBridge(conn)
-    bridge.attach(channel.stream_id)
-    transport.set_protocol(bridge)
-    bridge.connection_made(transport)
-    for chunk in channel.take_buffered():  # what the far end said first (a server greeting)
-        bridge.on_data(chunk)
-    if channel.at_eof():
-        bridge.on_end()
-    if early:
-        bridge.data_received(early)
-    return bridge
 
 
 class _ConnectorVisitor(asyncio.Protocol):
