@@ -28,10 +28,15 @@ LOCAL_DIAL_TIMEOUT = 10.0
 class Service(Protocol):
     """One thing an agent offers on a relay."""
 
-    #: The relay face it takes: "tcp" (a public port), "http", "private" or "exit" (names).
-    kind: str
-    #: The name asked for (None: any, or the one the relay gave last time).
-    name: str | None
+    @property
+    def kind(self) -> str:
+        """The relay face it takes: "tcp" (a public port), "http", "private" or "exit"."""
+        ...
+
+    @property
+    def name(self) -> str | None:
+        """The name asked for (None: any, or the one the relay gave last time)."""
+        ...
 
     @property
     def key(self) -> str:
