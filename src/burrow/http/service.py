@@ -55,7 +55,7 @@ class HttpTunnelSpec:
                 channel,
                 options=self.options,
                 peer=stream.src,
-                scheme=str(stream.info.get("scheme", "http")),
+                scheme=stream.opened.scheme or "http",
                 recorder=_BusyMarker(channel, self.recorder),
             )
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):

@@ -226,6 +226,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             if self._on_handshake is not None:
                 self._on_handshake(self)
         elif isinstance(event, HandshakeFailed):
+            error = self.session.internal_error
+            if error is not None:
+                log.error("refusing %s after an internal error", self.peer, exc_info=error)
             self.close_reason = f"refused {self.peer}: {event.message}"
             log.warning("refused client %s: %s", self.peer, event.message)
         elif isinstance(event, GoAwayReceived):

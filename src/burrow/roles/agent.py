@@ -40,6 +40,7 @@ from burrow.wire.messages import (
     Registered,
     TunnelMoved,
     parse_control,
+    parse_open,
     to_message,
 )
 
@@ -191,13 +192,17 @@ class Agent(RelayClient):
     # --- streams -----------------------------------------------------------------------------
 
     def on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
-        port = info.get("port")
-        if isinstance(port, int):
-            tunnel = self._by_port.get(port)
-        elif isinstance(info.get("http"), str):
-            tunnel = self._by_name.get(("http", info["http"]))
-        elif isinstance(info.get("service"), str):
-            tunnel = self._by_name.get(("svc", info["service"]))
+        try:
+            opened = parse_open(info)
+        except MessageError as exc:
+            conn.reset(stream_id, "not_allowed", str(exc))
+            return
+        if opened.port is not None:
+            tunnel = self._by_port.get(opened.port)
+        elif opened.http is not None:
+            tunnel = self._by_name.get(("http", opened.http))
+        elif opened.service is not None:
+            tunnel = self._by_name.get(("svc", opened.service))
         else:
             tunnel = None
         if tunnel is None:
@@ -205,7 +210,7 @@ class Agent(RelayClient):
             return
         tunnel.connections += 1
         tunnel.open_connections += 1
-        tunnel.spec.serve(IncomingStream(conn, stream_id, info, tunnel, self))
+        tunnel.spec.serve(IncomingStream(conn, stream_id, info, tunnel, self, opened))
 
     # --- remembered ports ------------------------------------------------------------------
 

@@ -33,11 +33,13 @@ from burrow.roles.registry import Holder, LeaseKey, MemoryRegistry, Registry
 from burrow.wire.messages import (
     ErrorReply,
     MessageError,
+    OpenInfo,
     Register,
     Registered,
     TunnelMoved,
     Unregister,
     parse_control,
+    parse_open,
     quote,
     to_message,
 )
@@ -662,8 +664,13 @@ class Relay:
         """A connector opens a stream to a private service or an exit: check, route, join."""
         from burrow.net.join import JoinHalf, join
 
-        name = info.get("service")
-        if not isinstance(name, str) or not name:
+        try:
+            opened = parse_open(info)
+        except MessageError as exc:
+            conn.reset(stream_id, "not_allowed", str(exc))
+            return
+        name = opened.service
+        if not name:
             conn.reset(stream_id, "not_allowed", "streams must name a service")
             return
         problem = self._scope_error(conn, "connect", name)
@@ -677,17 +684,22 @@ class Relay:
             return
         target = self.session_for(lease)
         if target is None:
-            conn.reset(stream_id, "unreachable", f"service {name!r} is offline (its agent is away)")
+            conn.reset(
+                stream_id, "unreachable", f"service {name!r} is offline (its agent is away)"
+            )
             return
-        forward: dict[str, Any] = {"service": name, "src": info.get("src") or _peer_list(conn)}
-        if lease.kind == "exit":
-            forward["target"] = info.get("target")
-        elif "target" in info:
+        if lease.kind != "exit" and opened.target is not None:
             conn.reset(stream_id, "not_allowed", f"{name!r} is not an exit")
             return
+        forward = OpenInfo(
+            service=name,
+            src=opened.src or _peer_address(conn),
+            target=opened.target if lease.kind == "exit" else None,
+            peer=self._holder(conn).token or ("secret" if conn.session.secret else "anonymous"),
+        )
         near = JoinHalf(conn, stream_id)
         far = JoinHalf(target)
-        far.open(forward)
+        far.open(forward.to_dict())
         join(near, far)
         self.visitor_opened()
         near.on_done = self.visitor_closed
@@ -833,10 +845,10 @@ def bind_error(
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
 
 
-def _peer_list(conn: SessionConnection) -> list[Any] | None:
+def _peer_address(conn: SessionConnection) -> tuple[str, int] | None:
     transport = conn.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
-    return [peer[0], peer[1]] if isinstance(peer, tuple) else None
+    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from burrow.net.bridge import StreamBridge
 from burrow.net.channel import Channel
 from burrow.net.connection import SessionConnection
 from burrow.wire import proxyproto
+from burrow.wire.messages import OpenInfo
 
 LOCAL_DIAL_TIMEOUT = 10.0
 
@@ -85,18 +86,19 @@ class IncomingStream:
 
     conn: SessionConnection
     stream_id: int
-    info: dict[str, Any]
+    info: dict[str, Any]  # the OPEN's metadata as sent
     tunnel: ActiveTunnel
     host: ServiceHost
+    opened: OpenInfo  # ... and checked
 
     @property
     def src(self) -> tuple[str, int]:
         """The visitor's address as the relay saw it (("", 0) if not given)."""
-        return address(self.info.get("src"))
+        return self.opened.src or ("", 0)
 
     @property
     def dst(self) -> tuple[str, int]:
-        return address(self.info.get("dst"))
+        return self.opened.dst or ("", 0)
 
     def bridge(self, header: bytes = b"") -> StreamBridge:
         """A socket bridge bound to this stream (connect it with ``dial``)."""
@@ -215,7 +217,7 @@ class ExitSpec:
 
     def serve(self, stream: IncomingStream) -> None:
         bridge = stream.bridge()
-        stream.spawn(self._dial(stream, bridge, stream.info.get("target")))
+        stream.spawn(self._dial(stream, bridge, stream.opened.target))
 
     async def _dial(self, stream: IncomingStream, bridge: StreamBridge, target: Any) -> None:
         """Resolve here (private DNS names work), check every address, dial the first allowed."""
@@ -238,16 +240,6 @@ class ExitSpec:
             stream.refuse(bridge, "not_allowed", str(reason))
             return
         await stream.dial(bridge, (allowed[0], port))
-
-
-def address(value: Any) -> tuple[str, int]:
-    """``[host, port]`` from an OPEN's metadata; ("", 0) if missing or malformed."""
-    if isinstance(value, list | tuple) and len(value) == 2:
-        try:
-            return str(value[0]), int(value[1])
-        except (TypeError, ValueError):
-            pass
-    return ("", 0)
 
 
 def parse_target(value: Any) -> tuple[str | None, int]:

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from burrow.errors import BurrowError
 from burrow.wire import handshake as hs
 from burrow.wire.errors import (
     BadFrame,
@@ -261,6 +262,8 @@ class Session:
         self.version = 0
         self.peer_identity: str | None = None
         self.close_reason: ProtocolError | HandshakeRejected | None = None
+        #: A bug met while handling the peer's input (a verifier that raised), for the log.
+        self.internal_error: Exception | None = None
         self._decoder = FrameDecoder()
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
@@ -405,8 +408,11 @@ class Session:
             self.scope = self.token_verifier(
                 auth.token or "", auth.token_mac or "", hs.transcript(self._peer_nonce, self._nonce)
             )
-        except Exception as exc:  # the verifier's errors are the refusal's message
-            return self._reject("auth", str(exc) or "invalid token")
+        except BurrowError as exc:  # the verifier's refusals are written for the peer
+            return self._reject("auth", str(exc)[:512] or "invalid token")
+        except Exception as exc:  # anything else is a bug, and its text is not for the peer
+            self.internal_error = exc
+            return self._reject("auth", "invalid token")
         return self._finish_auth(auth)
 
     def _finish_auth(self, auth: hs.Auth) -> list[Event]:
