@@ -191,10 +191,7 @@ async def aforward(
         raise
     tunnel = agent.tunnels[0]
     url = tunnel.public or ""
-    if embedded is not None and proto == "http" and embedded.http is not None:
-        host, http_port = embedded.http.addresses["http"]
-        url = f"http://{host}:{http_port}"  # the embedded relay routes any Host to its one name
-    elif proto == "tcp" and embedded is not None:
+    if proto == "tcp" and embedded is not None:
         url = f"tcp://127.0.0.1:{tunnel.port}"
     return AsyncTunnel(
         url=url, name=tunnel.name or spec.key, local=local_text, agent=agent, relay=embedded

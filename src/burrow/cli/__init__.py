@@ -7,4 +7,3 @@ from burrow.cli import agent, connect, lambda_, relay, token
 from burrow.cli.common import main
 
 __all__ = ["agent", "connect", "lambda_", "main", "relay", "token"]
-

@@ -272,13 +272,15 @@ def http(
     envvar="BURROW_ALLOW",
     help="CIDR[:PORTS],... the exit may dial (repeatable).",
 )
-@client_options(embedded=True)
+@client_options(embedded=False)
 def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
     """Dial allow-listed addresses for connectors: a bastion with no sudo and no TUN device."""
     from burrow.kinds import exit_service
 
     reporter = Reporter(as_json=common["as_json"])
     try:
+        if not common["relay_addr"]:
+            raise ConfigError("burrow exit needs a relay: pass --to RELAY (or BURROW_RELAY)")
         service = exit_service(check_name(name) or name, allow)
     except BurrowError as exc:
         fail(reporter, exc)

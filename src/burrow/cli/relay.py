@@ -18,7 +18,7 @@ from burrow.cli.common import (
 )
 from burrow.cli_output import Reporter
 from burrow.config import DEFAULT_RELAY_PORT, parse_hostport
-from burrow.errors import BurrowError
+from burrow.errors import BurrowError, ConfigError
 
 
 @main.command()
@@ -37,7 +37,7 @@ from burrow.errors import BurrowError
 @option(
     "--min-port",
     type=int,
-    default=1024,
+    default=20000,
     show_default=True,
     envvar="BURROW_MIN_PORT",
     help="Lowest public port a TCP tunnel may get.",
@@ -45,7 +45,7 @@ from burrow.errors import BurrowError
 @option(
     "--max-port",
     type=int,
-    default=65535,
+    default=30000,
     show_default=True,
     envvar="BURROW_MAX_PORT",
     help="Highest public port a TCP tunnel may get.",
@@ -90,6 +90,12 @@ from burrow.errors import BurrowError
     is_flag=True,
     envvar="BURROW_INSECURE",
     help="Plaintext control port (no TLS). Agents must pass --insecure too.",
+)
+@option(
+    "--allow-anonymous",
+    is_flag=True,
+    envvar="BURROW_ALLOW_ANONYMOUS",
+    help="Let in agents with neither --secret nor a token (anyone who reaches the relay).",
 )
 @option(
     "--lease-grace",
@@ -137,6 +143,7 @@ def relay(
     hostnames: tuple[str, ...],
     public_host: str | None,
     insecure: bool,
+    allow_anonymous: bool,
     lease_grace: float,
     heartbeat: float,
     admin: str | None,
@@ -152,6 +159,10 @@ def relay(
     setup_logging(verbose)
     reporter = Reporter(as_json=as_json)
     try:
+        if secret == "":
+            raise ConfigError(
+                "--secret is empty (is $SECRET unset?); give a secret, or leave the flag out"
+            )
         host, port = parse_hostport(listen, DEFAULT_RELAY_PORT, listen=True)
         config = RelayConfig(
             listen_host=host,
@@ -162,6 +173,7 @@ def relay(
             bind_tunnels=bind_tunnels,
             state_dir=state_dir,
             insecure=insecure,
+            allow_anonymous=allow_anonymous,
             tls_cert=tls_cert,
             tls_key=tls_key,
             hostnames=hostnames,

@@ -58,7 +58,7 @@ def token_issue(
         if not expose and not connect_names:
             raise ConfigError("a token needs --expose and/or --connect names")
         seconds = parse_ttl(ttl)
-        key = TokenKey.load_or_create(state_dir or default_state_dir("relay"))
+        key = TokenKey.load(state_dir or default_state_dir("relay"))
         text = mint(key, list(expose), list(connect_names), seconds, _time.time())
     except BurrowError as exc:
         fail(reporter, exc)
@@ -70,6 +70,28 @@ def token_issue(
         f", {'no expiry' if seconds is None else 'valid ' + ttl}\n"
     )
     click.echo(text)
+
+
+@token.command("init")
+@option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_STATE_DIR",
+    help="The relay's state directory [default: ~/.local/state/burrow/relay].",
+)
+def token_init(state_dir: Path | None) -> None:
+    """Create the relay's token key (once); a running relay accepts its tokens at once."""
+    from burrow.net.tls import default_state_dir
+    from burrow.tokens import KEY_FILE, TokenKey
+
+    reporter = Reporter(as_json=False)
+    directory = state_dir or default_state_dir("relay")
+    try:
+        key, created = TokenKey.create(directory)
+    except BurrowError as exc:
+        fail(reporter, exc)
+    verb = "created" if created else "already had"
+    click.echo(f"{verb} token key {key.kid} at {directory / KEY_FILE}")
 
 
 @token.command("revoke")

@@ -80,6 +80,13 @@ class HttpFrontend:
         return self.addresses[scheme]
 
     def describe(self, kind: str, name: str) -> dict[str, Any]:
+        """The URL visitors use. A loopback relay that routes any Host to its one tunnel
+        gives 127.0.0.1:PORT, which resolves everywhere (NAME.localhost does only in some
+        resolvers: browsers, systemd's)."""
+        if self.use_fallback and "http" in self.addresses:
+            host, port = self.addresses["http"]
+            if host in ("127.0.0.1", "::1"):
+                return {"url": f"http://{format_hostport(host, port)}"}
         return {"url": self.url_for(name)}
 
     def resolve(self, name: str) -> Route | None:
@@ -122,6 +129,53 @@ class HttpFrontend:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+
+
+class _VisitorBridge(StreamBridge):
+    """A visitor's connection to its tunnel: if the agent goes away before a byte of the
+    response came back, the visitor gets the relay's 502 page rather than a dropped socket."""
+
+    __slots__ = ("answered", "name")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered = False
+        self.name = ""
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        self.answered = True
+        super().on_data(data)
+
+    def on_reset(self, code: str, reason: str) -> None:
+        transport = self.transport
+        if not self.answered and transport is not None and not transport.is_closing():
+            body = _page(
+                "Tunnel offline",
+                f"The tunnel {self.name!r} went offline before it answered: its agent is "
+                "not connected right now.",
+            )
+            transport.write(_response(502, "Bad Gateway", "text/html; charset=utf-8", body))
+            self.transport = None  # close after the page, not with a reset
+            transport.close()
+        super().on_reset(code, reason)
+
+
+def _page(title: str, message: str) -> bytes:
+    heading = html.escape(title)
+    return (
+        "<!doctype html><meta charset=utf-8><title>"
+        f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
+        f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
+    ).encode()
+
+
+def _response(status: int, reason: str, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+        "Server: burrow\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 class _HeadReader(asyncio.Protocol):
@@ -201,7 +255,8 @@ class _HeadReader(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and frontend.relay is not None
         relay = frontend.relay
-        bridge = StreamBridge(conn, on_done=lambda _bridge: relay.visitor_closed())
+        bridge = _VisitorBridge(conn, on_done=lambda _bridge: relay.visitor_closed())
+        bridge.name = route.name
         bridge.open(visitor_info(transport, http=route.name, scheme=self.scheme))
         relay.visitor_opened()
         head, self.buffer = bytes(self.buffer), bytearray()
@@ -235,23 +290,13 @@ class _HeadReader(asyncio.Protocol):
         self._write(status, "OK" if status == 200 else "Not Found", "application/json", payload)
 
     def _answer(self, status: int, reason: str, message: str, *, title: str | None = None) -> None:
-        heading = html.escape(title or f"{status} {reason}")
-        page = (
-            "<!doctype html><meta charset=utf-8><title>"
-            f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
-            f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
-        ).encode()
+        page = _page(title or f"{status} {reason}", message)
         self._write(status, reason, "text/html; charset=utf-8", page)
 
     def _write(self, status: int, reason: str, content_type: str, body: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
-            "Server: burrow\r\n\r\n"
-        ).encode()
-        transport.write(head + body)
+        transport.write(_response(status, reason, content_type, body))
         transport.close()
         self.transport = None

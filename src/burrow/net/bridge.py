@@ -31,10 +31,12 @@ class StreamBridge(asyncio.Protocol):
     """Protocol for the socket side; ``SessionConnection`` calls the ``on_*`` methods."""
 
     __slots__ = (
+        "_accepted",
         "_closed",
         "_eof_received",
         "_fin_sent",
         "_on_done",
+        "_on_refused",
         "_outbox",
         "_pre_connect",
         "_reading_paused",
@@ -55,12 +57,16 @@ class StreamBridge(asyncio.Protocol):
         *,
         header: bytes = b"",
         on_done: Callable[[StreamBridge], None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.transport: asyncio.Transport | None = None
         self.header = header  # written to the socket first (a PROXY protocol header)
         self._on_done = on_done
+        #: Told (code, reason) when the far end resets a stream it never accepted.
+        self._on_refused = on_refused
+        self._accepted = False
         self._outbox = Outbox(conn, stream_id)  # socket bytes waiting for credit
         self._pre_connect: list[bytes] = []  # stream bytes that came before the socket
         self._unconsumed = 0  # bytes written to a backed-up socket, credit not yet returned
@@ -167,7 +173,7 @@ class StreamBridge(asyncio.Protocol):
         self._update_reading()
 
     def on_accept(self) -> None:
-        pass
+        self._accepted = True
 
     def on_end(self) -> None:
         self._remote_fin = True
@@ -175,6 +181,8 @@ class StreamBridge(asyncio.Protocol):
             self._write_eof()
 
     def on_reset(self, code: str, reason: str) -> None:
+        if not self._accepted and self._on_refused is not None:
+            self._on_refused(code, reason)
         self._pre_connect = []
         self._outbox.clear()
         self._remote_fin = True

@@ -215,7 +215,7 @@ class RelayClient:
             raise describe_ssl_error(exc, label) from None
         except ConnectionRefusedError:
             raise RelayUnavailable(
-                f"relay {label} refused the connection; is `burrow relay` running there?"
+                f"relay {label} refused the connection (is `burrow relay` running there?)"
             ) from None
         except OSError as exc:
             raise RelayUnavailable(f"cannot reach relay {label}: {exc.strerror or exc}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import random
 import socket
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from burrow.config import DEFAULT_RELAY_PORT
-from burrow.errors import ConfigError, TunnelError
+from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
 from burrow.net.connection import SessionConnection, new_session
@@ -61,8 +62,8 @@ class RelayConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_CONTROL_PORT
     secret: str | None = None
-    min_port: int = 1024
-    max_port: int = 65535
+    min_port: int = 20000
+    max_port: int = 30000
     bind_tunnels: str | None = None  # default: the control listener's host
     state_dir: Path | None = None
     insecure: bool = False
@@ -82,6 +83,9 @@ class RelayConfig:
     http_fallback: bool = False
     #: This node's name in a registry shared with other nodes.
     node_id: str = ""
+    #: Let in clients with neither the secret nor a token. Off by default; a loopback relay
+    #: with no secret and no token key lets them in anyway (nobody else can reach it).
+    allow_anonymous: bool = False
 
     def validate(self) -> None:
         import re
@@ -98,6 +102,7 @@ class RelayConfig:
             raise ConfigError("--lease-grace must not be negative")
         if not 0.05 <= self.heartbeat <= 3600:
             raise ConfigError("--heartbeat must be between 0.05 and 3600 seconds")
+
         domain = rf"(?=.{{1,253}}$){_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*"
         if not re.fullmatch(domain, self.domain):
             raise ConfigError(
@@ -283,21 +288,78 @@ class Relay:
         )
 
     def _load_tokens(self) -> None:
-        """Accept scoped tokens when ``burrow token issue`` made a key in the state dir."""
+        """Tokens signed with the key in the state directory are accepted from the moment the
+        key exists (``burrow token init``), without a restart; a key that changes (rotation)
+        is read again. A relay others can reach with no secret requires tokens: it makes its
+        key now if there is none, and says how to mint them."""
         from burrow.net.tls import default_state_dir
 
-        state_dir = self.config.state_dir or default_state_dir("relay")
-        if not (state_dir / "token.key").is_file():
-            return
-        from burrow.tokens import TokenKey, TokenVerifier
+        config = self.config
+        self._token_state_dir = state_dir = config.state_dir or default_state_dir("relay")
+        self._key_stamp: Any = None
+        self._key: Any = None
+        if config.allow_anonymous:
+            emit(
+                self.on_event,
+                "warning",
+                message="--allow-anonymous: anyone who reaches this relay may open tunnels on it",
+            )
+        elif config.secret is None and not _is_loopback(config.listen_host):
+            from burrow.tokens import TokenKey
 
-        key = TokenKey.load_or_create(state_dir)
-        self._token_state_dir = state_dir
+            _, created = TokenKey.create(state_dir)
+            emit(
+                self.on_event,
+                "tokens_required",
+                key=str(state_dir / "token.key"),
+                created=created,
+                hint=f"agents need a token: burrow token issue --state-dir {state_dir} ...",
+            )
 
         def verify(claims: str, mac: str, transcript: bytes) -> Any:
+            from burrow.tokens import TokenError, TokenVerifier
+
+            try:
+                key = self._token_key()
+            except BurrowError as exc:
+                log.error("cannot use the token key: %s", exc)
+                raise TokenError(
+                    "this relay cannot read its token key; tell its operator"
+                ) from None
+            if key is None:
+                raise TokenError(
+                    "this relay has no token key yet; use its --secret, or mint tokens on the "
+                    "relay's machine (`burrow token init`, then `burrow token issue`)",
+                    "no_key",
+                )
             return TokenVerifier(key, self._denied()).verify(claims, mac, transcript, time.time())
 
         self._token_verifier = verify
+
+    def _token_key(self) -> Any:
+        """The token key as the state directory holds it now (None if there is none)."""
+        from burrow.tokens import KEY_FILE, TokenKey
+
+        assert self._token_state_dir is not None
+        try:
+            stamp: Any = (self._token_state_dir / KEY_FILE).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._key_stamp:
+            self._key_stamp = stamp
+            self._key = TokenKey.load(self._token_state_dir) if stamp is not None else None
+        return self._key
+
+    def _anonymous_allowed(self) -> bool:
+        config = self.config
+        if config.allow_anonymous:
+            return True
+        if config.secret is not None or not _is_loopback(config.listen_host):
+            return False
+        try:
+            return self._token_key() is None
+        except BurrowError:
+            return False
 
     def _denied(self) -> frozenset[str]:
         """The token deny list, re-read when its file changes, so a revocation applies to the
@@ -426,7 +488,7 @@ class Relay:
             secret=self.config.secret,
             heartbeat=self.config.heartbeat,
             token_verifier=self._token_verifier,
-            allow_anonymous=self.config.secret is None and self._token_verifier is None,
+            allow_anonymous=self._anonymous_allowed(),
         )
         conn = SessionConnection(
             session,
@@ -684,9 +746,7 @@ class Relay:
             return
         target = self.session_for(lease)
         if target is None:
-            conn.reset(
-                stream_id, "unreachable", f"service {name!r} is offline (its agent is away)"
-            )
+            conn.reset(stream_id, "unreachable", f"service {name!r} is offline (its agent is away)")
             return
         if lease.kind != "exit" and opened.target is not None:
             conn.reset(stream_id, "not_allowed", f"{name!r} is not an exit")
@@ -843,6 +903,15 @@ def bind_error(
         message = f"cannot listen on {address} ({what}): {exc.strerror or exc}"
         code = "bind_failed"
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _peer_address(conn: SessionConnection) -> tuple[str, int] | None:

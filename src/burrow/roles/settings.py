@@ -59,9 +59,7 @@ class ClientSettings:
         if self.relay is not None:
             parse_hostport(self.relay, DEFAULT_RELAY_PORT)
 
-    def build(
-        self, kind: type[C], *, relay: tuple[str, int] | None = None, **extra: Any
-    ) -> C:
+    def build(self, kind: type[C], *, relay: tuple[str, int] | None = None, **extra: Any) -> C:
         """The role's config (``ClientConfig`` or a subclass, with ``extra`` fields). An
         embedded relay's address comes as ``relay``; the session to it is plaintext, since it
         never leaves the process."""
