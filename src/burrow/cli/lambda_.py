@@ -29,6 +29,7 @@ def lambda_layer() -> None:
     default="layer.zip",
     show_default=True,
     envvar="BURROW_LAYER_OUTPUT",
+    help="Where to write the layer zip.",
 )
 @option(
     "--python-version",

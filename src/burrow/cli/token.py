@@ -96,7 +96,12 @@ def token_init(state_dir: Path | None) -> None:
 
 @token.command("revoke")
 @click.argument("token_id")
-@option("--state-dir", type=click.Path(path_type=Path), envvar="BURROW_STATE_DIR")
+@option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_STATE_DIR",
+    help="The relay's state directory [default: ~/.local/state/burrow/relay].",
+)
 def token_revoke(token_id: str, state_dir: Path | None) -> None:
     """Refuse the token with this id from the next handshake or stream on."""
     from burrow.net.tls import default_state_dir
