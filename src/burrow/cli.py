@@ -1021,5 +1021,9 @@ def lambda_layer_build(output: Path, python_version: str, arch: str, no_deps: bo
     click.echo(f"{path} {path.stat().st_size} bytes")
 
 
+from burrow.cli_doctor import doctor  # noqa: E402  (attached here until the CLI is reshaped)
+
+main.add_command(doctor)
+
 if __name__ == "__main__":
     main()
