@@ -56,11 +56,14 @@ class PgProbe:
         self.backend_key: tuple[int, bytes] | None = None
         self.notices: list[str] = []
         self.rtt = 0.0
+        self.pending: list[pgwire.Message] = []  # read ahead by auth, for the session
 
     # --- I/O helpers -------------------------------------------------------------------------
 
     async def _read(self, timeout: float) -> pgwire.Message:
         assert self.link is not None
+        if self.pending:
+            return self.pending.pop(0)
         deadline = time.perf_counter() + timeout
         while True:
             message = self.reader.next()
@@ -146,6 +149,9 @@ class PgProbe:
             if first == b"S":
                 return "SSLRequest answered 'S': the server is ready for TLS"
             return "SSLRequest answered 'N': the server has TLS off"
+        other = identify(data)
+        if other is not None and not other.startswith("a PostgreSQL"):
+            raise not_this_service("PostgreSQL", other)
         if first == b"S":
             raise PhaseFailed(
                 f"'S' followed by {len(data) - 1} more bytes before TLS",
@@ -153,9 +159,6 @@ class PgProbe:
                 "path injects data (CVE-2021-23222 buffer stuffing)",
                 "do not trust this path; find the device that injects bytes",
             )
-        other = identify(data)
-        if other is not None and not other.startswith("a PostgreSQL"):
-            raise not_this_service("PostgreSQL", other)
         if first == b"E":
             raise PhaseFailed(
                 "SSLRequest answered with an ErrorResponse (not shown: it is unauthenticated)",
@@ -289,6 +292,18 @@ class PgProbe:
             request = pgwire.parse_auth(message.body)
             code = request.code
             if code == pgwire.AUTH_OK:
+                # The database and connection limits are checked after AuthenticationOk: an
+                # ErrorResponse right after it (3D000, 53300) is still the login's answer.
+                try:
+                    after = await self._read(timeout)
+                except TimeoutError:
+                    after = None
+                except _Gone as gone:
+                    raise self._gone_during_auth(gone.how) from None
+                if after is not None and after.type == b"E":
+                    raise self._auth_error(pgwire.parse_error(after.body), method)
+                if after is not None:
+                    self.pending.append(after)
                 tls = "over TLS" if self.link.tls else "in plaintext"
                 extra = f"; {'; '.join(notes)}" if notes else ""
                 return f"method {method}: authenticated as {self.t.user} {tls}{extra}"
