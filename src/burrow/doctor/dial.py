@@ -155,7 +155,7 @@ class Dialer:
     # --- dns ---------------------------------------------------------------------------------
 
     async def resolve(self) -> str:
-        host = self.target.host
+        host = self.target.address
         if _is_ip(host):
             self.addresses = [host.strip("[]")]
             return f"{host} is an IP address: nothing to resolve"
@@ -245,7 +245,7 @@ class Dialer:
 
     async def _dial_direct(self) -> tuple[Link, str]:
         port = self.target.port
-        addresses = self.addresses or [self.target.host]
+        addresses = self.addresses or [self.target.address]
         last: PhaseFailed | None = None
         for address in addresses[:4]:
             try:
@@ -259,8 +259,8 @@ class Dialer:
 
     async def _socks(self, link: Link) -> str:
         target = self.target
-        client = SocksClient(target.host, target.port, self.via.credentials)
-        t = target.hostport
+        client = SocksClient(target.address, target.port, self.via.credentials)
+        t = target.dial_hostport
         try:
             await link.send(client.start(), self.timeout)
             while not client.done:
@@ -307,9 +307,9 @@ class Dialer:
         return f"SOCKS5 {self.via.display}: reply 0x00 (succeeded) for {t}{bound}"
 
     async def _connect(self, link: Link) -> str:
-        t = self.target.hostport
+        t = self.target.dial_hostport
         await link.send(
-            connect_request(self.target.host, self.target.port, self.via.credentials),
+            connect_request(self.target.address, self.target.port, self.via.credentials),
             self.timeout,
         )
         head = b""
@@ -359,7 +359,7 @@ class Dialer:
         if self._connector is None:
             self._connector = await self._start_connector()
         connector = self._connector
-        t = self.target.hostport
+        t = self.target.dial_hostport
         name = self.via.name
         try:
             channel = connector.open_channel(name, t)

@@ -63,6 +63,17 @@ class Target:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
+    def address(self) -> str:
+        """Where to connect: libpq's ``hostaddr`` when given (the name then only serves the
+        certificate check, as through a local forwarder), else the host."""
+        return self.params.get("hostaddr") or self.host
+
+    @property
+    def dial_hostport(self) -> str:
+        a = self.address
+        return f"[{a}]:{self.port}" if ":" in a else f"{a}:{self.port}"
+
+    @property
     def direct_tls(self) -> bool:
         """TLS from the first byte (rediss, https, PostgreSQL's sslnegotiation=direct)."""
         return self.scheme in ("rediss", "https") or (
