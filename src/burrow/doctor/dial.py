@@ -361,41 +361,54 @@ class Dialer:
         connector = self._connector
         t = self.target.dial_hostport
         name = self.via.name
-        try:
-            channel = connector.open_channel(name, t)
-        except BurrowError as exc:
-            raise PhaseFailed(
-                f"no session to the relay: {exc}",
-                f"the session to the relay is down: {exc}",
-                "check the relay is up, then retry",
-            ) from None
-        try:
-            async with asyncio.timeout(self.timeout):
-                await channel.wait_accepted()
-        except TimeoutError:
-            channel.reset("timeout", "doctor gave up")
-            raise PhaseFailed(
-                f"burrow:{name} did not accept the stream within {self.timeout:g} s",
-                f"the agent offering {name} did not answer in time",
-                "check the agent's log; raise --timeout if the far side is slow",
-            ) from None
-        except ChannelReset as exc:
-            cause, fix = _RESET_CAUSES.get(
-                exc.code, ("the far side reset the stream", "see the agent's log")
-            )
-            raise PhaseFailed(
-                f"burrow:{name} refused the stream to {t}: reset {exc.code}: "
-                f"{exc.reason or exc.code}",
-                f"burrow reset {exc.code}: " + cause.format(t=t) + f" ({exc.reason})",
-                fix.format(t=t),
-            ) from None
+        # NAME is an exit (it dials the URL's host:port) or a private service (its address is
+        # fixed); the relay says which by refusing a target for a service.
+        target: str | None = t
+        for _ in range(2):
+            try:
+                channel = connector.open_channel(name, target)
+            except BurrowError as exc:
+                raise PhaseFailed(
+                    f"no session to the relay: {exc}",
+                    f"the session to the relay is down: {exc}",
+                    "check the relay is up, then retry",
+                ) from None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await channel.wait_accepted()
+            except TimeoutError:
+                channel.reset("timeout", "doctor gave up")
+                raise PhaseFailed(
+                    f"burrow:{name} did not accept the stream within {self.timeout:g} s",
+                    f"the agent offering {name} did not answer in time",
+                    "check the agent's log; raise --timeout if the far side is slow",
+                ) from None
+            except ChannelReset as exc:
+                if (
+                    target is not None
+                    and exc.code == "not_allowed"
+                    and "not an exit" in (exc.reason)
+                ):
+                    target = None
+                    continue
+                cause, fix = _RESET_CAUSES.get(
+                    exc.code, ("the far side reset the stream", "see the agent's log")
+                )
+                raise PhaseFailed(
+                    f"burrow:{name} refused the stream to {t}: reset {exc.code}: "
+                    f"{exc.reason or exc.code}",
+                    f"burrow reset {exc.code}: " + cause.format(t=t) + f" ({exc.reason})",
+                    fix.format(t=t),
+                ) from None
+            break
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock=theirs)
         splice(channel, transport)
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        what = f"exit {name} to {t}" if target else f"private service {name}"
         return Link(reader, writer), (
-            f"burrow stream to {name} (target {t}) accepted via relay {connector.relay_label}"
+            f"burrow stream to {what} accepted via relay {connector.relay_label}"
         )
 
     async def _start_connector(self) -> Any:
