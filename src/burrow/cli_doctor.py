@@ -220,12 +220,20 @@ def doctor(
     settings = BurrowSettings(relay, token, secret, fingerprint, ca, insecure)
     out.header(target.display, via_spec.display)
 
+    status: Any = None
+
+    def started(phase: str) -> None:
+        if status is not None:
+            status.update(f"{phase} …")
+
     async def run() -> Any:
-        return await diagnose(target, via_spec, options, burrow=settings, on_phase=out.phase)
+        return await diagnose(
+            target, via_spec, options, burrow=settings, on_phase=out.phase, on_start=started
+        )
 
     try:
         if out.console is not None:
-            with out.console.status("diagnosing …", spinner="dots"):
+            with out.console.status("starting …", spinner="dots") as status:
                 checklist = asyncio.run(run())
         else:
             checklist = asyncio.run(run())

@@ -40,6 +40,7 @@ async def diagnose(
     *,
     burrow: BurrowSettings | None = None,
     on_phase: Callable[[PhaseResult], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> Checklist:
     """Run every phase that applies to ``target``; the checklist holds results and verdict."""
     from burrow.doctor.probe_mysql import MySqlProbe
@@ -54,7 +55,7 @@ async def diagnose(
         "http": HttpProbe,
         "tcp": TcpProbe,
     }
-    checklist = Checklist(on_phase)
+    checklist = Checklist(on_phase, on_start)
     dialer = Dialer(target, via, options.timeout, burrow)
     probe = probes[target.kind](target, dialer, checklist, options)
     try:

@@ -80,6 +80,7 @@ class Checklist:
     """Runs phases in order, times them, reports each as it completes, keeps the first fault."""
 
     on_phase: Callable[[PhaseResult], None] | None = None
+    on_start: Callable[[str], None] | None = None  # a phase begins (a live display's spinner)
     results: list[PhaseResult] = field(default_factory=list)
     failure: tuple[str, PhaseFailed] | None = None
     notes: list[tuple[str, str, str]] = field(default_factory=list)  # layer, cause, fix
@@ -92,6 +93,8 @@ class Checklist:
     async def run(self, phase: str, step: Callable[[], Awaitable[str]]) -> bool:
         """Run ``step`` as ``phase``; True if it passed. A failure that should stop the probe
         raises ``Stop`` after it is recorded."""
+        if self.on_start is not None:
+            self.on_start(phase)
         start = time.perf_counter()
         try:
             detail = await step()
