@@ -307,3 +307,58 @@ def pgbouncer(pool_mode: str = "transaction") -> Iterator[int]:
             _stop(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_mariadb() -> Iterator[dict[str, Any]]:
+    """A private MariaDB with TLS (a trustme CA; certificate for 127.0.0.1 and localhost) on a
+    free port: the system server has no TLS, and the doctor's TLS path needs one that does."""
+    import trustme
+
+    install = shutil.which("mariadb-install-db")
+    server = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+    if install is None or not os.path.exists(server):
+        raise RuntimeError("MariaDB server binaries are not installed (Debian: mariadb-server)")
+    tmp = Path(tempfile.mkdtemp(prefix="burrow-mariadb-"))
+    as_root = os.geteuid() == 0
+    user = ["--user=mysql"] if as_root else []
+    try:
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        (tmp / "ca.pem").write_bytes(ca.cert_pem.bytes())
+        (tmp / "cert.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+        (tmp / "key.pem").write_bytes(cert.private_key_pem.bytes())
+        if as_root:
+            pw = pwd.getpwnam("mysql")
+            for path in (tmp, *tmp.iterdir()):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        fast = [
+            "--innodb-flush-method=nosync",
+            "--innodb-log-file-size=4M",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-doublewrite=0",
+            "--innodb-flush-log-at-trx-commit=0",
+        ]
+        subprocess.run(
+            [install, "--no-defaults", f"--datadir={tmp}/data", *user, "--skip-test-db",
+             "--auth-root-authentication-method=normal", "--skip-name-resolve", *fast],
+            check=True, capture_output=True, timeout=120 * SCALE,
+        )  # fmt: skip
+        port = free_port()
+        proc = subprocess.Popen(
+            [server, "--no-defaults", f"--datadir={tmp}/data", *user, f"--port={port}",
+             "--bind-address=127.0.0.1", f"--socket={tmp}/mysqld.sock", "--skip-name-resolve",
+             f"--pid-file={tmp}/mysqld.pid", f"--log-error={tmp}/error.log",
+             f"--ssl-ca={tmp}/ca.pem", f"--ssl-cert={tmp}/cert.pem", f"--ssl-key={tmp}/key.pem",
+             *fast],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            if not _wait_port(port, proc, 30):
+                log = (tmp / "error.log").read_text(errors="replace")[-500:]
+                raise RuntimeError(f"mariadbd did not start: {log}")
+            yield {"port": port, "socket": str(tmp / "mysqld.sock"), "ca": str(tmp / "ca.pem")}
+        finally:
+            _stop(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,12 +9,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pymysql
 import pytest
 import redis
 
-from doctor_support import _stop, _wait_port, doctor, phases
+from doctor_support import _stop, _wait_port, doctor, phases, throwaway_mariadb
 from helpers import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -178,3 +179,46 @@ async def test_redis_server_timeout_is_named_on_idle(redis_server: tuple[int, st
     assert verdict.layer == "idle"
     assert "timeout 1 s" in phases(checklist)["session"].detail
     assert "the server's own timeout setting (1 s)" in verdict.cause
+
+
+# ---- a MariaDB with TLS ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_mariadb() -> Iterator[dict[str, Any]]:
+    with throwaway_mariadb() as server:
+        password = secrets.token_urlsafe(12)
+        conn = pymysql.connect(unix_socket=server["socket"], user="root", autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("CREATE USER 'secure'@'%%' IDENTIFIED BY %s REQUIRE SSL", (password,))
+        conn.close()
+        yield {**server, "password": password}
+
+
+async def test_mariadb_over_tls_verified(tls_mariadb: dict[str, Any]) -> None:
+    url = (
+        f"mysql://secure:{tls_mariadb['password']}@127.0.0.1:{tls_mariadb['port']}/"
+        f"?ssl-mode=VERIFY_IDENTITY&ssl-ca={tls_mariadb['ca']}"
+    )
+    checklist = await doctor(url, payload=False)
+    assert checklist.passed, checklist.results
+    got = phases(checklist)
+    assert "TLS offered" in got["hello"].detail
+    assert "verified, name checked" in got["tls"].detail and "TLSv1." in got["tls"].detail
+    assert "logged in as secure over TLS" in got["auth"].detail
+
+
+async def test_mariadb_require_ssl_account_told_apart_by_a_tls_retry(
+    tls_mariadb: dict[str, Any],
+) -> None:
+    url = f"mysql://secure:{tls_mariadb['password']}@127.0.0.1:{tls_mariadb['port']}/"
+    checklist = await doctor(url + "?ssl-mode=DISABLED", payload=False)
+    verdict = checklist.verdict()
+    assert verdict.layer == "auth"
+    assert "the same login over TLS succeeds" in phases(checklist)["auth"].detail
+    assert "requires TLS (REQUIRE SSL)" in verdict.cause
+    assert "ssl-mode=REQUIRED" in verdict.fix
+    # A wrong password is not mistaken for it: the TLS retry fails too.
+    wrong = await doctor(url.replace(tls_mariadb["password"], "wrong") + "?ssl-mode=DISABLED")
+    assert "REQUIRE SSL" not in wrong.verdict().cause
+    assert "password is wrong" in wrong.verdict().cause
