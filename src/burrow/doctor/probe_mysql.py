@@ -210,6 +210,7 @@ class MySqlProbe:
                     f"have_ssl=DISABLED) but ssl-mode={_mysql_mode(t.tls_mode)} requires it",
                     "configure ssl_cert, ssl_key (and ssl_ca) on the server and restart it; or, "
                     "on an already encrypted path, use ssl-mode=PREFERRED",
+                    go_on=True,  # the login's scramble never reveals the password
                 )
 
             await self.cl.run("tls", refuse)

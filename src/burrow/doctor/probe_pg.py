@@ -28,7 +28,7 @@ from burrow.doctor.link import Link
 from burrow.doctor.model import Checklist, PhaseFailed
 from burrow.doctor.scram import ScramClient, ScramError, tls_server_end_point
 from burrow.doctor.target import Target
-from burrow.doctor.tlsprobe import handshake
+from burrow.doctor.tlsprobe import TlsResult, handshake
 
 SHOWN_PARAMETERS: Final = ("server_encoding", "client_encoding", "TimeZone", "DateStyle")
 NEEDS_TLS: Final = ("require", "verify-ca", "verify-full")
@@ -59,6 +59,7 @@ class PgProbe:
         self.notices: list[str] = []
         self.rtt = 0.0
         self.pending: list[pgwire.Message] = []  # read ahead by auth, for the session
+        self.tls_refused = False  # TLS was required and the server has none: go on in plaintext
 
     # --- I/O helpers -------------------------------------------------------------------------
 
@@ -219,9 +220,11 @@ class PgProbe:
                     "turn TLS on in postgresql.conf (ssl = on, ssl_cert_file, ssl_key_file) and "
                     "reload; or, where the path is already encrypted (burrow's session, a VPN; "
                     "`burrow pg` answers 'N' by design), use sslmode=prefer or disable",
+                    go_on=True,  # the login in plaintext still tells whether the rest works
                 )
 
             await cl.run("tls", refuse)
+            self.tls_refused = True
             return
         cl.skip("tls", f"the server has TLS off: sslmode={t.tls_mode} goes on in plaintext")
 
@@ -234,7 +237,18 @@ class PgProbe:
 
     async def _tls(self) -> str:
         assert self.link is not None
-        result = await handshake(
+        try:
+            result = await self._handshake()
+        except PhaseFailed as exc:
+            if self.t.direct_tls:
+                exc.cause += " (sslnegotiation=direct needs PostgreSQL 17 or later)"
+                exc.fix += "; or drop sslnegotiation=direct for servers before 17"
+            raise
+        return result.detail
+
+    async def _handshake(self) -> TlsResult:
+        assert self.link is not None
+        return await handshake(
             self.link,
             host=self.t.host,
             mode=self.t.tls_mode,
@@ -243,7 +257,6 @@ class PgProbe:
             timeout=self.opt.timeout,
             reopen=self._reopen_for_tls,
         )
-        return result.detail
 
     # --- auth --------------------------------------------------------------------------------
 
@@ -320,6 +333,13 @@ class PgProbe:
             if code == pgwire.AUTH_CLEARTEXT:
                 method = "password (cleartext)"
                 password = self._need_password(method)
+                if self.tls_refused:
+                    raise PhaseFailed(
+                        "the server asks for a cleartext password; not sent, since "
+                        f"sslmode={self.t.tls_mode} asked for TLS",
+                        "the server wants the password in clear text",
+                        "fix TLS first (see the tls phase)",
+                    )
                 if self.link.tls is None:
                     notes.append("the password crossed the network in clear text")
                 await self.link.send(pgwire.password_message(password.encode()), timeout)
