@@ -8,6 +8,7 @@ the CLI's JSON and human outputs, its exit codes and its redaction of passwords.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +231,44 @@ def test_passwords_are_never_printed() -> None:
         POSTGRES, "--password-env", "DOCTOR_PW", "--no-payload", env={"DOCTOR_PW": secret}
     )
     assert code == 0 and secret not in out + err
+
+
+async def test_https_verified_with_a_private_ca_and_a_gateway_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import asyncio
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = b"502 Bad Gateway" if b"GET /broken" in head else b"200 OK"
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        untrusted = await doctor(f"https://127.0.0.1:{port}/")
+        assert untrusted.verdict().layer == "tls"
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        good = await doctor(f"https://127.0.0.1:{port}/")
+        broken = await doctor(f"https://127.0.0.1:{port}/broken")
+    finally:
+        server.close()
+    assert good.passed, good.results
+    got = phases(good)
+    assert "verified, name checked" in got["tls"].detail and "ALPN" in got["tls"].detail
+    assert got["hello"].detail.startswith("HTTP/1.1 200 OK")
+    assert "GET / → 200 OK, 5 bytes" in got["query"].detail
+    verdict = broken.verdict()
+    assert verdict.layer == "query" and "502 Bad Gateway" in verdict.cause
