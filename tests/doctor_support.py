@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,12 @@ class Proxy:
         *,
         stall_above: int | None = None,
         reset_idle: float | None = None,
+        rewrite_down: Callable[[], Callable[[bytes], bytes]] | None = None,
     ) -> None:
         self.upstream = upstream
         self.stall_above = stall_above
         self.reset_idle = reset_idle
+        self.rewrite_down = rewrite_down  # a factory: one rewriter per connection
         self.port = 0
         self.resets = 0
         self._server: asyncio.Server | None = None
@@ -132,9 +134,10 @@ class Proxy:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             pipe.upstream = up_writer
+            rewrite = self.rewrite_down() if self.rewrite_down is not None else None
             jobs = [
                 asyncio.ensure_future(self._pump(reader, up_writer, pipe, "up")),
-                asyncio.ensure_future(self._pump(up_reader, writer, pipe, "down")),
+                asyncio.ensure_future(self._pump(up_reader, writer, pipe, "down", rewrite)),
             ]
             if self.reset_idle is not None:
                 jobs.append(asyncio.ensure_future(self._watch(pipe)))
@@ -158,9 +161,12 @@ class Proxy:
         writer: asyncio.StreamWriter,
         pipe: _Pipe,
         direction: str,
+        rewrite: Callable[[bytes], bytes] | None = None,
     ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(1 << 20):
+                if rewrite is not None:
+                    data = rewrite(data)
                 if pipe.allow(direction, len(data)):
                     writer.write(data)
                     await writer.drain()
@@ -362,3 +368,29 @@ def throwaway_mariadb() -> Iterator[dict[str, Any]]:
             _stop(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def without_backend_key() -> Callable[[bytes], bytes]:
+    """A rewriter of a PostgreSQL server's bytes (after a one-byte SSLRequest answer) that drops
+    BackendKeyData, as RDS Proxy does."""
+    state = {"answered": False, "buf": b""}
+
+    def rewrite(data: bytes) -> bytes:
+        if not state["answered"] and data[:1] in (b"N", b"S"):
+            state["answered"] = True
+            head, data = data[:1], data[1:]
+        else:
+            head = b""
+        buf = state["buf"] + data
+        out = bytearray(head)
+        while len(buf) >= 5:
+            size = int.from_bytes(buf[1:5], "big")
+            if len(buf) < 1 + size:
+                break
+            if buf[:1] != b"K":
+                out += buf[: 1 + size]
+            buf = buf[1 + size :]
+        state["buf"] = buf
+        return bytes(out)
+
+    return rewrite

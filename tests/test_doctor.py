@@ -22,6 +22,7 @@ from doctor_support import (
     phases,
     run_cli,
     sshd,
+    without_backend_key,
 )
 from helpers import free_port
 
@@ -105,6 +106,16 @@ async def test_pgbouncer_in_transaction_mode_is_detected_as_a_pooler() -> None:
     assert "pooler" in verdict.cause and "transaction mode" in verdict.cause
     assert "statement_cache_size=0" in verdict.fix
     assert "but pg_backend_pid() is" in phases(checklist)["session"].detail
+
+
+async def test_no_backend_key_data_is_named_like_rds_proxy() -> None:
+    async with Proxy(("127.0.0.1", 5432), rewrite_down=without_backend_key) as proxy:
+        checklist = await doctor(f"postgres://postgres@127.0.0.1:{proxy.port}/test")
+    assert checklist.passed, checklist.results
+    verdict = checklist.verdict()
+    assert verdict.ok and verdict.layer == "session"
+    assert "no BackendKeyData" in phases(checklist)["session"].detail
+    assert "RDS Proxy" in verdict.cause and "cancel" in verdict.cause
 
 
 _SIZE = re.compile(r"(\d+) (B|KiB|MiB)")
