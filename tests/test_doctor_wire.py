@@ -372,3 +372,46 @@ async def test_checklist_stops_at_the_first_failure_and_keeps_its_verdict() -> N
         "the fix",
     )
     assert not checklist.passed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_mysql_random_payloads_only_documented_errors(data: bytes) -> None:
+    for parse in (mywire.parse_handshake, mywire.parse_err, mywire.parse_text_row):
+        try:
+            parse(b"\x0a" + data if parse is mywire.parse_handshake else data)
+        except mywire.MyWireError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_socks_and_connect_random_answers_only_documented_errors(data: bytes) -> None:
+    client = SocksClient("db", 5432)
+    client.start()
+    try:
+        client.receive(data)
+    except (ProxyWireError, SocksRefused):
+        pass
+    try:
+        parse_connect_response(data)
+    except ProxyWireError:
+        pass
+
+
+async def test_an_unforeseen_exception_is_a_finding_not_a_traceback() -> None:
+    checklist = Checklist()
+
+    async def broken() -> str:
+        raise ValueError("bad bytes")
+
+    with pytest.raises(Stop):
+        await checklist.run("hello", broken)
+    verdict = checklist.verdict()
+    assert verdict.layer == "hello" and "ValueError: bad bytes" in verdict.cause
+
+    async def user_error() -> str:
+        raise ConfigError("bad flag")
+
+    with pytest.raises(ConfigError):
+        await Checklist().run("dial", user_error)

@@ -301,6 +301,12 @@ class Dialer:
                 "the SOCKS proxy holds the CONNECT without answering (its dial hangs)",
                 "see the proxy's log; raise --timeout if the far side is slow",
             ) from None
+        except OSError as exc:
+            raise PhaseFailed(
+                f"the SOCKS proxy {self.via.display} dropped the connection: {exc}",
+                "the SOCKS proxy reset the connection mid-handshake",
+                "check that --via names a SOCKS5 proxy, and its log",
+            ) from None
         if client.trailing:
             link.unread(client.trailing)
         bound = f", bound {_hp(*client.bound)}" if client.bound else ""
@@ -337,6 +343,12 @@ class Dialer:
                 f"{self.via.display} did not answer CONNECT within {self.timeout:g} s",
                 "the HTTP proxy holds the CONNECT without answering (its dial hangs)",
                 "see the proxy's log; raise --timeout if the far side is slow",
+            ) from None
+        except OSError as exc:
+            raise PhaseFailed(
+                f"{self.via.display} dropped the connection on CONNECT: {exc}",
+                "the HTTP proxy reset the connection on CONNECT",
+                "check that --via names an HTTP proxy that allows CONNECT, and its log",
             ) from None
         said = f"{response.status} {response.reason}".strip()
         error = response.error_header()

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from burrow.errors import BurrowError
+
 PHASES: Final = ("dns", "dial", "hello", "tls", "auth", "session", "query", "payload", "idle")
 
 Status = Literal["ok", "failed", "skipped"]
@@ -92,21 +94,33 @@ class Checklist:
 
     async def run(self, phase: str, step: Callable[[], Awaitable[str]]) -> bool:
         """Run ``step`` as ``phase``; True if it passed. A failure that should stop the probe
-        raises ``Stop`` after it is recorded."""
+        raises ``Stop`` after it is recorded. A user's error (``BurrowError``) propagates."""
         if self.on_start is not None:
             self.on_start(phase)
         start = time.perf_counter()
         try:
             detail = await step()
         except PhaseFailed as exc:
-            self._record(PhaseResult(phase, "failed", _ms(start), exc.detail))
-            if self.failure is None:
-                self.failure = (phase, exc)
-            if not exc.go_on:
-                raise Stop from None
-            return False
-        self._record(PhaseResult(phase, "ok", _ms(start), detail))
-        return True
+            failure = exc
+        except BurrowError:
+            raise
+        except Exception as exc:  # a reply no parser foresaw: a finding, not a traceback
+            failure = PhaseFailed(
+                f"unexpected {type(exc).__name__}: {exc}",
+                f"the {phase} phase met a reply the doctor cannot make sense of "
+                f"({type(exc).__name__}: {exc})",
+                "check what listens on this port; if it is the right service, report this "
+                "with the --json output",
+            )
+        else:
+            self._record(PhaseResult(phase, "ok", _ms(start), detail))
+            return True
+        self._record(PhaseResult(phase, "failed", _ms(start), failure.detail))
+        if self.failure is None:
+            self.failure = (phase, failure)
+        if not failure.go_on:
+            raise Stop from None
+        return False
 
     def skip(self, phase: str, detail: str) -> None:
         self._record(PhaseResult(phase, "skipped", 0.0, detail))

@@ -137,7 +137,9 @@ class SocksClient:
             if code != 0:
                 raise SocksRefused(code)
             raw = bytes(buf[4 : 4 + size])
-            host = raw[1:].decode("idna") if atyp == 3 else str(ipaddress.ip_address(raw))
+            host = (
+                raw[1:].decode("ascii", "replace") if atyp == 3 else str(ipaddress.ip_address(raw))
+            )
             (port,) = struct.unpack_from("!H", buf, 4 + size)
             self.bound = (host, port)
             self.trailing = bytes(buf[total:])
