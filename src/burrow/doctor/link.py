@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 
 READ_SIZE = 256 * 1024
 
@@ -17,18 +16,10 @@ class Link:
     """One connection to the target. ``recv`` returns b"" at EOF and raises
     ``ConnectionResetError`` on a reset; ``TimeoutError`` when nothing came in time."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        on_close: Callable[[], Awaitable[None]] | None = None,
-        early: bytes = b"",
-    ) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self._on_close = on_close
-        self._early = early
+        self._early = b""
         self.tls: ssl.SSLObject | None = None
 
     def unread(self, data: bytes) -> None:
@@ -65,10 +56,7 @@ class Link:
             async with asyncio.timeout(1):
                 await writer.wait_closed()
         except (TimeoutError, OSError, ssl.SSLError):
-            transport = writer.transport
-            transport.abort()
-        if self._on_close is not None:
-            await self._on_close()
+            writer.transport.abort()
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:
