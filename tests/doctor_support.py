@@ -20,14 +20,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from burrow.doctor import BurrowSettings, Checklist, Options, diagnose, parse_target, parse_via
+from burrow.doctor import Checklist, Options, diagnose, parse_target, parse_via
+from burrow.roles.settings import ClientSettings
 from helpers import SCALE, free_port
 
 POSTGRES = "postgres://postgres@127.0.0.1:5432/test"
 
 
 async def doctor(
-    url: str, via: str | None = None, *, burrow: BurrowSettings | None = None, **options: Any
+    url: str, via: str | None = None, *, burrow: ClientSettings | None = None, **options: Any
 ) -> Checklist:
     """Run the doctor in this loop; ``options`` go to ``Options`` (timeout, idle, payload)."""
     options.setdefault("timeout", 2.0 * SCALE)

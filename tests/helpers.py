@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from burrow.net.tls import TrustPolicy
+from burrow.node import Relay, RelayConfig
 from burrow.roles.agent import Agent, AgentConfig, TcpTunnelSpec
-from burrow.roles.relay import Relay, RelayConfig
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ def test_environment_variables_are_burrow_prefixed() -> None:
 
 def test_header_rules_from_the_environment_keep_their_spaces() -> None:
     """One rule per line: 'Name: value' has a space that must not split it."""
-    from burrow import cli
+    from burrow.cli import agent as cli
 
     seen: dict[str, object] = {}
 

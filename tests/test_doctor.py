@@ -207,7 +207,7 @@ def test_cli_human_and_json_carry_the_same_facts() -> None:
 def test_cli_bad_input_is_one_line_and_exit_2() -> None:
     from click.testing import CliRunner
 
-    from burrow.cli_doctor import doctor as command
+    from burrow.cli.doctor import doctor as command
 
     for args in (
         ["localhost:5432"],

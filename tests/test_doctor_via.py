@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 
 from burrow.allowlist import AllowList
-from burrow.doctor import BurrowSettings, Checklist
+from burrow.doctor import Checklist
 from burrow.net.proxy_server import ProxyServer
 from burrow.net.tls import TrustPolicy
 from burrow.roles.agent import Agent, AgentConfig, ExitSpec, TcpTunnelSpec
 from burrow.roles.connector import Connector, ConnectorConfig
 from burrow.roles.relay import Relay
+from burrow.roles.settings import ClientSettings
 from burrow.tokens import TokenKey, mint
 from doctor_support import POSTGRES, doctor, json_lines, phases, run_cli
 from helpers import LoopThread, free_port, relay_config
@@ -38,7 +39,7 @@ class World:
     socks: int
     http: int
     closed_port: int
-    burrow: BurrowSettings
+    burrow: ClientSettings
 
     def run(self, url: str, via: str, **kw: Any) -> Checklist:
         return self.loop.run(doctor(url, via, burrow=self.burrow, **kw))
@@ -89,7 +90,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         socks = (await server.listen("socks", "127.0.0.1", 0))[1]
         http = (await server.listen("http", "127.0.0.1", 0))[1]
         host, port = relay.control_address
-        settings = BurrowSettings(
+        settings = ClientSettings(
             relay=f"{host}:{port}", token=reach, fingerprint=relay.fingerprint
         )
         return World(loop, socks, http, closed_port, settings)

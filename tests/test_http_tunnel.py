@@ -37,8 +37,9 @@ import pytest
 import burrow
 from burrow.errors import TunnelError
 from burrow.http.policy import HttpOptions
-from burrow.roles.agent import Agent, HttpTunnelSpec
-from burrow.roles.relay import Relay
+from burrow.http.service import HttpTunnelSpec
+from burrow.node import Relay
+from burrow.roles.agent import Agent
 from helpers import (
     SCALE,
     Events,

@@ -51,7 +51,7 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def _client_fields(
+def _settings(
     relay: str | None,
     *,
     secret: str | None,
@@ -59,21 +59,27 @@ def _client_fields(
     fingerprint: str | None,
     ca: str | Path | None,
     insecure: bool,
-) -> dict[str, Any]:
-    from burrow.config import parse_hostport
-    from burrow.net.tls import TrustPolicy
+    state_dir: str | Path | None = None,
+    keep_identity: bool = True,
+) -> Any:
+    """The same ``ClientSettings`` the CLI builds from its flags."""
+    from burrow.roles.settings import ClientSettings
 
+    return ClientSettings(
+        relay=relay,
+        secret=secret,
+        token=token,
+        fingerprint=fingerprint,
+        ca=Path(ca) if ca else None,
+        insecure=insecure,
+        state_dir=Path(state_dir) if state_dir else None,
+        keep_identity=keep_identity,
+    )
+
+
+def _need_relay(relay: str | None) -> None:
     if relay is None:
         raise ConfigError("no relay: pass relay='HOST[:PORT]'")
-    trust = None
-    if not insecure:
-        trust = TrustPolicy(ca_file=Path(ca) if ca else None, fingerprint=fingerprint)
-    return {
-        "relay": parse_hostport(relay, 7835),
-        "secret": secret,
-        "token": token,
-        "trust": trust,
-    }
 
 
 # --- forward -------------------------------------------------------------------------------
@@ -123,38 +129,30 @@ async def aforward(
     response_header_remove: list[str] | None = None,
     recorder: Any = None,
     on_event: Any = None,
+    state_dir: str | Path | None = None,
 ) -> AsyncTunnel:
     """Expose ``local`` (a port, ``HOST:PORT`` or a URL) through a relay; with no relay, an
     embedded one on loopback. ``proto`` is ``"http"`` (a public name) or ``"tcp"``."""
-    from burrow.roles.agent import Agent, AgentConfig, HttpTunnelSpec, TcpTunnelSpec
-    from burrow.roles.relay import Relay, RelayConfig
+    from burrow.kinds import http_service, tcp_service
+    from burrow.node import embedded_relay
+    from burrow.roles.agent import Agent, AgentConfig
 
-    embedded = None
-    if relay is None:
-        embedded = Relay(
-            RelayConfig(
-                listen_host="127.0.0.1",
-                listen_port=0,
-                insecure=True,
-                http_listen=("127.0.0.1", 0) if proto == "http" else None,
-                http_fallback=True,
-                min_port=20000,
-                max_port=60000,
-            )
-        )
-        await embedded.start()
-        assert embedded.control_address is not None
-        fields: dict[str, Any] = {"relay": embedded.control_address}
-    else:
-        fields = _client_fields(
-            relay, secret=secret, token=token, fingerprint=fingerprint, ca=ca, insecure=insecure
-        )
+    settings = _settings(
+        relay,
+        secret=secret,
+        token=token,
+        fingerprint=fingerprint,
+        ca=ca,
+        insecure=insecure,
+        state_dir=state_dir,
+    )
+    settings.check()
     spec: Any
     if proto == "http":
-        from burrow.http.policy import HttpOptions
-
-        options = HttpOptions.for_local(
+        spec = http_service(
             str(local),
+            name=name,
+            recorder=recorder,
             host_header=host_header,
             basic_auth=basic_auth,
             allow=allow,
@@ -164,17 +162,27 @@ async def aforward(
             response_header_add=response_header_add,
             response_header_remove=response_header_remove,
         )
-        spec = HttpTunnelSpec(options=options, name=name.lower() if name else None)
-        local_text = options.local_address
+        local_text = spec.options.local_address
     elif proto == "tcp":
-        from burrow.config import parse_local
-
-        address = parse_local(str(local))
-        spec = TcpTunnelSpec(local=address, port=port, name=name)
-        local_text = "{}:{}".format(*address)
+        spec = tcp_service(str(local), port=port, name=name)
+        local_text = "{}:{}".format(*spec.local)
     else:
         raise ConfigError(f"proto {proto!r}: expected 'http' or 'tcp'")
-    agent = Agent(AgentConfig(**fields, tunnels=[spec], recorder=recorder), on_event=on_event)
+    embedded = None
+    if relay is None:
+        embedded = embedded_relay(http=proto == "http")
+        await embedded.start()
+    try:
+        config = settings.build(
+            AgentConfig,
+            relay=embedded.control_address if embedded is not None else None,
+            tunnels=[spec],
+        )
+    except BaseException:
+        if embedded is not None:
+            await embedded.close()
+        raise
+    agent = Agent(config, on_event=on_event)
     try:
         await agent.start()
     except BaseException:
@@ -183,10 +191,7 @@ async def aforward(
         raise
     tunnel = agent.tunnels[0]
     url = tunnel.public or ""
-    if embedded is not None and proto == "http" and embedded.http is not None:
-        host, http_port = embedded.http.addresses["http"]
-        url = f"http://{host}:{http_port}"  # the embedded relay routes any Host to its one name
-    elif proto == "tcp" and embedded is not None:
+    if proto == "tcp" and embedded is not None:
         url = f"tcp://127.0.0.1:{tunnel.port}"
     return AsyncTunnel(
         url=url, name=tunnel.name or spec.key, local=local_text, agent=agent, relay=embedded
@@ -234,17 +239,17 @@ class _Connectors:
     """Connectors shared by ``connect()``/``open_socket()`` calls with the same settings."""
 
     def __init__(self) -> None:
-        self.by_key: dict[tuple[Any, ...], Any] = {}
+        self.by_key: dict[str, Any] = {}
         self.lock = asyncio.Lock()
 
-    async def get(self, fields: dict[str, Any]) -> Any:
+    async def get(self, settings: Any) -> Any:
         from burrow.roles.connector import Connector, ConnectorConfig
 
-        key = (fields["relay"], fields["secret"], fields["token"], repr(fields["trust"]))
+        key = repr(settings)
         async with self.lock:
             connector = self.by_key.get(key)
             if connector is None or connector.failed is None or connector.failed.done():
-                connector = Connector(ConnectorConfig(**fields))
+                connector = Connector(settings.build(ConnectorConfig))
                 await connector.start()
                 self.by_key[key] = connector
             return connector
@@ -305,10 +310,18 @@ async def aconnect(
     """A local forwarder to ``service`` on the caller's loop; yields its ``(host, port)``."""
     from burrow.roles.connector import Connector, ConnectorConfig, ListenSpec
 
-    fields = _client_fields(
-        relay, secret=secret, token=token, fingerprint=fingerprint, ca=ca, insecure=insecure
+    _need_relay(relay)
+    settings = _settings(
+        relay,
+        secret=secret,
+        token=token,
+        fingerprint=fingerprint,
+        ca=ca,
+        insecure=insecure,
+        keep_identity=False,
     )
-    connector = Connector(ConnectorConfig(**fields, services=[ListenSpec(service, listen)]))
+    config = settings.build(ConnectorConfig, services=[ListenSpec(service, listen)])
+    connector = Connector(config)
     await connector.start()
     try:
         await connector.wait_ready(service, timeout)
@@ -345,19 +358,25 @@ def open_socket(
 ) -> socket.socket:
     """A connected socket to ``service`` (one end of a socket pair whose other end burrow
     relays), for drivers that accept one: pg8000 ``sock=``, PyMySQL ``connect(sock)``."""
-    fields = _client_fields(
-        relay, secret=secret, token=token, fingerprint=fingerprint, ca=ca, insecure=insecure
+    _need_relay(relay)
+    settings = _settings(
+        relay,
+        secret=secret,
+        token=token,
+        fingerprint=fingerprint,
+        ca=ca,
+        insecure=insecure,
+        keep_identity=False,
     )
+    settings.check()
     ours, theirs = socket.socketpair()
 
     async def open_() -> None:
-        from burrow.roles.connector import splice
-
-        connector = await _connectors().get(fields)
+        connector = await _connectors().get(settings)
         channel = await _open_stream(connector, service, timeout)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, theirs)
-        splice(channel, transport)
+        channel.splice(transport)
 
     try:
         _LoopThread.get().run(open_(), timeout + 5)

@@ -25,6 +25,8 @@ _HUMAN: dict[str, str] = {
     "inspector_ready": "inspector at {url}",
     "http_ready": "HTTP tunnels at {example}",
     "stream_refused": "refused a stream from {peer} to {service}: {reason}",
+    "tokens_required": "no --secret: agents need a token ({hint}); key {key}",
+    "connection_refused": "{service}: connection refused by the relay: {reason} ({count} so far)",
 }
 _TUNNEL_READY: dict[str, str] = {
     "tcp": "forwarding {public} -> {local}",
@@ -50,6 +52,9 @@ class Reporter:
         self._inspector: str | None = None
 
     def event(self, record: dict[str, Any]) -> None:
+        if record["event"] == "error":
+            self._fatal(record)
+            return
         if self.as_json:
             self.stream.write(json.dumps(record, default=str) + "\n")
             self.stream.flush()
@@ -82,11 +87,16 @@ class Reporter:
             self.event(record)
 
     def error(self, message: str) -> None:
+        """A fatal error: its one line on stderr in every mode (and an event with --json)."""
+        self.event({"event": "error", "message": message})
+
+    def _fatal(self, record: dict[str, Any]) -> None:
         if self._live is not None:
             self.detach()
         if self.as_json:
-            self.event({"event": "error", "message": message})
-        sys.stderr.write(f"burrow: error: {message}\n")
+            self.stream.write(json.dumps(record, default=str) + "\n")
+            self.stream.flush()
+        sys.stderr.write(f"burrow: error: {record.get('message', '')}\n")
         sys.stderr.flush()
 
     # --- live table ----------------------------------------------------------------------
@@ -126,9 +136,13 @@ class Reporter:
             table.add_column(column)
         for service, local in getattr(agent, "listeners", {}).items():
             table.add_row(service, "(private)", local, "-", "-")
-        recorder = getattr(getattr(agent, "config", None), "recorder", None)
-        if recorder is not None:
-            table.caption = http_stats(recorder.newest_first())
+        recorders = [
+            t.spec.recorder
+            for t in getattr(agent, "tunnels", [])
+            if getattr(t.spec, "recorder", None)
+        ]
+        if recorders:
+            table.caption = http_stats(recorders[0].newest_first())
         for tunnel in getattr(agent, "tunnels", []):
             options = getattr(tunnel.spec, "options", None)
             local = getattr(tunnel.spec, "local", None) or getattr(options, "local", None)

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
 from burrow.errors import AuthError, ConfigError
+from burrow.statefiles import create_once, write_replace
 
 __all__ = [
     "DENY_FILE",
@@ -113,24 +113,40 @@ class TokenKey:
     @classmethod
     def load_or_create(cls, state_dir: Path) -> TokenKey:
         """The key in ``state_dir/token.key``, created (mode 0600) on first use."""
+        return cls.create(state_dir)[0]
+
+    @classmethod
+    def create(cls, state_dir: Path) -> tuple[TokenKey, bool]:
+        """The key in ``state_dir``, and whether this call made it (several processes racing
+        all end up with the one that won)."""
+        path = state_dir / KEY_FILE
+        try:
+            return cls._load(path), False
+        except FileNotFoundError:
+            pass
+        _, created = create_once(path, lambda: secrets.token_bytes(KEY_SIZE).hex().encode() + b"\n")
+        return cls._load(path), created
+
+    @classmethod
+    def load(cls, state_dir: Path) -> TokenKey:
+        """The key in ``state_dir``; a ``ConfigError`` that says what to do if there is none
+        (a mistyped --state-dir must not silently mint tokens no relay accepts)."""
         path = state_dir / KEY_FILE
         try:
             return cls._load(path)
         except FileNotFoundError:
-            pass
-        key = cls.from_secret(secrets.token_bytes(KEY_SIZE))
-        try:
-            _write_private(path, key.secret.hex() + "\n", replace=False)
-        except FileExistsError:
-            return cls._load(path)  # another process created it first: use theirs
-        return key
+            raise ConfigError(
+                f"no token key at {path}: is {state_dir} the relay's --state-dir? Create the "
+                f"key with `burrow token init --state-dir {state_dir}` (a relay that requires "
+                "tokens makes one at start)"
+            ) from None
 
     @classmethod
     def rotate(cls, state_dir: Path) -> TokenKey:
         """Replace the key with a new one. Every token signed by the old key stops verifying:
         this is how all tokens are revoked at once."""
         key = cls.from_secret(secrets.token_bytes(KEY_SIZE))
-        _write_private(state_dir / KEY_FILE, key.secret.hex() + "\n", replace=True)
+        write_replace(state_dir / KEY_FILE, key.secret.hex().encode() + b"\n", 0o600)
         return key
 
     @classmethod
@@ -149,27 +165,6 @@ class TokenKey:
                 f"token key {path} is corrupt (expected {KEY_SIZE * 2} hex digits); delete it "
                 "to make a new key, which revokes every token"
             ) from None
-
-
-def _write_private(path: Path, text: str, *, replace: bool) -> None:
-    """Write ``text`` to ``path`` with mode 0600, atomically: readers see the old file or the
-    new one, never half of it. Without ``replace`` an existing file raises FileExistsError."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path exists, unlike rename
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def load_deny(state_dir: Path) -> frozenset[str]:

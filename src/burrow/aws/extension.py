@@ -42,14 +42,13 @@ if TYPE_CHECKING:
     from burrow.events import EventSink
     from burrow.net.bridge import StreamBridge
     from burrow.net.proxy_server import ProxyServer
-    from burrow.net.tls import TrustPolicy
     from burrow.roles.connector import Connector, ConnectorConfig, ListenSpec
+    from burrow.roles.settings import ClientSettings
 
 EXTENSION_NAME = "burrow"  # must be the launcher's file name in /opt/extensions
 API_VERSION = "2020-01-01"
 API_TIMEOUT = 10.0  # register and error reports; never event/next, which blocks by design
 MAX_BODY = 1024 * 1024
-DEFAULT_RELAY_PORT = 7835
 DEFAULT_SOCKS_PORT = 1055
 DEFAULT_READY_TIMEOUT = 8.0
 DEFAULT_CHECK_TIMEOUT = 5.0
@@ -222,11 +221,8 @@ class ExtensionsAPI:
 
 @dataclass
 class Settings:
-    relay: tuple[str, int]
+    client: ClientSettings  # relay, credentials, trust: built as the CLI builds them
     services: list[ListenSpec]
-    trust: TrustPolicy | None = None
-    token: str | None = None
-    secret: str | None = None
     socks: tuple[str, int] | None = None
     exit_name: str | None = None
     socks_auth: tuple[str, str] | None = None
@@ -239,12 +235,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     from pathlib import Path
 
     from burrow.config import parse_hostport
-    from burrow.net.tls import TrustPolicy
+    from burrow.roles.settings import ClientSettings
 
     relay_text = env.get("BURROW_RELAY", "").strip()
     if not relay_text:
         raise ConfigError("BURROW_RELAY is not set: give the relay's address HOST[:PORT]")
-    relay = parse_hostport(relay_text, DEFAULT_RELAY_PORT)
     services = parse_services(env.get("BURROW_CONNECT", ""))
     socks_text = env.get("BURROW_SOCKS", "").strip()
     socks = parse_hostport(socks_text, DEFAULT_SOCKS_PORT, listen=True) if socks_text else None
@@ -259,23 +254,23 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if not sep or not user:
             raise ConfigError("BURROW_SOCKS_AUTH expects USER:PASS")
         socks_auth = (user, password)
-    fingerprint = env.get("BURROW_FINGERPRINT", "").strip() or None
     ca = env.get("BURROW_CA", "").strip() or None
-    insecure = _flag(env, "BURROW_INSECURE")
-    trust: TrustPolicy | None = None
-    if insecure:
-        if fingerprint or ca:
-            raise ConfigError("BURROW_INSECURE turns TLS off; unset BURROW_FINGERPRINT/BURROW_CA")
-    elif fingerprint or ca:
-        trust = TrustPolicy(ca_file=Path(ca) if ca else None, fingerprint=fingerprint)
-    else:  # trust on first use means nothing in a sandbox that starts afresh
-        trust = TrustPolicy(system_ca=True)
-    return Settings(
-        relay=relay,
-        services=services,
-        trust=trust,
-        token=env.get("BURROW_TOKEN") or None,
+    client = ClientSettings(
+        relay=relay_text,
         secret=env.get("BURROW_SECRET") or None,
+        token=env.get("BURROW_TOKEN") or None,
+        fingerprint=env.get("BURROW_FINGERPRINT", "").strip() or None,
+        ca=Path(ca) if ca else None,
+        insecure=_flag(env, "BURROW_INSECURE"),
+        trust_default="system",  # trust on first use means nothing in a sandbox that starts afresh
+        keep_identity=False,
+    )
+    if client.insecure and (client.fingerprint or client.ca):
+        raise ConfigError("BURROW_INSECURE turns TLS off; unset BURROW_FINGERPRINT/BURROW_CA")
+    client.check()
+    return Settings(
+        client=client,
+        services=services,
         socks=socks,
         exit_name=env.get("BURROW_EXIT") or None,
         socks_auth=socks_auth,
@@ -499,14 +494,9 @@ async def start(settings: Settings, on_event: EventSink | None = None) -> Runnin
     loop = asyncio.get_running_loop()
     budget = settings.ready_timeout
     deadline = loop.time() + budget
-    config = ConnectorConfig(
-        relay=settings.relay,
-        secret=settings.secret,
-        token=settings.token,
-        trust=settings.trust,
-        connect_timeout=budget,
-        services=settings.services,
-    )
+    client = settings.client
+    client.connect_timeout = budget
+    config = client.build(ConnectorConfig, services=settings.services)
     connector = _connector_class()(config, check_timeout=settings.check_timeout, on_event=on_event)
     proxy: ProxyServer | None = None
     marks = [time.monotonic()]

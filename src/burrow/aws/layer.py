@@ -93,9 +93,7 @@ def build_layer(
     """
     check_python_version(python_version)
     check_arch(arch)
-    import burrow
-
-    package = Path(burrow.__file__).parent
+    package = Path(__file__).resolve().parent.parent  # the burrow package this module is in
     with tempfile.TemporaryDirectory(prefix="burrow-layer-") as tmp:
         site = Path(tmp) / "python"
         shutil.copytree(

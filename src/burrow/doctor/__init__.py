@@ -11,15 +11,18 @@ proxy or burrow's own connector.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from burrow.doctor.common import Options
-from burrow.doctor.dial import BurrowSettings, Dialer, Via, parse_via
+from burrow.doctor.dial import Dialer, Via, parse_via
 from burrow.doctor.model import PHASES, Checklist, PhaseResult, Stop, Verdict
 from burrow.doctor.target import Target, parse_target, redact
 
+if TYPE_CHECKING:
+    from burrow.roles.settings import ClientSettings
+
 __all__ = [
     "PHASES",
-    "BurrowSettings",
     "Checklist",
     "Options",
     "PhaseResult",
@@ -38,7 +41,7 @@ async def diagnose(
     via: Via,
     options: Options,
     *,
-    burrow: BurrowSettings | None = None,
+    burrow: ClientSettings | None = None,
     on_phase: Callable[[PhaseResult], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> Checklist:

@@ -10,9 +10,8 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
 from burrow.doctor.link import Link, set_nodelay
@@ -27,7 +26,8 @@ from burrow.doctor.proxywire import (
 from burrow.doctor.target import Target
 from burrow.errors import BurrowError, ConfigError
 
-DEFAULT_RELAY_PORT: Final = 7835
+if TYPE_CHECKING:
+    from burrow.roles.settings import ClientSettings
 
 _SOCKS_CAUSES: Final[Mapping[int, tuple[str, str]]] = {
     0x01: (
@@ -123,18 +123,6 @@ def parse_via(text: str | None) -> Via:
     )
 
 
-@dataclass
-class BurrowSettings:
-    """How to reach the relay for ``--via burrow:NAME`` (the connector's own options)."""
-
-    relay: str | None = None
-    token: str | None = None
-    secret: str | None = None
-    fingerprint: str | None = None
-    ca: Path | None = None
-    insecure: bool = False
-
-
 class Dialer:
     """Resolves once, dials as often as a probe needs (a second probe, a retry over TLS)."""
 
@@ -143,12 +131,12 @@ class Dialer:
         target: Target,
         via: Via,
         timeout: float,
-        burrow: BurrowSettings | None = None,
+        burrow: ClientSettings | None = None,
     ) -> None:
         self.target = target
         self.via = via
         self.timeout = timeout
-        self.burrow = burrow or BurrowSettings()
+        self.burrow = burrow
         self.addresses: list[str] = []
         self._connector: Any = None
 
@@ -366,7 +354,6 @@ class Dialer:
 
     async def _dial_burrow(self) -> tuple[Link, str]:
         from burrow.net.channel import ChannelReset
-        from burrow.roles.connector import splice
 
         if self._connector is None:
             self._connector = await self._start_connector()
@@ -416,7 +403,7 @@ class Dialer:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock=theirs)
-        splice(channel, transport)
+        channel.splice(transport)  # the stream's far half runs on Protocols from here
         reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         what = f"exit {name} to {t}" if target else f"private service {name}"
         return Link(reader, writer), (
@@ -424,35 +411,20 @@ class Dialer:
         )
 
     async def _start_connector(self) -> Any:
-        from burrow.config import parse_hostport
-        from burrow.net.tls import TrustPolicy
         from burrow.roles.connector import Connector, ConnectorConfig
 
-        settings = self.burrow
-        if not settings.relay:
+        if self.burrow is None or not self.burrow.relay:
             raise ConfigError("--via burrow:NAME needs the relay: pass --to RELAY")
-        relay = parse_hostport(settings.relay, DEFAULT_RELAY_PORT)
-        trust = None
-        if settings.insecure:
-            if settings.fingerprint or settings.ca:
-                raise ConfigError("--insecure turns TLS off; it cannot go with --fingerprint/--ca")
-        else:
-            trust = TrustPolicy(ca_file=settings.ca, fingerprint=settings.fingerprint)
-        connector = Connector(
-            ConnectorConfig(
-                relay=relay,
-                secret=settings.secret,
-                token=settings.token,
-                trust=trust,
-                connect_timeout=self.timeout,
-            )
-        )
+        # The doctor keeps nothing between runs: no identity, a first connection bounded by
+        # its own timeout.
+        settings = replace(self.burrow, keep_identity=False, connect_timeout=self.timeout)
+        connector = Connector(settings.build(ConnectorConfig))
         try:
             await connector.start()
         except BurrowError as exc:
             await connector.close()
             raise PhaseFailed(
-                f"relay {_hp(*relay)}: {exc}",
+                f"relay {settings.relay}: {exc}",
                 f"burrow's session to the relay failed: {exc}",
                 "check --to, the relay's fingerprint/CA and the token or secret",
             ) from None

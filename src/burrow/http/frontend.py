@@ -1,5 +1,6 @@
 """The relay's HTTP(S) listener: reads each visitor connection's first request head, routes it
-by Host (``NAME.DOMAIN``) to the agent holding NAME, and from then on relays raw bytes.
+by Host (``NAME.DOMAIN``) to the agent holding NAME, and from then on relays raw bytes. It is
+a ``Frontend`` of the relay: whoever builds the relay plugs it in (``burrow.node``).
 
 The relay does not speak HTTP beyond that head: the agent parses every request (policies,
 inspector, headers), so the same agent code can serve a serverless relay. Names the relay does
@@ -13,14 +14,14 @@ import asyncio
 import html
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, cast
 
 import h11
 
+from burrow.events import emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
-from burrow.net.connection import SessionConnection
+from burrow.roles.relay import Relay, Route, bind_error
 
 log = logging.getLogger("burrow.http")
 
@@ -28,35 +29,41 @@ MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 30.0
 
 
-@dataclass
-class Route:
-    """Where a name goes: an open session, or ``None`` while its agent is reconnecting."""
-
-    name: str
-    conn: SessionConnection | None
-
-
 class HttpFrontend:
-    """Serves one or more listeners (HTTP, HTTPS) for the relay."""
+    """Serves one or more listeners (HTTP, HTTPS) for the relay, for names of kind ``http``."""
+
+    kinds: Mapping[str, str] = {"http": "http"}
 
     def __init__(
         self,
         domain: str,
-        resolve: Callable[[str], Route | None],
+        listen: list[tuple[str, tuple[str, int], Any]],
         *,
-        on_visitor: Callable[[StreamBridge], None] | None = None,
-        status: Callable[[str], dict[str, Any] | None] | None = None,
-        fallback: Callable[[], str | None] | None = None,
+        fallback: bool = False,
     ) -> None:
         self.domain = domain.lower().strip(".")
-        self.resolve = resolve
-        self.on_visitor = on_visitor
-        self.status = status
-        self.fallback = fallback  # the name for hosts that are not NAME.DOMAIN, if any
+        self.listen = listen  # (scheme, (host, port), ssl context or None)
+        self.use_fallback = fallback
+        self.relay: Relay | None = None
         self.servers: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}
 
-    async def listen(self, scheme: str, host: str, port: int, ssl: Any = None) -> tuple[str, int]:
+    async def start(self, relay: Relay) -> None:
+        self.relay = relay
+        for scheme, (host, port), context in self.listen:
+            try:
+                bound = await self._listen(scheme, host, port, ssl=context)
+            except OSError as exc:
+                raise bind_error(host, port, exc, f"{scheme} port") from None
+            emit(
+                relay.on_event,
+                "http_ready",
+                scheme=scheme,
+                listen=format_hostport(*bound),
+                example=self.url_for("NAME"),
+            )
+
+    async def _listen(self, scheme: str, host: str, port: int, ssl: Any) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: _HeadReader(self, scheme),
@@ -71,6 +78,33 @@ class HttpFrontend:
         sockname = server.sockets[0].getsockname()
         self.addresses[scheme] = (sockname[0], sockname[1])
         return self.addresses[scheme]
+
+    def describe(self, kind: str, name: str) -> dict[str, Any]:
+        """The URL visitors use. A loopback relay that routes any Host to its one tunnel
+        gives 127.0.0.1:PORT, which resolves everywhere (NAME.localhost does only in some
+        resolvers: browsers, systemd's)."""
+        if self.use_fallback and "http" in self.addresses:
+            host, port = self.addresses["http"]
+            if host in ("127.0.0.1", "::1"):
+                return {"url": f"http://{format_hostport(host, port)}"}
+        return {"url": self.url_for(name)}
+
+    def resolve(self, name: str) -> Route | None:
+        return self.relay.route("http", name) if self.relay is not None else None
+
+    def fallback(self) -> str | None:
+        """The name for hosts that are not NAME.DOMAIN: the one HTTP tunnel, if only one."""
+        if not self.use_fallback or self.relay is None:
+            return None
+        names = self.relay.held_names("http")
+        return names[0] if len(names) == 1 else None
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        route = self.resolve(name)
+        if route is None:
+            return None
+        online = route.conn is not None and route.conn.is_open
+        return {"name": name, "online": online, "connected_sockets": 1 if online else 0}
 
     def url_for(self, name: str) -> str:
         """The public URL of ``name`` on the first listener (https preferred)."""
@@ -95,6 +129,53 @@ class HttpFrontend:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+
+
+class _VisitorBridge(StreamBridge):
+    """A visitor's connection to its tunnel: if the agent goes away before a byte of the
+    response came back, the visitor gets the relay's 502 page rather than a dropped socket."""
+
+    __slots__ = ("answered", "name")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered = False
+        self.name = ""
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        self.answered = True
+        super().on_data(data)
+
+    def on_reset(self, code: str, reason: str) -> None:
+        transport = self.transport
+        if not self.answered and transport is not None and not transport.is_closing():
+            body = _page(
+                "Tunnel offline",
+                f"The tunnel {self.name!r} went offline before it answered: its agent is "
+                "not connected right now.",
+            )
+            transport.write(_response(502, "Bad Gateway", "text/html; charset=utf-8", body))
+            self.transport = None  # close after the page, not with a reset
+            transport.close()
+        super().on_reset(code, reason)
+
+
+def _page(title: str, message: str) -> bytes:
+    heading = html.escape(title)
+    return (
+        "<!doctype html><meta charset=utf-8><title>"
+        f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
+        f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
+    ).encode()
+
+
+def _response(status: int, reason: str, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+        "Server: burrow\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 class _HeadReader(asyncio.Protocol):
@@ -148,7 +229,7 @@ class _HeadReader(asyncio.Protocol):
         host = next((v.decode("latin-1") for k, v in event.headers if k == b"host"), "")
         frontend = self.frontend
         name = frontend.name_for_host(host)
-        if name is None and frontend.fallback is not None:
+        if name is None:
             name = frontend.fallback()
         if name is None:
             self._serve_domain(event.target.decode("latin-1"), host)
@@ -172,24 +253,21 @@ class _HeadReader(asyncio.Protocol):
             )
             return
         transport = self.transport
-        assert transport is not None
-        bridge = StreamBridge(conn)
-        info = visitor_info(transport, http=route.name, scheme=self.scheme)
-        bridge.attach(conn.session.open_stream(info))
-        conn.flush()
-        if frontend.on_visitor is not None:
-            frontend.on_visitor(bridge)
-        transport.set_protocol(bridge)
-        bridge.connection_made(transport)
-        bridge.data_received(bytes(self.buffer))
-        self.buffer = bytearray()
+        assert transport is not None and frontend.relay is not None
+        relay = frontend.relay
+        bridge = _VisitorBridge(conn, on_done=lambda _bridge: relay.visitor_closed())
+        bridge.name = route.name
+        bridge.open(visitor_info(transport, http=route.name, scheme=self.scheme))
+        relay.visitor_opened()
+        head, self.buffer = bytes(self.buffer), bytearray()
+        bridge.adopt(transport, head)
 
     def _serve_domain(self, target: str, host: str) -> None:
         target = target.split("?", 1)[0]
         prefix = "/api/tunnels/"
         if target.startswith(prefix) and target.endswith("/status"):
             name = target[len(prefix) : -len("/status")]
-            report = self.frontend.status(name) if self.frontend.status else None
+            report = self.frontend.status(name)
             if report is None:
                 self._json(404, {"error": f"no tunnel named {name!r}"})
             else:
@@ -212,23 +290,13 @@ class _HeadReader(asyncio.Protocol):
         self._write(status, "OK" if status == 200 else "Not Found", "application/json", payload)
 
     def _answer(self, status: int, reason: str, message: str, *, title: str | None = None) -> None:
-        heading = html.escape(title or f"{status} {reason}")
-        page = (
-            "<!doctype html><meta charset=utf-8><title>"
-            f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
-            f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
-        ).encode()
+        page = _page(title or f"{status} {reason}", message)
         self._write(status, reason, "text/html; charset=utf-8", page)
 
     def _write(self, status: int, reason: str, content_type: str, body: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
-            "Server: burrow\r\n\r\n"
-        ).encode()
-        transport.write(head + body)
+        transport.write(_response(status, reason, content_type, body))
         transport.close()
         self.transport = None

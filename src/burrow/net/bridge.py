@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from burrow.net.connection import SessionConnection
+from burrow.net.outbox import Outbox
 
 log = logging.getLogger("burrow.bridge")
 
@@ -30,17 +31,18 @@ class StreamBridge(asyncio.Protocol):
     """Protocol for the socket side; ``SessionConnection`` calls the ``on_*`` methods."""
 
     __slots__ = (
+        "_accepted",
         "_closed",
         "_eof_received",
         "_fin_sent",
         "_on_done",
-        "_pending",
+        "_on_refused",
+        "_outbox",
         "_pre_connect",
         "_reading_paused",
         "_remote_fin",
         "_session_paused",
         "_socket_paused",
-        "_starved",
         "_unconsumed",
         "conn",
         "header",
@@ -55,30 +57,50 @@ class StreamBridge(asyncio.Protocol):
         *,
         header: bytes = b"",
         on_done: Callable[[StreamBridge], None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.transport: asyncio.Transport | None = None
         self.header = header  # written to the socket first (a PROXY protocol header)
         self._on_done = on_done
-        self._pending: memoryview | None = None  # socket bytes waiting for credit
+        #: Told (code, reason) when the far end resets a stream it never accepted.
+        self._on_refused = on_refused
+        self._accepted = False
+        self._outbox = Outbox(conn, stream_id)  # socket bytes waiting for credit
         self._pre_connect: list[bytes] = []  # stream bytes that came before the socket
         self._unconsumed = 0  # bytes written to a backed-up socket, credit not yet returned
         self._socket_paused = False  # the socket's write buffer is above its high mark
         self._session_paused = conn.write_paused
-        self._starved = False  # no credit left on the stream
         self._reading_paused = False
         self._eof_received = False
         self._fin_sent = False
         self._remote_fin = False
         self._closed = False
 
+    @property
+    def _pending(self) -> Outbox | None:
+        """Socket bytes waiting for credit (None when nothing waits)."""
+        return self._outbox or None
+
     # --- opening ---------------------------------------------------------------------------
 
     def attach(self, stream_id: int) -> None:
-        """Bind to a stream and start receiving its events."""
-        self.stream_id = stream_id
-        self.conn.handlers[stream_id] = self
+        """Bind to a stream the peer opened and start receiving its events."""
+        self.stream_id = self._outbox.stream_id = stream_id
+        self.conn.attach(stream_id, self)
+
+    def open(self, info: dict[str, Any]) -> int:
+        """Open a new stream for this socket, carrying ``info`` to the peer."""
+        self.stream_id = self._outbox.stream_id = self.conn.open_stream(info, self)
+        return self.stream_id
+
+    def adopt(self, transport: asyncio.BaseTransport, early: bytes = b"") -> None:
+        """Take over an accepted socket from the protocol that answered it first."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if early:
+            self.data_received(early)
 
     # --- socket side -------------------------------------------------------------------------
 
@@ -97,47 +119,26 @@ class StreamBridge(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._pending is not None:  # cannot happen while paused, but be safe
-            self._pending = memoryview(bytes(self._pending) + data)
-            self._update_reading()
-            return
-        self._send(memoryview(data) if len(data) > 0 else data)
-
-    def _send(self, data: memoryview | bytes) -> None:
-        conn = self.conn
-        session = conn.session
-        credit = 0 if conn.write_paused else session.credit(self.stream_id)
-        size = len(data)
-        if size <= credit and size:
-            session.send_data(self.stream_id, data)
-            conn.flush()
-            return
-        if not session.is_open(self.stream_id) or not size:
+        if not data or not self.conn.stream_open(self.stream_id):
             return  # the stream is gone; connection_lost or on_reset tidies up
-        if credit:
-            session.send_data(self.stream_id, data[:credit])
-            conn.flush()
-        self._pending = memoryview(data)[credit:]
-        self._starved = not conn.write_paused
-        self._update_reading()
+        self._outbox.send(memoryview(data))
+        if self._outbox:
+            self._update_reading()
 
     def eof_received(self) -> bool:
         self._eof_received = True
-        if self._pending is None:
+        if not self._outbox:
             self._send_fin()
         return True  # keep the other direction open (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if not self._closed:
-            if self._fin_sent and self._remote_fin:
-                self._finish()
-            else:
-                self.conn.session.reset_stream(
+            if not (self._fin_sent and self._remote_fin):
+                self.conn.reset(
                     self.stream_id, "error", "connection reset" if exc else "connection closed"
                 )
-                self.conn.flush()
-                self._finish()
+            self._finish()
 
     def pause_writing(self) -> None:
         self._socket_paused = True
@@ -146,8 +147,7 @@ class StreamBridge(asyncio.Protocol):
         self._socket_paused = False
         if self._unconsumed:
             size, self._unconsumed = self._unconsumed, 0
-            self._return_credit(size)
-            self.conn.flush()
+            self.conn.consume(self.stream_id, size)
 
     # --- stream side -----------------------------------------------------------------------
 
@@ -160,26 +160,20 @@ class StreamBridge(asyncio.Protocol):
         # ``data`` may be a view of the session's read buffer, reused on the next read, while
         # the transport may keep what it cannot send at once: give it bytes of its own.
         transport.write(bytes(data) if type(data) is memoryview else data)
-        if self._socket_paused:
-            self._unconsumed += len(data)
-        else:
-            self.conn.session.consume(self.stream_id, len(data))
+        self._return_credit(len(data))
 
     def on_window(self) -> None:
-        self._flush_pending()
+        self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            self._outbox.pump()
+            if not self._outbox and self._eof_received:
+                self._send_fin()
         self._update_reading()
 
-    def _flush_pending(self) -> None:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            self._starved = False
-            self._send(pending)
-            if self._pending is None and self._eof_received:
-                self._send_fin()
-
     def on_accept(self) -> None:
-        pass
+        self._accepted = True
 
     def on_end(self) -> None:
         self._remote_fin = True
@@ -187,7 +181,10 @@ class StreamBridge(asyncio.Protocol):
             self._write_eof()
 
     def on_reset(self, code: str, reason: str) -> None:
+        if not self._accepted and self._on_refused is not None:
+            self._on_refused(code, reason)
         self._pre_connect = []
+        self._outbox.clear()
         self._remote_fin = True
         self._fin_sent = True
         transport = self.transport
@@ -204,8 +201,7 @@ class StreamBridge(asyncio.Protocol):
 
     def resume_source(self) -> None:
         self._session_paused = False
-        self._flush_pending()
-        self._update_reading()
+        self._flush_outbox()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -213,13 +209,12 @@ class StreamBridge(asyncio.Protocol):
         if self._socket_paused:
             self._unconsumed += size
         else:
-            self.conn.session.consume(self.stream_id, size)
+            self.conn.consume(self.stream_id, size)
 
     def _send_fin(self) -> None:
         if not self._fin_sent:
             self._fin_sent = True
-            self.conn.session.send_fin(self.stream_id)
-            self.conn.flush()
+            self.conn.send_fin(self.stream_id)
             self._maybe_close()
 
     def _write_eof(self) -> None:
@@ -237,14 +232,14 @@ class StreamBridge(asyncio.Protocol):
 
     def _maybe_close(self) -> None:
         if self._fin_sent and self._remote_fin and self.transport is not None:
-            self.conn.handlers.pop(self.stream_id, None)
+            self.conn.detach(self.stream_id, self)
             self.transport.close()
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or self._eof_received:
             return
-        want_paused = self._starved or self._session_paused
+        want_paused = bool(self._outbox) or self._session_paused
         if want_paused != self._reading_paused:
             self._reading_paused = want_paused
             try:
@@ -258,7 +253,7 @@ class StreamBridge(asyncio.Protocol):
     def _finish(self) -> None:
         if not self._closed:
             self._closed = True
-            self.conn.handlers.pop(self.stream_id, None)
+            self.conn.detach(self.stream_id, self)
             if self._on_done is not None:
                 self._on_done(self)
 
@@ -267,7 +262,7 @@ class StreamBridge(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         else:
-            self.conn.session.reset_stream(self.stream_id, "cancelled", "closing")
+            self.conn.reset(self.stream_id, "cancelled", "closing")
             self._finish()
 
 

@@ -14,7 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from burrow.net.bridge import StreamBridge
 from burrow.net.connection import SessionConnection
+from burrow.net.outbox import Outbox
 
 
 class ChannelReset(ConnectionError):
@@ -43,8 +45,7 @@ class Channel:
         self._writable = asyncio.Event()
         self._writable.set()
         self._accepted: asyncio.Future[None] = loop.create_future()
-        self._pending: list[bytes] = []  # written beyond the credit, sent as credit comes
-        self._pending_size = 0
+        self._outbox = Outbox(conn, stream_id)  # written beyond the credit, sent as credit comes
         self._fin_wanted = False
         self._fin_sent = False
         self._source_paused = False
@@ -61,18 +62,16 @@ class Channel:
         """Open a new stream on ``conn`` carrying ``info`` to the peer."""
         channel = cls(conn)
         channel.info = info
-        channel.attach(conn.session.open_stream(info))
-        conn.flush()
+        channel.stream_id = channel._outbox.stream_id = conn.open_stream(info, channel)
         return channel
 
     def attach(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-        self.conn.handlers[stream_id] = self
+        self.stream_id = self._outbox.stream_id = stream_id
+        self.conn.attach(stream_id, self)
 
     def accept(self) -> None:
         """Tell the opener the far side is ready (the stream was accepted)."""
-        self.conn.session.accept_stream(self.stream_id)
-        self.conn.flush()
+        self.conn.accept(self.stream_id)
 
     async def wait_accepted(self) -> None:
         """Wait for the peer's ACCEPT; raise ``ChannelReset`` if it reset the stream instead."""
@@ -107,8 +106,7 @@ class Channel:
         fresh = len(data) - min(len(data), self._preconsumed)
         self._preconsumed -= len(data) - fresh
         if fresh:
-            self.conn.session.consume(self.stream_id, fresh)
-            self.conn.flush()
+            self.conn.consume(self.stream_id, fresh)
         return data
 
     async def readexactly(self, n: int) -> bytes:
@@ -167,43 +165,25 @@ class Channel:
             raise ConnectionResetError("write on a closed channel")
         if not data:
             return
-        if self._pending:
-            self._pending.append(bytes(data))
-            self._pending_size += len(data)
-        else:
-            self._send(bytes(data))
-        if self._pending:
+        # Later in this turn a head, a body and its end may follow: they leave as one record.
+        self.conn.flush_soon()
+        self._outbox.send(bytes(data))
+        if self._outbox:
             self._writable.clear()
 
     def writelines(self, lines: list[bytes]) -> None:
         self.write(b"".join(lines))
 
-    def _send(self, data: bytes) -> None:
-        session = self.conn.session
-        credit = 0 if self.conn.write_paused else session.credit(self.stream_id)
-        if credit >= len(data):
-            session.send_data(self.stream_id, data)
-        else:
-            if credit:
-                session.send_data(self.stream_id, data[:credit])
-            self._pending.append(data[credit:])
-            self._pending_size += len(data) - credit
-        self.conn.flush_soon()
-
-    def _flush_pending(self) -> None:
-        pending, self._pending, self._pending_size = self._pending, [], 0
-        for index, data in enumerate(pending):
-            self._send(data)
-            if self._pending:
-                self._pending.extend(pending[index + 1 :])
-                self._pending_size += sum(len(d) for d in pending[index + 1 :])
-                return
+    def _flush_outbox(self) -> None:
+        self._outbox.pump()
+        if self._outbox:
+            return
         self._writable.set()
         if self._fin_wanted and not self._fin_sent:
             self._send_fin()
 
     async def drain(self) -> None:
-        while self._pending:
+        while self._outbox:
             if self._reset is not None:
                 raise self._reset
             await self._writable.wait()
@@ -216,14 +196,13 @@ class Channel:
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after what was written."""
         self._fin_wanted = True
-        if not self._pending:
+        if not self._outbox:
             self._send_fin()
 
     def _send_fin(self) -> None:
         if not self._fin_sent and self._reset is None:
             self._fin_sent = True
-            self.conn.session.send_fin(self.stream_id)
-            self.conn.flush()
+            self.conn.send_fin(self.stream_id)
             self._maybe_forget()
 
     def close(self) -> None:
@@ -234,8 +213,7 @@ class Channel:
     def reset(self, code: str = "cancelled", reason: str = "") -> None:
         """Abort in both directions, telling the peer why."""
         if self._reset is None:
-            self.conn.session.reset_stream(self.stream_id, code, reason)
-            self.conn.flush()
+            self.conn.reset(self.stream_id, code, reason)
             self._on_reset_local(code, reason)
 
     async def wait_closed(self) -> None:
@@ -249,7 +227,7 @@ class Channel:
 
     @property
     def write_buffer_size(self) -> int:
-        return self._pending_size
+        return self._outbox.size
 
     # --- StreamHandler ------------------------------------------------------------------
 
@@ -259,8 +237,8 @@ class Channel:
         self._readable.set()
 
     def on_window(self) -> None:
-        if self._pending:
-            self._flush_pending()
+        if self._outbox:
+            self._flush_outbox()
 
     def on_accept(self) -> None:
         if not self._accepted.done():
@@ -281,24 +259,43 @@ class Channel:
     def _on_reset_local(self, code: str, reason: str) -> None:
         self._reset = ChannelReset(code, reason)
         self._eof = True
-        self._pending.clear()
-        self._pending_size = 0
+        self._outbox.clear()
         self._readable.set()
         self._writable.set()
         if not self._accepted.done():
             self._accepted.set_exception(self._reset)
             self._accepted.exception()
-        self.conn.handlers.pop(self.stream_id, None)
+        self.conn.detach(self.stream_id, self)
 
     def pause_source(self) -> None:
         self._writable.clear()
 
     def resume_source(self) -> None:
-        if self._pending:
-            self._flush_pending()
+        if self._outbox:
+            self._flush_outbox()
         else:
             self._writable.set()
 
     def _maybe_forget(self) -> None:
         if self._eof and self._fin_sent:
-            self.conn.handlers.pop(self.stream_id, None)
+            self.conn.detach(self.stream_id, self)
+
+    # --- hand-over ------------------------------------------------------------------------
+
+    def splice(self, transport: asyncio.BaseTransport, early: bytes = b"") -> StreamBridge:
+        """Hand this accepted stream to a ``StreamBridge`` on ``transport``, so the data path
+        runs on Protocols once a handshake (SOCKS, a readiness wait) is done; ``early`` is what
+        the socket's side sent beyond the handshake."""
+        conn = self.conn
+        conn.detach(self.stream_id, self)
+        bridge = StreamBridge(conn)
+        bridge.attach(self.stream_id)
+        transport.set_protocol(bridge)
+        bridge.connection_made(transport)
+        for chunk in self.take_buffered():  # what the far end said first (a server greeting)
+            bridge.on_data(chunk)
+        if self.at_eof():
+            bridge.on_end()
+        if early:
+            bridge.data_received(early)
+        return bridge

@@ -1,9 +1,12 @@
 """A wire session carried over an asyncio transport (TCP, TLS on top), with heartbeats.
 
 The protocol object feeds received bytes to the sans-I/O ``Session``, hands stream events to
-the ``StreamHandler`` registered for each stream, and writes what the session queued. When the
-transport's write buffer backs up it pauses every handler's source, so a fast local socket can
-never grow the session's buffer without bound.
+the ``StreamHandler`` registered for each stream, and writes what the session queued. It owns
+its streams: handlers are registered, sent on, reset and forgotten through its methods, and
+what they queue is flushed in one place (at the end of a dispatch, at once otherwise, or at the
+end of the loop turn when asked), so no caller has to remember to flush. When the transport's
+write buffer backs up it pauses every handler's source, so a fast local socket can never grow
+the session's buffer without bound.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import Any, Protocol, cast
 
 from burrow.wire.errors import HandshakeRejected, ProtocolError
 from burrow.wire.session import (
+    DEFAULT_WINDOW,
     ControlReceived,
     DataReceived,
     GoAwayReceived,
     HandshakeComplete,
     HandshakeFailed,
     PongReceived,
+    Role,
     Session,
     State,
     StreamAccepted,
@@ -29,12 +34,15 @@ from burrow.wire.session import (
     StreamOpened,
     StreamReset,
     WindowOpened,
+    WindowPool,
 )
 
 log = logging.getLogger("burrow.session")
 
-#: Size of the buffer the session's transport reads into.
+#: Size of the buffer the session's transport reads into once the handshake is done.
 READ_BUFFER = 256 * 1024
+#: ... and before: a peer that has not proven anything gets no more than this.
+HANDSHAKE_READ_BUFFER = 16 * 1024 + 64
 #: Write-buffer marks for the session transport: high enough to keep the pipe full.
 SESSION_WRITE_HIGH = 1024 * 1024
 SESSION_WRITE_LOW = 256 * 1024
@@ -42,6 +50,26 @@ SESSION_WRITE_LOW = 256 * 1024
 FLOOD_LIMIT = 3 * 1024 * 1024
 #: A peer silent for this many heartbeat intervals is dead.
 DEAD_AFTER_INTERVALS = 3
+#: Each stream's first window: what a peer may send before anyone read a byte of it.
+STREAM_WINDOW = 256 * 1024
+#: How far a busy stream's window grows (a stream waiting for credit gets it doubled).
+STREAM_WINDOW_MAX = DEFAULT_WINDOW
+#: The windows of one session's streams together, unless a role sets its own budget.
+SESSION_BUDGET = 64 * 1024 * 1024
+
+
+def new_session(
+    role: Role, *, budget: int = SESSION_BUDGET, shared: WindowPool | None = None, **options: Any
+) -> Session:
+    """A wire session with the windows burrow runs with: small at first, grown for streams
+    that need it, within ``budget`` for the session (and ``shared``'s total, if given)."""
+    return Session(
+        role,
+        window=STREAM_WINDOW,
+        max_window=STREAM_WINDOW_MAX,
+        pool=WindowPool(budget, shared),
+        **options,
+    )
 
 
 class StreamHandler(Protocol):
@@ -74,15 +102,18 @@ class SessionConnection(asyncio.BufferedProtocol):
         peer_label: str = "",
     ) -> None:
         self.session = session
-        self.handlers: dict[int, StreamHandler] = {}
+        self._handlers: dict[int, StreamHandler] = {}
         self.transport: asyncio.Transport | None = None
         self.peer = peer_label
         self.rtt: float | None = None
         self.write_paused = False
         self.close_reason = ""
+        #: The code of the protocol error that ended the session, if one did.
+        self.error = ""
         self.bytes_in = 0
         self.bytes_out = 0
-        self._read_view = memoryview(bytearray(READ_BUFFER))
+        self._read_view = memoryview(bytearray(HANDSHAKE_READ_BUFFER))
+        self._dispatching = False
         self._on_stream = on_stream
         self._on_control = on_control
         self._on_handshake = on_handshake
@@ -116,28 +147,34 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._last_rx = self._loop.time()
         self.bytes_in += len(data)
         session = self.session
+        self._dispatching = True
         try:
             events = session.receive_data(data)
         except ProtocolError as exc:
-            self.close(f"protocol error from {self.peer}: {exc} ({exc.code})")
+            self._dispatching = False
+            self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
             return
         except HandshakeRejected as exc:
+            self._dispatching = False
             _fail_quietly(self.handshake_done, exc)
             self.close(f"refused by relay: {exc.message}")
             return
-        handlers = self.handlers
-        for event in events:
-            kind = type(event)
-            if kind is DataReceived:
-                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
-                if handler is not None:
-                    handler.on_data(event.data)  # type: ignore[union-attr]
-            elif kind is WindowOpened:
-                handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
-                if handler is not None:
-                    handler.on_window()
-            else:
-                self._on_event(event)
+        try:
+            handlers = self._handlers
+            for event in events:
+                kind = type(event)
+                if kind is DataReceived:
+                    handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                    if handler is not None:
+                        handler.on_data(event.data)  # type: ignore[union-attr]
+                elif kind is WindowOpened:
+                    handler = handlers.get(event.stream_id)  # type: ignore[union-attr]
+                    if handler is not None:
+                        handler.on_window()
+                else:
+                    self._on_event(event)
+        finally:
+            self._dispatching = False
         self.flush()
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > FLOOD_LIMIT:
@@ -158,17 +195,17 @@ class SessionConnection(asyncio.BufferedProtocol):
             else:
                 self._on_stream(self, event.stream_id, event.info)
         elif isinstance(event, StreamEnded):
-            handler = self.handlers.get(event.stream_id)
+            handler = self._handlers.get(event.stream_id)
             if not self.session.is_open(event.stream_id):
-                self.handlers.pop(event.stream_id, None)
+                self._handlers.pop(event.stream_id, None)
             if handler is not None:
                 handler.on_end()
         elif isinstance(event, StreamReset):
-            handler = self.handlers.pop(event.stream_id, None)
+            handler = self._handlers.pop(event.stream_id, None)
             if handler is not None:
                 handler.on_reset(event.code, event.reason)
         elif isinstance(event, StreamAccepted):
-            handler = self.handlers.get(event.stream_id)
+            handler = self._handlers.get(event.stream_id)
             if handler is not None:
                 handler.on_accept()
         elif isinstance(event, ControlReceived):
@@ -182,16 +219,20 @@ class SessionConnection(asyncio.BufferedProtocol):
                 if not waiter.done():
                     waiter.set_result(None)
         elif isinstance(event, HandshakeComplete):
+            self._read_view = memoryview(bytearray(READ_BUFFER))  # the next read uses it
             self._start_heartbeat()
             if not self.handshake_done.done():
                 self.handshake_done.set_result(event)
             if self._on_handshake is not None:
                 self._on_handshake(self)
         elif isinstance(event, HandshakeFailed):
+            error = self.session.internal_error
+            if error is not None:
+                log.error("refusing %s after an internal error", self.peer, exc_info=error)
             self.close_reason = f"refused {self.peer}: {event.message}"
             log.warning("refused client %s: %s", self.peer, event.message)
         elif isinstance(event, GoAwayReceived):
-            self.close_reason = f"peer went away: {event.code} {event.reason}".strip()
+            self.close_reason = _goaway_reason(event.code, event.reason)
 
     def eof_received(self) -> bool:
         return False  # the session ends with its transport
@@ -203,8 +244,10 @@ class SessionConnection(asyncio.BufferedProtocol):
         reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed")
         self.close_reason = reason
         _fail_quietly(self.handshake_done, ConnectionError(reason))
-        handlers = list(self.handlers.values())
-        self.handlers.clear()
+        handlers = list(self._handlers.values())
+        self._handlers.clear()
+        self.session.drop_streams()
+        self._read_view = memoryview(b"")
         for handler in handlers:
             handler.on_reset("error", "session lost")
         if not self.closed.done():
@@ -214,15 +257,89 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        for handler in list(self.handlers.values()):
+        for handler in list(self._handlers.values()):
             handler.pause_source()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        for handler in list(self.handlers.values()):
-            handler.resume_source()
+        self._dispatching = True  # what the handlers send now leaves in one write
+        try:
+            for handler in list(self._handlers.values()):
+                handler.resume_source()
+        finally:
+            self._dispatching = False
+        self.flush()
+
+    # --- streams --------------------------------------------------------------------------
+
+    def open_stream(self, info: dict[str, Any], handler: StreamHandler) -> int:
+        """Open a stream carrying ``info`` to the peer; ``handler`` gets its events."""
+        stream_id = self.session.open_stream(info)
+        self._handlers[stream_id] = handler
+        self._push()
+        return stream_id
+
+    def attach(self, stream_id: int, handler: StreamHandler) -> None:
+        """Give the events of a stream the peer opened (or a handed-over one) to ``handler``."""
+        self._handlers[stream_id] = handler
+
+    def detach(self, stream_id: int, handler: StreamHandler | None = None) -> None:
+        """Stop giving events to the stream's handler (only ``handler``'s, if named)."""
+        if handler is None or self._handlers.get(stream_id) is handler:
+            self._handlers.pop(stream_id, None)
+
+    def handler(self, stream_id: int) -> StreamHandler | None:
+        return self._handlers.get(stream_id)
+
+    def sendable(self, stream_id: int) -> int:
+        """Bytes that may go out on ``stream_id`` now: its credit, or 0 while backed up."""
+        return 0 if self.write_paused else self.session.credit(stream_id)
+
+    def send(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Send as much of ``data`` as ``sendable`` allows; how many bytes went."""
+        size = min(len(data), self.sendable(stream_id))
+        if size:
+            self.session.send_data(stream_id, data if size == len(data) else data[:size])
+            self._push()
+        return size
+
+    def consume(self, stream_id: int, size: int) -> None:
+        """Bytes of ``stream_id`` were delivered: give the credit back to the peer."""
+        self.session.consume(stream_id, size)
+        self._push()
+
+    def accept(self, stream_id: int) -> None:
+        """Tell the opener that the far end is connected."""
+        self.session.accept_stream(stream_id)
+        self._push()
+
+    def send_fin(self, stream_id: int) -> None:
+        """Half-close: no more data from this side; the handler stays for the other half."""
+        self.session.send_fin(stream_id)
+        if not self.session.is_open(stream_id):
+            self._handlers.pop(stream_id, None)
+        self._push()
+
+    def reset(self, stream_id: int, code: str = "error", reason: str = "") -> None:
+        """Abort a stream both ways, telling the peer why; its handler hears no more."""
+        self._handlers.pop(stream_id, None)
+        self.session.reset_stream(stream_id, code, reason)
+        self._push()
+
+    def stream_open(self, stream_id: int) -> bool:
+        return self.session.is_open(stream_id)
+
+    def _push(self) -> None:
+        """Flush what was queued, unless a flush is already due (end of dispatch, of turn)."""
+        if not self._dispatching and not self._flush_scheduled:
+            self.flush()
 
     # --- actions ------------------------------------------------------------------------
+
+    def start_handshake(self) -> None:
+        """Client: send the preface and HELLO."""
+        self.session.start()
+        self.flush()
 
     def flush(self) -> None:
         out = self.session.data_to_send()
@@ -235,8 +352,9 @@ class SessionConnection(asyncio.BufferedProtocol):
                 self.transport.writelines(out)
 
     def flush_soon(self) -> None:
-        """Flush at the end of this turn of the event loop, so the many small writes a
-        protocol handler makes (an HTTP head, a body, its end) leave as one TLS record."""
+        """Flush at the end of this turn of the event loop rather than at once, so the many
+        small writes a protocol handler makes (an HTTP head, a body, its end) leave as one TLS
+        record; what others queue meanwhile goes with them."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
@@ -248,12 +366,15 @@ class SessionConnection(asyncio.BufferedProtocol):
     def send_control(self, message: dict[str, Any]) -> None:
         if self.session.state is State.OPEN and self.transport is not None:
             self.session.send_control(message)
-            self.flush()
+            self._push()
 
-    def close(self, reason: str = "closed", *, code: str = "shutdown") -> None:
-        """Say GOAWAY (if the session is up), flush, and close the transport."""
+    def close(self, reason: str = "closed", *, code: str = "shutdown", error: str = "") -> None:
+        """Say GOAWAY (if the session is up), flush, and close the transport. ``error`` is the
+        protocol error's code when the peer broke the protocol (for metrics)."""
         if not self.close_reason:
             self.close_reason = reason
+        if error and not self.error:
+            self.error = error
         if self.session.state is State.OPEN:
             self.session.go_away(code, reason)
         self.flush()
@@ -301,6 +422,16 @@ class SessionConnection(asyncio.BufferedProtocol):
                 log.warning("%s silent for %.1f s: closing the session", self.peer, silent)
                 self.abort(f"no heartbeat from {self.peer} for {silent:.0f} s")
                 return
+
+
+def _goaway_reason(code: str, reason: str) -> str:
+    """How a peer's GOAWAY reads in a log line: "relay shutting down", not "shutdown relay
+    shutting down"."""
+    if not reason:
+        return f"peer went away ({code})"
+    return (
+        f"peer went away: {reason}" if code == "shutdown" else f"peer went away: {reason} ({code})"
+    )
 
 
 def _fail_quietly(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -8,26 +8,33 @@ travel through, which is how a SOCKS client learns precisely why a dial failed.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable
 
 from burrow.net.connection import SessionConnection
+from burrow.net.outbox import Outbox
 
 
 class JoinHalf:
     """The relay's end of one of the two streams."""
 
-    __slots__ = ("conn", "ended", "fin_sent", "other", "pending", "stream_id")
+    __slots__ = ("conn", "ended", "fin_sent", "on_done", "other", "outbox", "stream_id")
 
-    def __init__(self, conn: SessionConnection, stream_id: int) -> None:
+    def __init__(self, conn: SessionConnection, stream_id: int = 0) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.other: JoinHalf | None = None
-        self.pending: deque[bytes] = deque()  # received here, waiting for credit over there
+        #: What the other half received, waiting for credit on this half's stream.
+        self.outbox = Outbox(conn, stream_id)
         self.ended = False  # the peer of this half sent FIN
         self.fin_sent = False
+        self.on_done: Callable[[], None] | None = None
 
     def attach(self) -> None:
-        self.conn.handlers[self.stream_id] = self
+        self.conn.attach(self.stream_id, self)
+
+    def open(self, info: dict[str, object]) -> None:
+        """Open this half's stream (towards an agent) carrying ``info``."""
+        self.stream_id = self.outbox.stream_id = self.conn.open_stream(info, self)
 
     # --- StreamHandler -----------------------------------------------------------------------
 
@@ -35,27 +42,23 @@ class JoinHalf:
         other = self.other
         if other is None:
             return
-        if type(data) is memoryview:
-            data = bytes(data)  # a view of the session's read buffer: it is reused
-        if self.pending:
-            self.pending.append(bytes(data))
+        outbox = other.outbox
+        if outbox:
+            outbox.send(bytes(data))  # a view of the session's read buffer: it is reused
             return
-        sent = other.send(data)
+        sent = other.conn.send(other.stream_id, data)
         if sent < len(data):
-            self.pending.append(bytes(data[sent:]))
+            outbox.send(bytes(data[sent:]))
         if sent:
-            self.conn.session.consume(self.stream_id, sent)
-            # no flush here: the session flushes after dispatching what it received
+            self.conn.consume(self.stream_id, sent)
 
     def on_window(self) -> None:
-        """The stream behind this half got credit: move what the other half holds."""
-        if self.other is not None:
-            self.other.drain_into_other()
+        """This half's stream got credit: move what waits for it."""
+        self._pump()
 
     def on_accept(self) -> None:
         if self.other is not None:
-            self.other.conn.session.accept_stream(self.other.stream_id)
-            self.other.conn.flush()
+            self.other.conn.accept(self.other.stream_id)
 
     def on_end(self) -> None:
         self.ended = True
@@ -63,75 +66,57 @@ class JoinHalf:
 
     def on_reset(self, code: str, reason: str) -> None:
         other, self.other = self.other, None
-        self.pending.clear()
+        self.outbox.clear()
         if other is not None:
             other.other = None
-            other.pending.clear()
-            other.conn.handlers.pop(other.stream_id, None)
-            other.conn.session.reset_stream(other.stream_id, code, reason)
-            other.conn.flush()
+            other.outbox.clear()
+            other.conn.reset(other.stream_id, code, reason)
+            other._done()
+        self._done()
 
     def pause_source(self) -> None:
         pass  # sources here are streams, held back by credit
 
     def resume_source(self) -> None:
-        if self.other is not None:
-            self.other.drain_into_other()
+        self._pump()
 
     # --- moving bytes -------------------------------------------------------------------------
 
-    def send(self, data: bytes | memoryview) -> int:
-        """Send on this half's stream as much of ``data`` as its credit allows."""
-        conn = self.conn
-        if conn.write_paused or not conn.is_open:
-            return 0
-        credit = conn.session.credit(self.stream_id)
-        size = min(credit, len(data))
-        if size:
-            conn.session.send_data(self.stream_id, data[:size] if size < len(data) else data)
-            conn.flush()
-        return size
-
-    def drain_into_other(self) -> None:
-        """Move bytes held by this half into the other half's stream."""
+    def _pump(self) -> None:
+        """Move bytes waiting for this half's stream; return their credit to the other's."""
         other = self.other
-        if other is None:
+        if other is None or not self.outbox:
             return
-        moved = 0
-        while self.pending:
-            chunk = self.pending[0]
-            sent = other.send(chunk)
-            moved += sent
-            if sent < len(chunk):
-                self.pending[0] = chunk[sent:]
-                break
-            self.pending.popleft()
+        moved = self.outbox.pump()
         if moved:
-            self.conn.session.consume(self.stream_id, moved)
-            self.conn.flush()
-        if not self.pending:
-            self._forward_fin()
+            other.conn.consume(other.stream_id, moved)
+        if not self.outbox:
+            other._forward_fin()
 
     def _forward_fin(self) -> None:
         other = self.other
-        if self.ended and not self.pending and other is not None and not other.fin_sent:
+        if self.ended and other is not None and not other.outbox and not other.fin_sent:
             other.fin_sent = True
-            other.conn.session.send_fin(other.stream_id)
-            other.conn.flush()
-            self._maybe_forget()
-            other._maybe_forget()
+            other.conn.send_fin(other.stream_id)
+            if self.fin_sent and other.fin_sent:
+                self._forget()
 
-    def _maybe_forget(self) -> None:
+    def _forget(self) -> None:
         other = self.other
-        if other is not None and self.fin_sent and other.fin_sent:
-            self.conn.handlers.pop(self.stream_id, None)
-            other.conn.handlers.pop(other.stream_id, None)
+        self.conn.detach(self.stream_id, self)
+        if other is not None:
+            other.conn.detach(other.stream_id, other)
+            other._done()
+        self._done()
+
+    def _done(self) -> None:
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
+            callback()
 
     def close(self, code: str = "cancelled", reason: str = "closing") -> None:
         """Reset both streams (the relay is closing the route)."""
-        self.conn.session.reset_stream(self.stream_id, code, reason)
-        self.conn.handlers.pop(self.stream_id, None)
-        self.conn.flush()
+        self.conn.reset(self.stream_id, code, reason)
         self.on_reset(code, reason)
 
 

@@ -12,17 +12,30 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from burrow.errors import ConnectError
-from burrow.events import emit
-from burrow.net.channel import ChannelReset
-from burrow.roles.connector import Connector, splice
+from burrow.events import EventSink, emit
+from burrow.net.channel import Channel, ChannelReset
 from burrow.wire import connect_proxy, socks
 
 log = logging.getLogger("burrow.socks")
 
 ACCEPT_TIMEOUT = 30.0
+
+
+class StreamOpener(Protocol):
+    """What the proxy needs of a connector: streams to services, opened on demand."""
+
+    on_event: EventSink | None
+
+    async def ready_for_streams(self) -> None:
+        """Wait until new streams can be opened (a session check after a freeze, say)."""
+        ...
+
+    def open_channel(self, service: str, target: str | None = None) -> Channel:
+        """A stream to ``service`` (an exit's ``target``); ``ConnectError`` with no session."""
+        ...
 
 
 def route_target(host: str, port: int, exit_name: str | None) -> tuple[str, str | None] | None:
@@ -153,7 +166,7 @@ class _ProxyClient(asyncio.Protocol):
         else:
             transport.write(connect_proxy.connect_ok())
             early = self.http.trailing_data()
-        splice(channel, transport, early)  # from here on, Protocols only
+        channel.splice(transport, early)  # from here on, Protocols only
         emit(server.connector.on_event, "proxied", service=service, target=target)
 
     def _fail(self, code: str, reason: str) -> None:
@@ -191,7 +204,7 @@ class ProxyServer:
 
     def __init__(
         self,
-        connector: Connector,
+        connector: StreamOpener,
         *,
         exit_name: str | None = None,
         credentials: tuple[str, str] | None = None,

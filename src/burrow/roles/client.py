@@ -21,12 +21,19 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from burrow import __version__
-from burrow.errors import AuthError, BurrowError, ConnectError, TLSVerifyError, TunnelError
+from burrow.errors import (
+    AuthError,
+    BurrowError,
+    ConnectError,
+    RelayUnavailable,
+    TLSVerifyError,
+    TunnelError,
+)
 from burrow.events import EventSink, emit, format_hostport
-from burrow.net.connection import SessionConnection
+from burrow.net.connection import SessionConnection, new_session
+from burrow.version import __version__
 from burrow.wire.errors import HandshakeRejected
-from burrow.wire.session import Role, Session
+from burrow.wire.session import Role
 
 log = logging.getLogger("burrow.client")
 
@@ -80,9 +87,7 @@ class RelayClient:
         """A session is up (first or after a reconnect): register what this client offers."""
 
     def on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
-        conn.session.reset_stream(
-            stream_id, "not_allowed", f"a {self.role_name} accepts no streams"
-        )
+        conn.reset(stream_id, "not_allowed", f"a {self.role_name} accepts no streams")
 
     def on_message(self, conn: SessionConnection, message: dict[str, Any]) -> None:
         """A control message that is not a reply to a request."""
@@ -158,7 +163,7 @@ class RelayClient:
                     max(0.5, remaining) if not config.retry_forever else 10.0
                 )
             except ConnectError as exc:
-                if not getattr(exc, "retryable", False):
+                if not exc.retryable:
                     raise
                 attempt += 1
                 delay = min(backoff(attempt), 1.0)
@@ -175,7 +180,7 @@ class RelayClient:
         trust = self.client_config.trust
         context: ssl.SSLContext | None = trust.ssl_context() if trust is not None else None
         loop = asyncio.get_running_loop()
-        session = Session(
+        session = new_session(
             Role.CLIENT,
             secret=self.client_config.secret,
             token_prover=self._token_prover,
@@ -199,7 +204,7 @@ class RelayClient:
                     ssl_handshake_timeout=timeout if context is not None else None,
                 )
         except TimeoutError:
-            raise _retryable(f"relay {label} did not answer within {timeout:.0f} s") from None
+            raise RelayUnavailable(f"relay {label} did not answer within {timeout:.0f} s") from None
         except socket.gaierror:
             raise ConnectError(
                 f"relay name {host!r} does not resolve; check --to / BURROW_RELAY"
@@ -209,18 +214,17 @@ class RelayClient:
 
             raise describe_ssl_error(exc, label) from None
         except ConnectionRefusedError:
-            raise _retryable(
-                f"relay {label} refused the connection; is `burrow relay` running there?"
+            raise RelayUnavailable(
+                f"relay {label} refused the connection (is `burrow relay` running there?)"
             ) from None
         except OSError as exc:
-            raise _retryable(f"cannot reach relay {label}: {exc.strerror or exc}") from None
+            raise RelayUnavailable(f"cannot reach relay {label}: {exc.strerror or exc}") from None
         try:
             if context is not None:
                 ssl_object = transport.get_extra_info("ssl_object")
                 fingerprint = trust.verify(ssl_object, label, on_first_use=self._first_use)
                 log.debug("relay %s certificate %s", label, fingerprint)
-            session.start()
-            conn.flush()
+            conn.start_handshake()
             async with asyncio.timeout(timeout):
                 await conn.handshake_done
         except HandshakeRejected as exc:
@@ -234,12 +238,12 @@ class RelayClient:
             ) from None
         except TimeoutError:
             conn.abort("handshake timeout")
-            raise _retryable(
+            raise RelayUnavailable(
                 f"relay {label} did not complete the handshake within {timeout:.0f} s"
             ) from None
         except ConnectionError as exc:
             hint = "" if context is not None else "; if the relay uses TLS, drop --insecure"
-            raise _retryable(
+            raise RelayUnavailable(
                 f"relay {label} closed the connection during the handshake ({exc}){hint}"
             ) from None
         except BaseException:
@@ -279,7 +283,7 @@ class RelayClient:
                     conn = await self._connect(CONNECT_TIMEOUT)
                     await self.on_session(conn)
                 except ConnectError as exc:
-                    if getattr(exc, "retryable", False):
+                    if exc.retryable:
                         reason = str(exc)
                         continue
                     self._fail(exc)
@@ -337,9 +341,3 @@ def backoff(attempt: int) -> float:
     """Exponential backoff with jitter, capped at 30 s."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt - 1, 16)))
     return random.uniform(ceiling / 2, ceiling)
-
-
-def _retryable(message: str) -> ConnectError:
-    exc = ConnectError(message)
-    exc.retryable = True  # type: ignore[attr-defined]
-    return exc

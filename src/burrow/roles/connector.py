@@ -32,11 +32,25 @@ class ListenSpec:
 
     @classmethod
     def parse(cls, text: str) -> ListenSpec:
+        """``NAME[=LISTEN]``, checked before anything dials: a bad name or an impossible
+        port is the user's mistake, told now."""
         name, _, listen = text.partition("=")
         if not name or len(name) > 63 or not all(c.isalnum() or c in "-." for c in name):
             raise ConfigError(
                 f"invalid service {text!r}: expected NAME or NAME=LISTEN (e.g. db=127.0.0.1:5432)"
             )
+        if listen.startswith("unix:"):
+            if len(listen) == 5:
+                raise ConfigError(f"invalid service {text!r}: unix: needs a path")
+        elif listen.isdigit():
+            if not 0 <= int(listen) <= 65535:
+                raise ConfigError(
+                    f"invalid service {text!r}: port {listen} is out of range (1 to 65535)"
+                )
+        elif listen:
+            from burrow.config import parse_hostport
+
+            parse_hostport(listen, 0, listen=True)
         return cls(name.lower(), listen)
 
 
@@ -56,6 +70,7 @@ class Connector(RelayClient):
         self.listeners: dict[str, str] = {}  # service -> local address
         self._servers: list[asyncio.Server] = []
         self._bridges: set[StreamBridge] = set()
+        self.refused = 0  # connections refused at open (scope, unknown service, revoked)
 
     async def __aenter__(self) -> Connector:
         await self.start()
@@ -118,6 +133,19 @@ class Connector(RelayClient):
 
     # --- streams ---------------------------------------------------------------------------
 
+    def _refused(self, service: str, code: str, reason: str) -> None:
+        """The relay or the agent refused a connection to ``service``: say why (psql alone
+        would only see "server closed the connection unexpectedly")."""
+        self.refused += 1
+        emit(
+            self.on_event,
+            "connection_refused",
+            service=service,
+            code=code,
+            reason=reason or code,
+            count=self.refused,
+        )
+
     async def ready_for_streams(self) -> None:
         """Wait until new streams can be opened; a subclass that knows its session may be
         stale (after a Lambda freeze) holds callers here while it checks."""
@@ -170,33 +198,15 @@ class Connector(RelayClient):
         info = visitor_info(transport, service=service)
         if target is not None:
             info["target"] = target
-        bridge = StreamBridge(conn, on_done=self._bridges.discard)
-        bridge.attach(conn.session.open_stream(info))
-        conn.flush()
+        bridge = StreamBridge(
+            conn,
+            on_done=self._bridges.discard,
+            on_refused=lambda code, reason: self._refused(service, code, reason),
+        )
+        bridge.open(info)
         self._bridges.add(bridge)
-        transport.set_protocol(bridge)
-        bridge.connection_made(transport)
-        if buffered:
-            bridge.data_received(buffered)
+        bridge.adopt(transport, buffered)
         return bridge
-
-
-def splice(channel: Channel, transport: asyncio.BaseTransport, early: bytes = b"") -> StreamBridge:
-    """Hand an accepted stream from a ``Channel`` to a ``StreamBridge`` on ``transport``, so
-    the data path runs on Protocols once a handshake (SOCKS, a readiness wait) is done."""
-    conn = channel.conn
-    conn.handlers.pop(channel.stream_id, None)
-    bridge = StreamBridge(conn)
-    bridge.attach(channel.stream_id)
-    transport.set_protocol(bridge)
-    bridge.connection_made(transport)
-    for chunk in channel.take_buffered():  # what the far end said first (a server greeting)
-        bridge.on_data(chunk)
-    if channel.at_eof():
-        bridge.on_end()
-    if early:
-        bridge.data_received(early)
-    return bridge
 
 
 class _ConnectorVisitor(asyncio.Protocol):

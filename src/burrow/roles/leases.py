@@ -28,6 +28,10 @@ class Lease:
     key: str  # the agent's name for the tunnel
     connected: bool = True
     expires: float = 0.0  # meaningful while not connected
+    kind: str = ""  # tcp, http, private, exit
+    session: str = ""  # the session holding it (the last one, while not connected)
+    node: str = ""  # the relay node of that session
+    token: str | None = None  # the token the holder proved, for revocation
 
 
 class LeaseTable:
@@ -65,10 +69,23 @@ class LeaseTable:
                 _in_use(port),
             )
 
-    def take(self, port: Hashable, owner: str, key: str) -> Lease:
-        lease = Lease(port, owner, key)
+    def take(
+        self,
+        port: Hashable,
+        owner: str,
+        key: str,
+        *,
+        kind: str = "",
+        session: str = "",
+        node: str = "",
+        token: str | None = None,
+    ) -> Lease:
+        lease = Lease(port, owner, key, kind=kind, session=session, node=node, token=token)
         self._by_port[port] = lease
         return lease
+
+    def leases(self) -> list[Lease]:
+        return list(self._by_port.values())
 
     def release(self, port: Hashable, now: float) -> None:
         """The agent's session ended: keep the port for the grace period."""

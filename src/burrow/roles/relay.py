@@ -1,40 +1,60 @@
 """The relay: the rendezvous agents dial out to. It serves the control port (TLS unless told
-otherwise), keeps one session per agent, and opens a public TCP port per TCP tunnel whose
-connections it hands to the agent as streams.
+otherwise), keeps one session per agent, opens a public TCP port per TCP tunnel, and joins
+connectors' streams to the agents offering private services and exits.
+
+Who holds which port or name lives in a ``Registry`` (``burrow.roles.registry``); the relay
+keeps only what a process must (its sessions, its listening sockets). Faces that speak a
+protocol on top, such as the HTTP frontend, are injected as ``Frontend`` objects by whoever
+builds the relay, so this module knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import random
-import re
 import socket
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from burrow.errors import ConfigError, TunnelError
+from burrow.config import DEFAULT_RELAY_PORT
+from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
-from burrow.net.connection import SessionConnection
-from burrow.roles.leases import LeaseTable
-from burrow.wire.session import Role, Session
+from burrow.net.connection import SessionConnection, new_session
+from burrow.roles.leases import Lease
+from burrow.roles.names import NAME_PATTERN, readable_name
+from burrow.roles.registry import Holder, LeaseKey, MemoryRegistry, Registry
+from burrow.wire.messages import (
+    ErrorReply,
+    MessageError,
+    OpenInfo,
+    Register,
+    Registered,
+    TunnelMoved,
+    Unregister,
+    parse_control,
+    parse_open,
+    quote,
+    to_message,
+)
+from burrow.wire.session import Role
 
 log = logging.getLogger("burrow.relay")
 
-DEFAULT_CONTROL_PORT = 7835
+DEFAULT_CONTROL_PORT = DEFAULT_RELAY_PORT
 HANDSHAKE_TIMEOUT = 10.0
 #: How many random ports to try before giving up (bore's figure: ~99.999% success at 15% free).
 RANDOM_PORT_TRIES = 150
-#: Names of HTTP tunnels and private services: one DNS label.
-NAME_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_DOMAIN = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-)
+#: Named kinds the relay serves itself, and their namespace: connectors name both alike.
+SERVICE_KINDS: Mapping[str, str] = {"private": "svc", "exit": "svc"}
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 
 
 @dataclass
@@ -42,8 +62,8 @@ class RelayConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = DEFAULT_CONTROL_PORT
     secret: str | None = None
-    min_port: int = 1024
-    max_port: int = 65535
+    min_port: int = 20000
+    max_port: int = 30000
     bind_tunnels: str | None = None  # default: the control listener's host
     state_dir: Path | None = None
     insecure: bool = False
@@ -54,14 +74,22 @@ class RelayConfig:
     lease_grace: float = 60.0
     heartbeat: float = 5.0
     admin: tuple[str, int] | None = None
+    # The HTTP frontend's settings (used by whoever builds it: ``burrow.node``).
     http_listen: tuple[str, int] | None = None
     https_listen: tuple[str, int] | None = None
     domain: str = "localhost"
     #: Route requests for any other Host (127.0.0.1:PORT) to the one HTTP tunnel, if only one:
     #: for embedded relays, whose clients may not resolve NAME.localhost.
     http_fallback: bool = False
+    #: This node's name in a registry shared with other nodes.
+    node_id: str = ""
+    #: Let in clients with neither the secret nor a token. Off by default; a loopback relay
+    #: with no secret and no token key lets them in anyway (nobody else can reach it).
+    allow_anonymous: bool = False
 
     def validate(self) -> None:
+        import re
+
         if not 1 <= self.min_port <= 65535 or not 1 <= self.max_port <= 65535:
             raise ConfigError("--min-port and --max-port must be between 1 and 65535")
         if self.min_port > self.max_port:
@@ -74,57 +102,99 @@ class RelayConfig:
             raise ConfigError("--lease-grace must not be negative")
         if not 0.05 <= self.heartbeat <= 3600:
             raise ConfigError("--heartbeat must be between 0.05 and 3600 seconds")
-        if not _DOMAIN.fullmatch(self.domain):
+
+        domain = rf"(?=.{{1,253}}$){_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*"
+        if not re.fullmatch(domain, self.domain):
             raise ConfigError(
                 f"--domain {self.domain!r} is not a domain name (e.g. tunnels.example.com)"
             )
 
 
-@dataclass(eq=False)
-class TcpTunnel:
-    port: int
-    key: str
-    owner: str
-    server: asyncio.Server
+@dataclass
+class Route:
+    """Where a name goes: an open session, or ``None`` while its agent is reconnecting."""
+
+    name: str
     conn: SessionConnection | None
+
+
+class Frontend(Protocol):
+    """A public face plugged into the relay (the HTTP listener): it serves names of its
+    ``kinds`` (kind -> namespace) and reaches their agents through ``Relay.route``."""
+
+    kinds: Mapping[str, str]
+
+    async def start(self, relay: Relay) -> None: ...
+
+    def describe(self, kind: str, name: str) -> dict[str, Any]:
+        """Fields for the agent's ``registered`` reply (the public URL)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class PortListener:
+    """A public TCP port this node listens on, for the agent that holds its lease."""
+
+    port: int
+    relay: Relay
+    server: asyncio.Server | None = None
     visitors: set[StreamBridge] = field(default_factory=set)
 
+    @property
+    def lease(self) -> Lease | None:
+        return self.relay.registry.resolve(self.port)
 
-@dataclass(eq=False)
+    @property
+    def conn(self) -> SessionConnection | None:
+        """The session of the agent holding the port, if it is connected to this node."""
+        return self.relay.session_for(self.lease)
+
+    @property
+    def key(self) -> str:
+        lease = self.lease
+        return lease.key if lease is not None else ""
+
+
+@dataclass(frozen=True)
 class NamedRoute:
-    """An HTTP name, a private service or an exit, held by one agent."""
+    """How ``Relay.names`` shows a held name (a view of the registry)."""
 
-    kind: str  # "http", "private" or "exit"
+    kind: str
     name: str
     key: str
     owner: str
     conn: SessionConnection | None
-    streams: int = 0
-
-    @property
-    def lease_key(self) -> tuple[str, str]:
-        return _namespace(self.kind), self.name
-
-
-def _namespace(kind: str) -> str:
-    return "http" if kind == "http" else "svc"
 
 
 class Relay:
     """A relay node; ``await start()`` binds, ``await close()`` stops everything."""
 
-    def __init__(self, config: RelayConfig, *, on_event: EventSink | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        on_event: EventSink | None = None,
+        registry: Registry | None = None,
+        frontends: tuple[Frontend, ...] = (),
+    ) -> None:
         config.validate()
         self.config = config
         self.on_event = on_event
+        self.registry: Registry = registry or MemoryRegistry(config.lease_grace)
+        self.frontends = frontends
         self.fingerprint: str | None = None
         self.control_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
-        self.leases = LeaseTable(config.lease_grace)
-        self.tunnels: dict[int, TcpTunnel] = {}
-        self.names: dict[tuple[str, str], NamedRoute] = {}
+        self.tunnels: dict[int, PortListener] = {}  # public ports listened on by this node
         self.sessions: set[SessionConnection] = set()
-        self.http: Any = None  # burrow.http.frontend.HttpFrontend, with --http-listen
+        self._by_session: dict[str, SessionConnection] = {}
+        self._namespaces: dict[str, str] = dict(SERVICE_KINDS)
+        self._served_by: dict[str, Frontend] = {}
+        for frontend in frontends:
+            self._namespaces.update(frontend.kinds)
+            self._served_by.update(dict.fromkeys(frontend.kinds, frontend))
         self._token_verifier: Any = None
         self._token_state_dir: Path | None = None
         self._deny_stamp: Any = None
@@ -132,10 +202,56 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._admin: Any = None
         self._ssl: ssl.SSLContext | None = None
-        self._expiry: dict[Any, asyncio.TimerHandle] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._closed_bytes = [0, 0]
         self.metrics: Any = None
+
+    # --- views -------------------------------------------------------------------------------
+
+    @property
+    def leases(self) -> Registry:
+        return self.registry
+
+    @property
+    def names(self) -> dict[tuple[str, str], NamedRoute]:
+        """Every name held (or waiting for its agent), by (namespace, name)."""
+        routes: dict[tuple[str, str], NamedRoute] = {}
+        for lease in self.registry.leases():
+            if isinstance(lease.port, tuple):
+                namespace, name = lease.port
+                routes[(namespace, name)] = NamedRoute(
+                    lease.kind, name, lease.key, lease.owner, self.session_for(lease)
+                )
+        return routes
+
+    def session_for(self, lease: Lease | None) -> SessionConnection | None:
+        """The open session holding ``lease`` on this node, if any."""
+        if lease is None or not lease.connected:
+            return None
+        conn = self._by_session.get(lease.session)
+        return conn if conn is not None and conn.is_open else None
+
+    def route(self, kind: str, name: str) -> Route | None:
+        """Where a visitor of ``name`` (a name of ``kind``) goes; None if nobody holds it."""
+        namespace = self._namespaces.get(kind)
+        lease = self.registry.resolve((namespace, name)) if namespace else None
+        if lease is None or lease.kind != kind:
+            return None
+        return Route(name, self.session_for(lease))
+
+    def held_names(self, kind: str) -> list[str]:
+        return [lease.port[1] for lease in self.registry.leases() if lease.kind == kind]  # type: ignore[index]
+
+    def visitor_opened(self) -> None:
+        """A face opened a visitor's stream (metrics)."""
+        if self.metrics is not None:
+            self.metrics.stream_opened()
+
+    def visitor_closed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_closed()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -155,13 +271,13 @@ class Relay:
                 reuse_address=True,
             )
         except OSError as exc:
-            raise _bind_error(config.listen_host, config.listen_port, exc, "control port") from None
+            raise bind_error(config.listen_host, config.listen_port, exc, "control port") from None
         sockname = self._server.sockets[0].getsockname()
         self.control_address = (sockname[0], sockname[1])
         if config.admin is not None:
             await self._start_admin(config.admin)
-        if config.http_listen is not None or config.https_listen is not None:
-            await self._start_http()
+        for frontend in self.frontends:
+            await frontend.start(self)
         emit(
             self.on_event,
             "relay_ready",
@@ -172,21 +288,78 @@ class Relay:
         )
 
     def _load_tokens(self) -> None:
-        """Accept scoped tokens when ``burrow token issue`` made a key in the state dir."""
+        """Tokens signed with the key in the state directory are accepted from the moment the
+        key exists (``burrow token init``), without a restart; a key that changes (rotation)
+        is read again. A relay others can reach with no secret requires tokens: it makes its
+        key now if there is none, and says how to mint them."""
         from burrow.net.tls import default_state_dir
 
-        state_dir = self.config.state_dir or default_state_dir("relay")
-        if not (state_dir / "token.key").is_file():
-            return
-        from burrow.tokens import TokenKey, TokenVerifier
+        config = self.config
+        self._token_state_dir = state_dir = config.state_dir or default_state_dir("relay")
+        self._key_stamp: Any = None
+        self._key: Any = None
+        if config.allow_anonymous:
+            emit(
+                self.on_event,
+                "warning",
+                message="--allow-anonymous: anyone who reaches this relay may open tunnels on it",
+            )
+        elif config.secret is None and not _is_loopback(config.listen_host):
+            from burrow.tokens import TokenKey
 
-        key = TokenKey.load_or_create(state_dir)
-        self._token_state_dir = state_dir
+            _, created = TokenKey.create(state_dir)
+            emit(
+                self.on_event,
+                "tokens_required",
+                key=str(state_dir / "token.key"),
+                created=created,
+                hint=f"agents need a token: burrow token issue --state-dir {state_dir} ...",
+            )
 
         def verify(claims: str, mac: str, transcript: bytes) -> Any:
+            from burrow.tokens import TokenError, TokenVerifier
+
+            try:
+                key = self._token_key()
+            except BurrowError as exc:
+                log.error("cannot use the token key: %s", exc)
+                raise TokenError(
+                    "this relay cannot read its token key; tell its operator"
+                ) from None
+            if key is None:
+                raise TokenError(
+                    "this relay has no token key yet; use its --secret, or mint tokens on the "
+                    "relay's machine (`burrow token init`, then `burrow token issue`)",
+                    "no_key",
+                )
             return TokenVerifier(key, self._denied()).verify(claims, mac, transcript, time.time())
 
         self._token_verifier = verify
+
+    def _token_key(self) -> Any:
+        """The token key as the state directory holds it now (None if there is none)."""
+        from burrow.tokens import KEY_FILE, TokenKey
+
+        assert self._token_state_dir is not None
+        try:
+            stamp: Any = (self._token_state_dir / KEY_FILE).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._key_stamp:
+            self._key_stamp = stamp
+            self._key = TokenKey.load(self._token_state_dir) if stamp is not None else None
+        return self._key
+
+    def _anonymous_allowed(self) -> bool:
+        config = self.config
+        if config.allow_anonymous:
+            return True
+        if config.secret is not None or not _is_loopback(config.listen_host):
+            return False
+        try:
+            return self._token_key() is None
+        except BurrowError:
+            return False
 
     def _denied(self) -> frozenset[str]:
         """The token deny list, re-read when its file changes, so a revocation applies to the
@@ -213,48 +386,6 @@ class Relay:
             return "token has been revoked"
         allowed = scope.may_expose(name) if kind == "expose" else scope.may_connect(name)
         return None if allowed else str(scope.missing(kind, name))
-
-    async def _start_http(self) -> None:
-        from burrow.http.frontend import HttpFrontend
-
-        config = self.config
-        self.http = HttpFrontend(
-            config.domain,
-            self._resolve_http,
-            on_visitor=self._http_visitor,
-            status=self._status,
-            fallback=self._only_http_name if config.http_fallback else None,
-        )
-        for scheme, address in (("http", config.http_listen), ("https", config.https_listen)):
-            if address is None:
-                continue
-            context = self._https_context() if scheme == "https" else None
-            try:
-                bound = await self.http.listen(scheme, address[0], address[1], ssl=context)
-            except OSError as exc:
-                raise _bind_error(address[0], address[1], exc, f"{scheme} port") from None
-            emit(
-                self.on_event,
-                "http_ready",
-                scheme=scheme,
-                listen=format_hostport(*bound),
-                example=self.http.url_for("NAME"),
-            )
-
-    def _https_context(self) -> ssl.SSLContext:
-        from burrow.net import tls
-
-        config = self.config
-        if config.tls_cert is not None and config.tls_key is not None:
-            cert, key = config.tls_cert, config.tls_key
-        else:
-            state_dir = (config.state_dir or tls.default_state_dir("relay")) / "https"
-            names = (config.domain, f"*.{config.domain}", *config.hostnames)
-            pair = tls.load_or_create_relay_cert(state_dir, names)
-            cert, key = pair.cert_path, pair.key_path
-        context = tls.server_context(cert, key)
-        context.set_alpn_protocols(["http/1.1"])
-        return context
 
     def _tls_context(self) -> ssl.SSLContext:
         from burrow.net import tls
@@ -283,7 +414,7 @@ class Relay:
         try:
             self.admin_address = await self._admin.start(*address)
         except OSError as exc:
-            raise _bind_error(address[0], address[1], exc, "admin port") from None
+            raise bind_error(address[0], address[1], exc, "admin port") from None
 
     def _collect_bytes(self) -> None:
         # "in" flows from visitors towards agents: what the relay writes into sessions.
@@ -291,28 +422,43 @@ class Relay:
         total_out = self._closed_bytes[1] + sum(c.bytes_in for c in self.sessions)
         self.metrics.set_bytes(total_in, total_out)
 
+    def _count_tunnels(self) -> None:
+        if self.metrics is None:
+            return
+        counts: dict[str, int] = {}
+        for lease in self.registry.leases():
+            counts[lease.kind] = counts.get(lease.kind, 0) + 1
+        shown = {kind for kind, _value in self.metrics.tunnels.items()}
+        for kind in shown | counts.keys():
+            self.metrics.tunnels.labels(kind=kind).set(counts.get(kind, 0))
+
+    def _count_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.error(kind)
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "sessions": len(self.sessions),
-            "tunnels": len(self.tunnels) + len(self.names),
+            "tunnels": len(self.registry.leases()),
             "streams": sum(len(t.visitors) for t in self.tunnels.values()),
             "names": sorted(f"{route.kind}:{route.name}" for route in self.names.values()),
         }
 
     async def close(self) -> None:
         self._closing = True
-        for handle in self._expiry.values():
-            handle.cancel()
-        self._expiry.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self._server is not None:
             self._server.close()
         for tunnel in list(self.tunnels.values()):
-            self._close_tunnel(tunnel)
-        if self.http is not None:
-            self.http.close()
+            self._close_listener(tunnel)
+        for frontend in self.frontends:
+            frontend.close()
         for conn in list(self.sessions):
             conn.close("relay shutting down")
+        for task in list(self._tasks):
+            task.cancel()
         if self._admin is not None:
             await self._admin.close()
         if self._server is not None:
@@ -329,15 +475,20 @@ class Relay:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- sessions --------------------------------------------------------------------------
 
     def _new_session(self) -> SessionConnection:
-        session = Session(
+        session = new_session(
             Role.RELAY,
             secret=self.config.secret,
             heartbeat=self.config.heartbeat,
             token_verifier=self._token_verifier,
-            allow_anonymous=self.config.secret is None and self._token_verifier is None,
+            allow_anonymous=self._anonymous_allowed(),
         )
         conn = SessionConnection(
             session,
@@ -355,6 +506,7 @@ class Relay:
 
     def _on_handshake(self, conn: SessionConnection) -> None:
         self.sessions.add(conn)
+        self._by_session[conn.session.session_id] = conn
         if self.metrics is not None:
             self.metrics.sessions.set(len(self.sessions))
         emit(self.on_event, "session_opened", peer=conn.peer, session=conn.session.session_id)
@@ -363,214 +515,210 @@ class Relay:
         if conn not in self.sessions:
             if conn.session.close_reason is not None:
                 emit(self.on_event, "session_refused", peer=conn.peer, reason=reason)
-                if self.metrics is not None:
-                    self.metrics.errors.labels(kind="handshake").inc()
+                self._count_error("handshake")
             return
         self.sessions.discard(conn)
+        session_id = conn.session.session_id
+        self._by_session.pop(session_id, None)
         self._closed_bytes[0] += conn.bytes_out
         self._closed_bytes[1] += conn.bytes_in
         if self.metrics is not None:
             self.metrics.sessions.set(len(self.sessions))
-            if "protocol error" in reason:
-                self.metrics.errors.labels(kind="protocol").inc()
+        if conn.error:
+            self._count_error("protocol")
         emit(self.on_event, "session_closed", peer=conn.peer, reason=reason)
         if self._closing:
             return
+        self._spawn(self._release(session_id))
+
+    async def _release(self, session_id: str) -> None:
+        """The session's leases wait for their agent; with no grace, they end now."""
+        loop = asyncio.get_running_loop()
+        released = await self.registry.release(session_id, loop.time())
+        if self.config.lease_grace <= 0:
+            for lease in released:
+                self._lease_gone(lease, expired=False)
+        elif released:
+            self._schedule_sweep(self.config.lease_grace)
+
+    def _schedule_sweep(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if self._sweep is not None and self._sweep.when() <= when:
+            return
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep = loop.call_at(when, lambda: self._spawn(self._expire()))
+
+    async def _expire(self) -> None:
+        """Close what lost its lease; sweep again when the next lease is due."""
+        self._sweep = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        for tunnel in list(self.tunnels.values()):
-            if tunnel.conn is conn:
-                tunnel.conn = None
-                self.leases.release(tunnel.port, now)
-                if self.config.lease_grace <= 0:
-                    self._close_tunnel(tunnel)
-                else:
-                    self._expiry[tunnel.port] = loop.call_later(
-                        self.config.lease_grace, self._expire, tunnel.port
-                    )
-        for route in list(self.names.values()):
-            if route.conn is conn:
-                route.conn = None
-                self.leases.release(route.lease_key, now)
-                if self.config.lease_grace <= 0:
-                    self._drop_name(route)
-                else:
-                    self._expiry[route.lease_key] = loop.call_later(
-                        self.config.lease_grace, self._expire_name, route.lease_key
-                    )
+        for lease in await self.registry.expire(now):
+            self._lease_gone(lease, expired=True)
+        waiting = [lease.expires for lease in self.registry.leases() if not lease.connected]
+        if waiting and not self._closing:
+            self._schedule_sweep(max(0.0, min(waiting) - now))
 
-    def _expire(self, port: int) -> None:
-        self._expiry.pop(port, None)
-        tunnel = self.tunnels.get(port)
-        if tunnel is not None and tunnel.conn is None:
-            self.leases.drop(port)
-            self._close_tunnel(tunnel)
-            emit(self.on_event, "lease_expired", port=port)
-
-    def _expire_name(self, key: tuple[str, str]) -> None:
-        self._expiry.pop(key, None)
-        route = self.names.get(key)
-        if route is not None and route.conn is None:
-            self._drop_name(route)
-            emit(self.on_event, "lease_expired", name=route.name, kind=route.kind)
-
-    def _drop_name(self, route: NamedRoute) -> None:
-        self.leases.drop(route.lease_key)
-        if self.names.get(route.lease_key) is route:
-            del self.names[route.lease_key]
-            if self.metrics is not None:
-                self.metrics.tunnels.labels(kind=route.kind).dec()
-            emit(self.on_event, "tunnel_closed", kind=route.kind, name=route.name)
+    def _lease_gone(self, lease: Lease, *, expired: bool) -> None:
+        """A lease ended: close its listener (TCP) and say so."""
+        if isinstance(lease.port, int):
+            listener = self.tunnels.get(lease.port)
+            if listener is not None:
+                self._close_listener(listener)
+            if expired:
+                emit(self.on_event, "lease_expired", port=lease.port)
+        else:
+            name = str(lease.port[1])  # type: ignore[index]
+            emit(self.on_event, "tunnel_closed", kind=lease.kind, name=name)
+            if expired:
+                emit(self.on_event, "lease_expired", name=name, kind=lease.kind)
+        self._count_tunnels()
 
     # --- control ---------------------------------------------------------------------------
 
     def _on_control(self, conn: SessionConnection, message: dict[str, Any]) -> None:
-        op = message.get("op")
         request_id = message.get("id")
-        if op == "register":
-            asyncio.get_running_loop().create_task(self._register(conn, request_id, message))
-        elif op == "unregister":
-            port = message.get("port")
-            tunnel = self.tunnels.get(port) if isinstance(port, int) else None
-            if tunnel is not None and tunnel.conn is conn:
-                self.leases.drop(tunnel.port)
-                self._close_tunnel(tunnel)
+        try:
+            parsed = parse_control(message)
+        except MessageError as exc:
+            code = "unknown_op" if str(exc).startswith("unknown op") else "bad_message"
+            reply = ErrorReply(
+                code=code,
+                message=str(exc),
+                id=request_id if isinstance(request_id, int) else None,
+            )
+            conn.send_control(to_message(reply))
+            return
+        if isinstance(parsed, Register):
+            self._spawn(self._register(conn, parsed))
+        elif isinstance(parsed, Unregister):
+            self._spawn(self._unregister(conn, parsed))
         else:
             conn.send_control(
-                {
-                    "op": "error",
-                    "id": request_id,
-                    "code": "unknown_op",
-                    "message": f"unknown op {op!r}",
-                }
+                to_message(
+                    ErrorReply(
+                        code="unknown_op",
+                        message=f"unknown op {quote(message.get('op'))}",
+                        id=parsed.id if isinstance(parsed, Registered | ErrorReply) else None,
+                    )
+                )
             )
 
-    async def _register(
-        self, conn: SessionConnection, request_id: Any, message: dict[str, Any]
-    ) -> None:
+    async def _unregister(self, conn: SessionConnection, message: Unregister) -> None:
+        if message.port is None:
+            return
+        lease = await self.registry.drop(message.port, conn.session.session_id)
+        if lease is not None:
+            self._lease_gone(lease, expired=False)
+
+    async def _register(self, conn: SessionConnection, message: Register) -> None:
+        kind = message.kind
+        key = message.key[:256]
         try:
-            kind = message.get("kind")
-            key = str(message.get("key") or "")[:256]
-            if kind in ("http", "private", "exit"):
-                route = self._register_name(conn, str(kind), key, message)
-                reply: dict[str, Any] = {"op": "registered", "id": request_id, "name": route.name}
-                if kind == "http":
-                    reply["url"] = self.http.url_for(route.name)
-                conn.send_control(reply)
-                emit(self.on_event, "tunnel_opened", kind=kind, name=route.name, peer=conn.peer)
+            if kind in self._namespaces:
+                name = await self._register_name(conn, kind, key, message)
+                reply = Registered(id=message.id, name=name)
+                frontend = self._served_by.get(kind)
+                if frontend is not None:
+                    reply.url = frontend.describe(kind, name).get("url")
+                conn.send_control(to_message(reply))
+                self._count_tunnels()
+                emit(self.on_event, "tunnel_opened", kind=kind, name=name, peer=conn.peer)
                 return
+            if kind == "http":
+                raise TunnelError(
+                    "this relay serves no HTTP tunnels; start it with --http-listen", "bad_kind"
+                )
             if kind != "tcp":
-                raise TunnelError(f"tunnel kind {kind!r} is not served by this relay", "bad_kind")
+                raise TunnelError(
+                    f"tunnel kind {quote(kind)} is not served by this relay", "bad_kind"
+                )
             self._check_expose(conn, key)
-            want = message.get("port")
-            if want is not None and (not isinstance(want, int) or not 0 <= want <= 65535):
+            want = message.port
+            if want is not None and not 0 <= want <= 65535:
                 raise TunnelError(f"invalid port {want!r}", "bad_port")
-            tunnel = await self._open_tcp(conn, key, want or None, bool(message.get("exact", True)))
+            listener = await self._open_tcp(conn, key, want or None, message.exact)
         except TunnelError as exc:
-            if self.metrics is not None:
-                self.metrics.errors.labels(kind=exc.code).inc()
+            self._count_error(exc.code)
             emit(self.on_event, "tunnel_refused", peer=conn.peer, code=exc.code, message=str(exc))
             conn.send_control(
-                {"op": "error", "id": request_id, "code": exc.code, "message": str(exc)}
+                to_message(ErrorReply(code=exc.code, message=str(exc), id=message.id))
             )
             return
         conn.send_control(
-            {
-                "op": "registered",
-                "id": request_id,
-                "port": tunnel.port,
-                "host": self.config.public_host,
-            }
+            to_message(Registered(id=message.id, port=listener.port, host=self.config.public_host))
         )
-        if self.metrics is not None:
-            self.metrics.tunnels.labels(kind="tcp").set(len(self.tunnels))
-        emit(self.on_event, "tunnel_opened", kind="tcp", port=tunnel.port, peer=conn.peer)
+        self._count_tunnels()
+        emit(self.on_event, "tunnel_opened", kind="tcp", port=listener.port, peer=conn.peer)
 
     def _check_expose(self, conn: SessionConnection, name: str) -> None:
         problem = self._scope_error(conn, "expose", name)
         if problem is not None:
             raise TunnelError(problem, "not_allowed")
 
-    def _register_name(
-        self, conn: SessionConnection, kind: str, key: str, message: dict[str, Any]
-    ) -> NamedRoute:
-        """Give ``conn`` the name it asks for (or a new readable one), held by lease."""
-        if kind == "http" and self.http is None:
-            raise TunnelError(
-                "this relay serves no HTTP tunnels; start it with --http-listen", "bad_kind"
-            )
+    def _holder(self, conn: SessionConnection) -> Holder:
+        session = conn.session
+        scope = session.scope
+        return Holder(
+            identity=session.peer_identity or f"session:{session.session_id}",
+            session=session.session_id,
+            node=self.config.node_id,
+            token=getattr(scope, "token_id", None),
+        )
+
+    async def _claim(self, conn: SessionConnection, key: LeaseKey, kind: str, tunnel: str) -> None:
+        """Take ``key`` for ``conn``'s agent; tell a session it was taken from."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        owner = self._owner(conn)
-        wanted = message.get("name")
-        exact = bool(message.get("exact", True))
+        claim = await self.registry.claim(
+            key, kind=kind, tunnel=tunnel, holder=self._holder(conn), now=loop.time()
+        )
+        previous = self._by_session.get(claim.moved_from) if claim.moved_from else None
+        if previous is not None and previous is not conn and previous.is_open:
+            moved = TunnelMoved(key=tunnel, port=key if isinstance(key, int) else None)
+            previous.send_control(to_message(moved))
+
+    async def _register_name(
+        self, conn: SessionConnection, kind: str, key: str, message: Register
+    ) -> str:
+        """Give ``conn`` the name it asks for (or a new readable one), held by lease."""
+        namespace = self._namespaces[kind]
+        wanted = message.name
         if wanted is not None:
-            if not isinstance(wanted, str) or not NAME_PATTERN.fullmatch(wanted):
+            if not NAME_PATTERN.fullmatch(wanted):
                 raise TunnelError(
-                    f"invalid name {str(wanted)[:80]!r}: use lowercase letters, digits and "
+                    f"invalid name {quote(wanted)}: use lowercase letters, digits and "
                     "hyphens (a DNS label, at most 63 characters)",
                     "bad_name",
                 )
             self._check_expose(conn, wanted)
             try:
-                return self._claim_name(conn, kind, wanted, key, owner, now)
+                await self._claim_name(conn, kind, namespace, wanted, key)
+                return wanted
             except TunnelError:
-                if exact:
+                if message.exact:
                     raise
         for _ in range(50):
             name = readable_name()
-            if (_namespace(kind), name) not in self.names:
+            if self.registry.resolve((namespace, name)) is None:
                 self._check_expose(conn, name)
-                return self._claim_name(conn, kind, name, key, owner, now)
+                await self._claim_name(conn, kind, namespace, name, key)
+                return name
         raise TunnelError("could not find a free name; pass one with --name", "no_free_name")
 
-    def _claim_name(
-        self, conn: SessionConnection, kind: str, name: str, key: str, owner: str, now: float
-    ) -> NamedRoute:
-        lease_key = (_namespace(kind), name)
-        self.leases.check_free(lease_key, owner, now)
-        route = self.names.get(lease_key)
-        if route is not None and route.kind != kind:
-            raise TunnelError(f"name {name!r} is in use by a {route.kind} service", "name_in_use")
-        handle = self._expiry.pop(lease_key, None)
-        if handle is not None:
-            handle.cancel()
-        if route is None:
-            route = NamedRoute(kind=kind, name=name, key=key, owner=owner, conn=conn)
-            self.names[lease_key] = route
-            if self.metrics is not None:
-                self.metrics.tunnels.labels(kind=kind).inc()
-        else:
-            previous = route.conn
-            if previous is not None and previous is not conn and previous.is_open:
-                previous.send_control({"op": "tunnel_moved", "key": route.key})
-            route.conn, route.owner, route.key = conn, owner, key
-        self.leases.take(lease_key, owner, key)
-        return route
+    async def _claim_name(
+        self, conn: SessionConnection, kind: str, namespace: str, name: str, key: str
+    ) -> None:
+        lease = self.registry.resolve((namespace, name))
+        if lease is not None and lease.kind != kind:
+            identity = self._holder(conn).identity
+            now = asyncio.get_running_loop().time()
+            self.registry.check_free((namespace, name), identity, now)
+            raise TunnelError(f"name {name!r} is in use by a {lease.kind} service", "name_in_use")
+        await self._claim(conn, (namespace, name), kind, key)
 
-    # --- HTTP and connectors ----------------------------------------------------------------
-
-    def _resolve_http(self, name: str) -> Any:
-        from burrow.http.frontend import Route
-
-        route = self.names.get(("http", name))
-        return None if route is None else Route(name, route.conn)
-
-    def _only_http_name(self) -> str | None:
-        names = [route.name for route in self.names.values() if route.kind == "http"]
-        return names[0] if len(names) == 1 else None
-
-    def _http_visitor(self, bridge: StreamBridge) -> None:
-        if self.metrics is not None:
-            self.metrics.streams.inc()
-            self.metrics.streams_total.inc()
-
-    def _status(self, name: str) -> dict[str, Any] | None:
-        route = self.names.get(("http", name))
-        if route is None:
-            return None
-        online = route.conn is not None and route.conn.is_open
-        return {"name": name, "online": online, "connected_sockets": 1 if online else 0}
+    # --- connectors ---------------------------------------------------------------------------
 
     def _on_client_stream(
         self, conn: SessionConnection, stream_id: int, info: dict[str, Any]
@@ -578,56 +726,62 @@ class Relay:
         """A connector opens a stream to a private service or an exit: check, route, join."""
         from burrow.net.join import JoinHalf, join
 
-        session = conn.session
-        name = info.get("service")
-        if not isinstance(name, str) or not name:
-            session.reset_stream(stream_id, "not_allowed", "streams must name a service")
+        try:
+            opened = parse_open(info)
+        except MessageError as exc:
+            conn.reset(stream_id, "not_allowed", str(exc))
+            return
+        name = opened.service
+        if not name:
+            conn.reset(stream_id, "not_allowed", "streams must name a service")
             return
         problem = self._scope_error(conn, "connect", name)
         if problem is not None:
-            session.reset_stream(stream_id, "not_allowed", problem)
+            conn.reset(stream_id, "not_allowed", problem)
             emit(self.on_event, "stream_refused", peer=conn.peer, service=name, reason="scope")
             return
-        route = self.names.get(("svc", name[:64]))
-        if route is None:
-            session.reset_stream(stream_id, "no_such_tunnel", f"no service named {name!r}")
+        lease = self.registry.resolve(("svc", name[:64]))
+        if lease is None:
+            conn.reset(stream_id, "no_such_tunnel", f"no service named {quote(name)}")
             return
-        target = route.conn
-        if target is None or not target.is_open:
-            session.reset_stream(
-                stream_id, "unreachable", f"service {name!r} is offline (its agent is away)"
-            )
+        target = self.session_for(lease)
+        if target is None:
+            conn.reset(stream_id, "unreachable", f"service {name!r} is offline (its agent is away)")
             return
-        forward: dict[str, Any] = {"service": name, "src": info.get("src") or _peer_list(conn)}
-        if route.kind == "exit":
-            forward["target"] = info.get("target")
-        elif "target" in info:
-            session.reset_stream(stream_id, "not_allowed", f"{name!r} is not an exit")
+        if lease.kind != "exit" and opened.target is not None:
+            conn.reset(stream_id, "not_allowed", f"{name!r} is not an exit")
             return
+        forward = OpenInfo(
+            service=name,
+            src=opened.src or _peer_address(conn),
+            target=opened.target if lease.kind == "exit" else None,
+            peer=self._holder(conn).token or ("secret" if conn.session.secret else "anonymous"),
+        )
         near = JoinHalf(conn, stream_id)
-        far = JoinHalf(target, target.session.open_stream(forward))
+        far = JoinHalf(target)
+        far.open(forward.to_dict())
         join(near, far)
-        target.flush()
-        route.streams += 1
+        self.visitor_opened()
+        near.on_done = self.visitor_closed
 
-    def _owner(self, conn: SessionConnection) -> str:
-        return conn.session.peer_identity or f"session:{conn.session.session_id}"
+    # --- TCP ports ------------------------------------------------------------------------------
 
     async def _open_tcp(
         self, conn: SessionConnection, key: str, want: int | None, exact: bool
-    ) -> TcpTunnel:
+    ) -> PortListener:
         config = self.config
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        owner = self._owner(conn)
+        identity = self._holder(conn).identity
         # The same agent coming back for the same tunnel gets its port, whatever it asked for.
-        lease = self.leases.find(owner, key, now) if key else None
+        lease = self.registry.find(identity, key, loop.time()) if key else None
         if (
             lease is not None
+            and isinstance(lease.port, int)
             and lease.port in self.tunnels
             and (want is None or want == lease.port)
         ):
-            return self._reattach(self.tunnels[lease.port], conn)
+            await self._claim(conn, lease.port, "tcp", key)
+            return self.tunnels[lease.port]
         if want is not None and not config.min_port <= want <= config.max_port:
             if exact:
                 span = f"{config.min_port}-{config.max_port}"
@@ -637,108 +791,91 @@ class Relay:
             want = None
         if want is not None:
             try:
-                self.leases.check_free(want, owner, now)
-                existing = self.tunnels.get(want)
-                if existing is not None:
-                    return self._reattach(existing, conn, key)
-                return await self._bind(conn, want, key, owner)
+                self.registry.check_free(want, identity, loop.time())
+                return await self._take_port(conn, want, key)
             except TunnelError:
                 if exact:
                     raise
         for _ in range(RANDOM_PORT_TRIES):
             port = random.randint(config.min_port, config.max_port)
-            if port in self.tunnels or self.leases.get(port) is not None:
+            if port in self.tunnels or self.registry.resolve(port) is not None:
                 continue
             try:
-                return await self._bind(conn, port, key, owner)
+                return await self._take_port(conn, port, key)
             except TunnelError:
                 continue
         raise TunnelError(
             f"no free port in the relay's range {config.min_port}-{config.max_port}", "no_free_port"
         )
 
-    def _reattach(
-        self, tunnel: TcpTunnel, conn: SessionConnection, key: str | None = None
-    ) -> TcpTunnel:
-        handle = self._expiry.pop(tunnel.port, None)
-        if handle is not None:
-            handle.cancel()
-        previous = tunnel.conn
-        if previous is not None and previous is not conn and previous.is_open:
-            previous.send_control({"op": "tunnel_moved", "key": tunnel.key, "port": tunnel.port})
-        tunnel.conn = conn
-        if key is not None:
-            tunnel.key = key
-        self.leases.take(tunnel.port, self._owner(conn), tunnel.key)
-        return tunnel
+    async def _take_port(self, conn: SessionConnection, port: int, key: str) -> PortListener:
+        """Listen on ``port`` (unless this node already does) and claim it for ``conn``."""
+        listener = self.tunnels.get(port)
+        if listener is None:
+            listener = await self._listen(port)
+            try:
+                await self._claim(conn, port, "tcp", key)
+            except BaseException:
+                self._close_listener(listener, quiet=True)
+                raise
+            return listener
+        await self._claim(conn, port, "tcp", key)
+        return listener
 
-    async def _bind(self, conn: SessionConnection, port: int, key: str, owner: str) -> TcpTunnel:
+    async def _listen(self, port: int) -> PortListener:
         host = self.config.bind_tunnels or self.config.listen_host
         loop = asyncio.get_running_loop()
-        tunnel: TcpTunnel | None = None
-
-        def factory() -> asyncio.Protocol:
-            assert tunnel is not None
-            return self._new_visitor(tunnel)
-
+        listener = PortListener(port=port, relay=self)
         try:
-            server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+            listener.server = await loop.create_server(
+                lambda: self._new_visitor(listener), host, port, reuse_address=True, backlog=1024
+            )
         except OSError as exc:
-            raise _bind_error(host, port, exc, "public port", tunnel_error=True) from None
-        tunnel = TcpTunnel(port=port, key=key, owner=owner, server=server, conn=conn)
-        self.tunnels[port] = tunnel
-        self.leases.take(port, owner, key)
-        return tunnel
+            raise bind_error(host, port, exc, "public port", tunnel_error=True) from None
+        self.tunnels[port] = listener
+        return listener
 
-    def _close_tunnel(self, tunnel: TcpTunnel) -> None:
-        self.tunnels.pop(tunnel.port, None)
-        tunnel.server.close()
-        for visitor in list(tunnel.visitors):
+    def _close_listener(self, listener: PortListener, *, quiet: bool = False) -> None:
+        self.tunnels.pop(listener.port, None)
+        if listener.server is not None:
+            listener.server.close()
+        for visitor in list(listener.visitors):
             visitor.close()
-        if self.metrics is not None:
-            self.metrics.tunnels.labels(kind="tcp").set(len(self.tunnels))
-        emit(self.on_event, "tunnel_closed", kind="tcp", port=tunnel.port)
+        if not quiet:
+            emit(self.on_event, "tunnel_closed", kind="tcp", port=listener.port)
 
     # --- visitors --------------------------------------------------------------------------
 
-    def _new_visitor(self, tunnel: TcpTunnel) -> asyncio.Protocol:
-        conn = tunnel.conn
-        if conn is None or not conn.is_open:
+    def _new_visitor(self, listener: PortListener) -> asyncio.Protocol:
+        conn = listener.conn
+        if conn is None:
             return _Refuser()
-        bridge = StreamBridge(conn, on_done=lambda b: self._visitor_done(tunnel, b))
-        return _VisitorOpener(bridge, tunnel, self)
+        bridge = StreamBridge(conn, on_done=lambda b: self._visitor_done(listener, b))
+        return _VisitorOpener(bridge, listener, self)
 
-    def _visitor_done(self, tunnel: TcpTunnel, bridge: StreamBridge) -> None:
-        tunnel.visitors.discard(bridge)
-        if self.metrics is not None:
-            self.metrics.streams.dec()
+    def _visitor_done(self, listener: PortListener, bridge: StreamBridge) -> None:
+        listener.visitors.discard(bridge)
+        self.visitor_closed()
 
 
 class _VisitorOpener(asyncio.Protocol):
     """Opens the stream when the visitor's connection is made, then hands over to the bridge."""
 
-    def __init__(self, bridge: StreamBridge, tunnel: TcpTunnel, relay: Relay) -> None:
+    def __init__(self, bridge: StreamBridge, listener: PortListener, relay: Relay) -> None:
         self.bridge = bridge
-        self.tunnel = tunnel
+        self.listener = listener
         self.relay = relay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         bridge = self.bridge
-        conn = bridge.conn
-        if not conn.is_open:
+        if not bridge.conn.is_open:
             transport.close()
             return
-        info = visitor_info(transport, port=self.tunnel.port)
-        bridge.attach(conn.session.open_stream(info))
-        conn.flush()
-        self.tunnel.visitors.add(bridge)
-        metrics = self.relay.metrics
-        if metrics is not None:
-            metrics.streams.inc()
-            metrics.streams_total.inc()
+        bridge.open(visitor_info(transport, port=self.listener.port))
+        self.listener.visitors.add(bridge)
+        self.relay.visitor_opened()
         # From here on the transport talks to the bridge directly.
-        transport.set_protocol(bridge)
-        bridge.connection_made(transport)
+        bridge.adopt(transport)
 
 
 class _Refuser(asyncio.Protocol):
@@ -748,9 +885,10 @@ class _Refuser(asyncio.Protocol):
         transport.close()
 
 
-def _bind_error(
+def bind_error(
     host: str, port: int, exc: OSError, what: str, *, tunnel_error: bool = False
 ) -> Exception:
+    """The one-line error for a listener that could not bind."""
     address = format_hostport(host, port)
     if exc.errno == errno.EADDRINUSE:
         message = f"cannot listen on {address} ({what}): the port is already in use"
@@ -767,103 +905,29 @@ def _bind_error(
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
 
 
-_ADJECTIVES = [
-    "amber",
-    "azure",
-    "bold",
-    "brave",
-    "brisk",
-    "calm",
-    "clever",
-    "cosmic",
-    "crisp",
-    "dapper",
-    "eager",
-    "fancy",
-    "gentle",
-    "glad",
-    "golden",
-    "happy",
-    "jolly",
-    "keen",
-    "lively",
-    "lucky",
-    "merry",
-    "mighty",
-    "misty",
-    "nimble",
-    "noble",
-    "proud",
-    "quick",
-    "quiet",
-    "rapid",
-    "rosy",
-    "shiny",
-    "silver",
-    "sleek",
-    "snowy",
-    "solar",
-    "sunny",
-    "swift",
-    "tidy",
-    "vivid",
-    "warm",
-    "wise",
-    "witty",
-    "zesty",
-]
-_NOUNS = [
-    "badger",
-    "beaver",
-    "bison",
-    "camel",
-    "crane",
-    "dingo",
-    "eagle",
-    "falcon",
-    "ferret",
-    "finch",
-    "fox",
-    "gecko",
-    "heron",
-    "ibis",
-    "koala",
-    "lemur",
-    "lynx",
-    "marmot",
-    "moose",
-    "newt",
-    "otter",
-    "owl",
-    "panda",
-    "puffin",
-    "quail",
-    "rabbit",
-    "raven",
-    "robin",
-    "seal",
-    "shrew",
-    "sloth",
-    "stoat",
-    "swan",
-    "tapir",
-    "tiger",
-    "toad",
-    "walrus",
-    "weasel",
-    "wombat",
-    "yak",
-    "zebra",
-]
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def readable_name() -> str:
-    """A random name people can read aloud: ``swift-otter-4821``."""
-    rng = random.SystemRandom()
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{rng.randrange(1000, 10000)}"
-
-
-def _peer_list(conn: SessionConnection) -> list[Any] | None:
+def _peer_address(conn: SessionConnection) -> tuple[str, int] | None:
     transport = conn.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
-    return [peer[0], peer[1]] if isinstance(peer, tuple) else None
+    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+
+
+__all__ = [
+    "NAME_PATTERN",
+    "Frontend",
+    "NamedRoute",
+    "PortListener",
+    "Relay",
+    "RelayConfig",
+    "Route",
+    "bind_error",
+    "readable_name",
+]

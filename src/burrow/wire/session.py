@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from burrow.errors import BurrowError
 from burrow.wire import handshake as hs
 from burrow.wire.errors import (
     BadFrame,
@@ -42,6 +43,7 @@ from burrow.wire.frames import (
     FrameType,
     encode_frame,
 )
+from burrow.wire.messages import ResetCode
 
 DEFAULT_WINDOW: Final = 4 * 1024 * 1024
 MIN_WINDOW: Final = 64 * 1024
@@ -54,17 +56,18 @@ _RESET: Final = struct.Struct(">H")
 
 #: RESET codes: why a stream ended abnormally. Values on the wire, names in logs and errors.
 RESET_CODES: Final = {
-    1: "refused",  # the far end refused the connection
-    2: "unreachable",  # no route / host unreachable
-    3: "timeout",  # the far end did not answer in time
-    4: "not_allowed",  # policy forbids it
-    5: "no_such_tunnel",  # the tunnel or service is gone
-    6: "cancelled",  # the opener gave up
-    7: "error",  # anything else
-    8: "too_many_streams",
-    9: "closed",  # the far end finished and reads no more (not an error)
+    1: ResetCode.REFUSED,
+    2: ResetCode.UNREACHABLE,
+    3: ResetCode.TIMEOUT,
+    4: ResetCode.NOT_ALLOWED,
+    5: ResetCode.NO_SUCH_TUNNEL,
+    6: ResetCode.CANCELLED,
+    7: ResetCode.ERROR,
+    8: ResetCode.TOO_MANY_STREAMS,
+    9: ResetCode.CLOSED,
+    10: ResetCode.LIMITED,
 }
-RESET_NUMBERS: Final = {name: number for number, name in RESET_CODES.items()}
+RESET_NUMBERS: Final[dict[str, int]] = {name: number for number, name in RESET_CODES.items()}
 
 
 class Role(Enum):
@@ -164,12 +167,54 @@ Event = (
 )
 
 
+class WindowPool:
+    """A budget for the receive windows granted to peers, in bytes: what they may send before
+    anyone reads it. A session draws its streams' windows from its own pool, which may draw
+    from a shared one (the relay's total), so many streams cannot add up to unbounded memory.
+
+    Windows start at the session's ``window`` whatever the pool holds (the peer already has
+    that credit); they grow only while every pool has room and shrink while one is over.
+    """
+
+    __slots__ = ("limit", "parent", "used")
+
+    def __init__(self, limit: int, parent: WindowPool | None = None) -> None:
+        self.limit = limit
+        self.parent = parent
+        self.used = 0
+
+    @property
+    def over(self) -> int:
+        """Bytes granted beyond the budget, here or in a parent."""
+        mine = self.used - self.limit
+        return max(mine, self.parent.over if self.parent is not None else 0, 0)
+
+    def add(self, size: int) -> None:
+        self.used += size
+        if self.parent is not None:
+            self.parent.add(size)
+
+    def reserve(self, size: int) -> bool:
+        """Take ``size`` if every pool up the chain has room; False (and nothing taken) if not."""
+        pool: WindowPool | None = self
+        while pool is not None:
+            if pool.used + size > pool.limit:
+                return False
+            pool = pool.parent
+        self.add(size)
+        return True
+
+    def release(self, size: int) -> None:
+        self.add(-size)
+
+
 class _Stream:
-    __slots__ = ("credit", "local_fin", "receivable", "remote_fin", "unacked")
+    __slots__ = ("credit", "limit", "local_fin", "receivable", "remote_fin", "unacked")
 
     def __init__(self, credit: int, receivable: int) -> None:
         self.credit = credit  # bytes we may still send
         self.receivable = receivable  # bytes the peer may still send us
+        self.limit = receivable  # the window this stream has now (grows and shrinks)
         self.unacked = 0  # bytes consumed by the application, not yet granted back
         self.local_fin = False
         self.remote_fin = False
@@ -185,6 +230,8 @@ class Session:
         secret: str | None = None,
         identity_key: Ed25519PrivateKey | None = None,
         window: int = DEFAULT_WINDOW,
+        max_window: int | None = None,
+        pool: WindowPool | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
         heartbeat: float = 5.0,
         session_id: str | None = None,
@@ -199,7 +246,10 @@ class Session:
         self.state = State.HANDSHAKE
         self.secret = secret
         self.identity_key = identity_key
-        self.window = window
+        self.window = window  # each stream's first window, announced in the handshake
+        #: How far a busy stream's window may grow (the same as ``window``: it never grows).
+        self.max_window = max(window, min(max_window or window, MAX_WINDOW))
+        self.pool = pool if pool is not None else WindowPool(MAX_WINDOW * max_streams)
         self.peer_window = 0
         self.max_streams = max_streams
         self.heartbeat = heartbeat
@@ -212,6 +262,8 @@ class Session:
         self.version = 0
         self.peer_identity: str | None = None
         self.close_reason: ProtocolError | HandshakeRejected | None = None
+        #: A bug met while handling the peer's input (a verifier that raised), for the log.
+        self.internal_error: Exception | None = None
         self._decoder = FrameDecoder()
         self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
@@ -356,8 +408,11 @@ class Session:
             self.scope = self.token_verifier(
                 auth.token or "", auth.token_mac or "", hs.transcript(self._peer_nonce, self._nonce)
             )
-        except Exception as exc:  # the verifier's errors are the refusal's message
-            return self._reject("auth", str(exc) or "invalid token")
+        except BurrowError as exc:  # the verifier's refusals are written for the peer
+            return self._reject("auth", str(exc)[:512] or "invalid token")
+        except Exception as exc:  # anything else is a bug, and its text is not for the peer
+            self.internal_error = exc
+            return self._reject("auth", "invalid token")
         return self._finish_auth(auth)
 
     def _finish_auth(self, auth: hs.Auth) -> list[Event]:
@@ -489,12 +544,12 @@ class Session:
                 raise BadFrame(f"second FIN on stream {stream_id}")
             stream.remote_fin = True
             if stream.local_fin:
-                del self._streams[stream_id]
+                self._forget(stream_id)
             return StreamEnded(stream_id)
         if frame_type == FrameType.RESET:
             if self._stream_for(stream_id, frame_type) is None:
                 return None
-            del self._streams[stream_id]
+            self._forget(stream_id)
             code, reason = _decode_reset(payload)
             return StreamReset(stream_id, code, reason)
         if frame_type == FrameType.PING:
@@ -534,8 +589,18 @@ class Session:
         if len(self._streams) >= self.max_streams:
             self._out.append(_reset_frame(stream_id, "too_many_streams", "too many open streams"))
             return None
-        self._streams[stream_id] = _Stream(self.peer_window, self.window)
+        self._new_stream(stream_id)
         return StreamOpened(stream_id, info)
+
+    def _new_stream(self, stream_id: int) -> None:
+        self._streams[stream_id] = _Stream(self.peer_window, self.window)
+        self.pool.add(self.window)
+
+    def _forget(self, stream_id: int) -> _Stream | None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self.pool.release(stream.limit)
+        return stream
 
     # --- streams ----------------------------------------------------------------------------
 
@@ -544,7 +609,7 @@ class Session:
         self._require_open()
         stream_id = self._next_id
         self._next_id += 2
-        self._streams[stream_id] = _Stream(self.peer_window, self.window)
+        self._new_stream(stream_id)
         self._out.append(encode_frame(FrameType.OPEN, stream_id, _encode_object(info)))
         return stream_id
 
@@ -578,15 +643,34 @@ class Session:
             out.append(chunk)
 
     def consume(self, stream_id: int, size: int) -> None:
-        """Report ``size`` bytes of received data as delivered, returning credit to the peer."""
+        """Report ``size`` bytes of received data as delivered, returning credit to the peer.
+
+        Credit goes back a quarter window at a time. A stream whose sender was waiting for it
+        (less than a quarter left) gets a doubled window, up to ``max_window``, while the pools
+        have room; while a pool is over its budget, grown windows shrink back instead.
+        """
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_fin:
             return
         stream.unacked += size
-        if stream.unacked >= self.window >> 2:
-            self._out.append(encode_frame(FrameType.WINDOW, stream_id, _U32.pack(stream.unacked)))
-            stream.receivable += stream.unacked
-            stream.unacked = 0
+        limit = stream.limit
+        if stream.unacked < limit >> 2:
+            return
+        grant = stream.unacked
+        stream.unacked = 0
+        if limit < self.max_window and stream.receivable < limit >> 2:
+            grow = min(limit, self.max_window - limit)
+            if self.pool.reserve(grow):
+                stream.limit += grow
+                grant += grow
+        elif limit > self.window and (over := self.pool.over):
+            shrink = min(over, limit - self.window, grant)
+            stream.limit -= shrink
+            self.pool.release(shrink)
+            grant -= shrink
+        if grant:
+            self._out.append(encode_frame(FrameType.WINDOW, stream_id, _U32.pack(grant)))
+            stream.receivable += grant
 
     def send_fin(self, stream_id: int) -> None:
         """Half-close: no more data from this side on ``stream_id``."""
@@ -596,11 +680,11 @@ class Session:
         stream.local_fin = True
         self._out.append(encode_frame(FrameType.FIN, stream_id))
         if stream.remote_fin:
-            del self._streams[stream_id]
+            self._forget(stream_id)
 
     def reset_stream(self, stream_id: int, code: str = "error", reason: str = "") -> None:
         """Abort ``stream_id`` in both directions, telling the peer why."""
-        if self._streams.pop(stream_id, None) is not None and self.state is State.OPEN:
+        if self._forget(stream_id) is not None and self.state is State.OPEN:
             self._out.append(_reset_frame(stream_id, code, reason))
 
     def send_control(self, message: dict[str, Any]) -> None:
@@ -621,6 +705,11 @@ class Session:
     def _queue_goaway(self, code: str, reason: str) -> None:
         payload = json.dumps({"code": code, "reason": reason[:512]}).encode()
         self._out.append(encode_frame(FrameType.GOAWAY, 0, payload))
+
+    def drop_streams(self) -> None:
+        """The transport is gone: forget every stream and give their windows back to the pool."""
+        self._streams.clear()
+        self.pool.release(self.pool.used)
 
     def _require_open(self) -> None:
         if self.state is not State.OPEN:

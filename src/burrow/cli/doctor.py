@@ -1,4 +1,5 @@
-"""``burrow doctor URL``: the command line face of ``burrow.doctor``.
+"""``burrow doctor URL``: the command line face of ``burrow.doctor`` (defined here, attached
+to the group in ``burrow.cli``).
 
 On a terminal a live checklist (rich, imported only then), plain lines on a pipe, or one JSON
 object per line with ``--json``; the same facts in each. Exit 0 when every phase passed, 1 when
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from burrow.cli.common import option
 from burrow.errors import BurrowError, ConfigError
 
 _MARKS = {"ok": ("✓", "green"), "failed": ("✗", "red"), "skipped": ("·", "dim")}
@@ -88,82 +90,72 @@ class _Output:
 
 @click.command()
 @click.argument("url", envvar="BURROW_DOCTOR_URL")
-@click.option(
+@option(
     "--via",
     envvar="BURROW_VIA",
-    show_envvar=True,
     metavar="PROXY",
     help="socks5://HOST:PORT, http://HOST:PORT (CONNECT) or burrow:NAME (a private service or "
     "exit, through the relay named with --to).",
 )
-@click.option(
+@option(
     "--idle",
     type=float,
     envvar="BURROW_IDLE",
-    show_envvar=True,
     metavar="SECONDS",
     help="Hold the connection idle this long, then query: tells a server's idle timeout from a "
     "NAT or proxy that drops idle connections.",
 )
-@click.option(
+@option(
     "--json",
     "as_json",
     is_flag=True,
     envvar="BURROW_JSON",
-    show_envvar=True,
     help="One JSON object per line: a phase event each, then the verdict.",
 )
-@click.option(
+@option(
     "--password-env",
     envvar="BURROW_PASSWORD_ENV",
-    show_envvar=True,
     metavar="VAR",
     help="Read the password from this environment variable (it is never printed).",
 )
-@click.option(
+@option(
     "--timeout",
     type=float,
     default=5.0,
     show_default=True,
     envvar="BURROW_TIMEOUT",
-    show_envvar=True,
     help="Seconds each step may wait for an answer.",
 )
-@click.option(
+@option(
     "--no-payload",
     is_flag=True,
     envvar="BURROW_NO_PAYLOAD",
-    show_envvar=True,
     help="Skip the payload ladder (it moves about 4 MiB each way).",
 )
-@click.option(
+@option(
     "--to",
     "relay",
     envvar="BURROW_RELAY",
-    show_envvar=True,
     metavar="RELAY",
     help="For --via burrow:NAME: the relay's HOST[:PORT].",
 )
-@click.option("--token", envvar="BURROW_TOKEN", show_envvar=True, help="A scoped token.")
-@click.option("--secret", envvar="BURROW_SECRET", show_envvar=True, help="The relay's secret.")
-@click.option(
+@option("--token", envvar="BURROW_TOKEN", help="A scoped token.")
+@option("--secret", envvar="BURROW_SECRET", help="The relay's secret.")
+@option(
     "--fingerprint",
     envvar="BURROW_FINGERPRINT",
-    show_envvar=True,
     help="Pin the relay's certificate (sha256:...).",
 )
-@click.option(
+@option(
     "--ca",
     type=click.Path(path_type=Path),
     envvar="BURROW_CA",
-    show_envvar=True,
     help="Verify the relay's certificate against this CA (PEM).",
 )
-@click.option(
+@option(
     "--insecure",
     is_flag=True,
     envvar="BURROW_INSECURE",
-    show_envvar=True,
     help="Plaintext to the relay (only for a relay started with --insecure).",
 )
 def doctor(
@@ -186,7 +178,8 @@ def doctor(
 
     URL: postgres://, postgresql://, mysql://, mariadb://, redis://, rediss://, tcp://,
     http://, https://. Passwords are never printed."""
-    from burrow.doctor import BurrowSettings, Options, diagnose, parse_target, parse_via, redact
+    from burrow.doctor import Options, diagnose, parse_target, parse_via, redact
+    from burrow.roles.settings import ClientSettings
 
     password = None
     secrets = [s for s in (secret, token) if s]
@@ -206,18 +199,28 @@ def doctor(
             raise ConfigError("--timeout must be positive")
         if idle is not None and idle <= 0:
             raise ConfigError("--idle must be a positive number of seconds")
-        if via_spec.kind == "burrow" and not relay:
-            raise ConfigError("--via burrow:NAME needs the relay: pass --to RELAY")
-        if via_spec.kind != "burrow" and (relay or token or fingerprint or ca or insecure):
+        settings = ClientSettings(
+            relay=relay,
+            secret=secret,
+            token=token,
+            fingerprint=fingerprint,
+            ca=ca,
+            insecure=insecure,
+            keep_identity=False,
+        )
+        if via_spec.kind == "burrow":
+            if not relay:
+                raise ConfigError("--via burrow:NAME needs the relay: pass --to RELAY")
+            settings.check()
+        elif relay or token or secret or fingerprint or ca or insecure:
             raise ConfigError(
-                "--to/--token/--fingerprint/--ca/--insecure go with --via burrow:NAME"
+                "--to/--token/--secret/--fingerprint/--ca/--insecure go with --via burrow:NAME"
             )
     except BurrowError as exc:
         out.error(str(exc) if isinstance(exc, ConfigError) else redact(str(exc)))
         sys.exit(exc.exit_code)
 
     options = Options(timeout=timeout, idle=idle, payload=not no_payload)
-    settings = BurrowSettings(relay, token, secret, fingerprint, ca, insecure)
     out.header(target.display, via_spec.display)
 
     status: Any = None

@@ -1,0 +1,12 @@
+"""The ``burrow`` command, one module per command group; each is a thin face over the role
+objects. Importing this package stays cheap: commands import what they use when they run."""
+
+from __future__ import annotations
+
+from burrow.cli import agent, connect, lambda_, relay, token
+from burrow.cli.common import main
+from burrow.cli.doctor import doctor
+
+__all__ = ["agent", "connect", "lambda_", "main", "relay", "token"]
+
+main.add_command(doctor)  # defined in cli/doctor.py; attached here
