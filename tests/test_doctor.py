@@ -223,6 +223,11 @@ def test_cli_bad_input_is_one_line_and_exit_2() -> None:
         assert result.exception is None or isinstance(result.exception, SystemExit)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("burrow doctor: "), result.output
+    # The same settings from BURROW_* variables (a connector's environment) are not an error.
+    result = CliRunner().invoke(
+        command, [POSTGRES, "--no-payload"], env={"BURROW_RELAY": "relay.example:7835"}
+    )
+    assert result.exit_code == 0, result.output
     code, _out, err = run_cli("postgres://h:bad")  # the real process too
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

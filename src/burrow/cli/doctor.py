@@ -130,7 +130,7 @@ class _Output:
     "--no-payload",
     is_flag=True,
     envvar="BURROW_NO_PAYLOAD",
-    help="Skip the payload ladder (it moves about 4 MiB each way).",
+    help="Skip the payload ladder (it moves about 2 MiB each way).",
 )
 @option(
     "--to",
@@ -212,7 +212,10 @@ def doctor(
             if not relay:
                 raise ConfigError("--via burrow:NAME needs the relay: pass --to RELAY")
             settings.check()
-        elif relay or token or secret or fingerprint or ca or insecure:
+        elif _given_on_the_command_line(
+            "relay", "token", "secret", "fingerprint", "ca", "insecure"
+        ):
+            # (from BURROW_* variables they are the environment's connector settings: ignored)
             raise ConfigError(
                 "--to/--token/--secret/--fingerprint/--ca/--insecure go with --via burrow:NAME"
             )
@@ -248,3 +251,10 @@ def doctor(
         sys.exit(130)
     out.verdict(checklist.verdict(), target.display)
     sys.exit(0 if checklist.passed else 1)
+
+
+def _given_on_the_command_line(*names: str) -> bool:
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    return any(context.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in names)
