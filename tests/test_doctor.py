@@ -279,6 +279,7 @@ async def test_https_verified_with_a_private_ca_and_a_gateway_error(
         monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
         good = await doctor(f"https://127.0.0.1:{port}/")
         broken = await doctor(f"https://127.0.0.1:{port}/broken")
+        plaintext = await doctor(f"http://127.0.0.1:{port}/", timeout=1.0)
     finally:
         server.close()
     assert good.passed, good.results
@@ -288,3 +289,5 @@ async def test_https_verified_with_a_private_ca_and_a_gateway_error(
     assert "GET / → 200 OK, 5 bytes" in got["query"].detail
     verdict = broken.verdict()
     assert verdict.layer == "query" and "502 Bad Gateway" in verdict.cause
+    wrong_scheme = plaintext.verdict()
+    assert wrong_scheme.layer == "hello" and "https://" in wrong_scheme.fix

@@ -223,3 +223,57 @@ async def test_mariadb_require_ssl_account_told_apart_by_a_tls_retry(
     wrong = await doctor(url.replace(tls_mariadb["password"], "wrong") + "?ssl-mode=DISABLED")
     assert "REQUIRE SSL" not in wrong.verdict().cause
     assert "password is wrong" in wrong.verdict().cause
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str, str]]:
+    """A throwaway redis-server that speaks only TLS (as ElastiCache with in-transit
+    encryption): (port, password, CA file)."""
+    import trustme
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server must be installed (Debian: redis-server)")
+    tmp = tmp_path_factory.mktemp("tls-redis")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+    password = secrets.token_urlsafe(12)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(tmp / "cert.pem"), "--tls-key-file", str(tmp / "key.pem"),
+            "--tls-ca-cert-file", str(tmp / "ca.pem"), "--tls-auth-clients", "no",
+            "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        if not _wait_port(port, proc, 10):
+            pytest.skip("this redis-server has no TLS support")
+        yield port, password, str(tmp / "ca.pem")
+    finally:
+        _stop(proc)
+
+
+async def test_rediss_verified_and_plaintext_against_a_tls_port(
+    tls_redis: tuple[int, str, str],
+) -> None:
+    port, password, ca = tls_redis
+    checklist = await doctor(
+        f"rediss://:{password}@127.0.0.1:{port}?ssl_ca_certs={ca}", payload=False
+    )
+    assert checklist.passed, checklist.results
+    got = phases(checklist)
+    assert [r.phase for r in checklist.results][:4] == ["dns", "dial", "tls", "hello"]
+    assert "verified, name checked" in got["tls"].detail
+    assert "over TLS" in got["auth"].detail
+    plain = await doctor(f"redis://:{password}@127.0.0.1:{port}", timeout=1.0)
+    verdict = plain.verdict()
+    assert verdict.layer == "hello"
+    assert "speaks TLS from the first byte" in verdict.cause
+    assert "rediss://" in verdict.fix

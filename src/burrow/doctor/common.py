@@ -57,6 +57,13 @@ def step_timeout(size: int, rtt: float, cap: float) -> float:
 
 
 def not_this_service(expected: str, seen: str) -> PhaseFailed:
+    if "TLS server" in seen:
+        return PhaseFailed(
+            f"{seen} answers here: plaintext {expected} gets nowhere",
+            f"this port speaks TLS from the first byte, and the URL asked for plaintext {expected}",
+            "use the TLS scheme: rediss:// for Redis, https:// for HTTP, "
+            "sslnegotiation=direct for PostgreSQL 17+",
+        )
     return PhaseFailed(
         f"{seen} answers here, not {expected}",
         f"this port is served by {seen}, not {expected}",
@@ -102,7 +109,26 @@ async def second_opinion(dialer: Dialer, timeout: float) -> str | None:
             return f"a PostgreSQL server (it answered {data.decode()!r} to an SSLRequest)"
         if data:
             return identify(data) or f"a service that answered {preview(data)}"
+    if await _speaks_tls(dialer, timeout):
+        return "a TLS server (it completed a TLS handshake: TLS from the first byte)"
     return None
+
+
+async def _speaks_tls(dialer: Dialer, timeout: float) -> bool:
+    """Whether the port completes a TLS handshake (a TLS-only port drops plaintext silently)."""
+    from burrow.doctor.tlsprobe import make_context
+
+    try:
+        link, _ = await dialer.dial()
+    except PhaseFailed:
+        return False
+    try:
+        await link.start_tls(make_context("require", None, None), None, min(timeout, 2.0))
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        await link.close()
+    return True
 
 
 async def hung_up(expected: str, how: str, dialer: Dialer, timeout: float) -> PhaseFailed:

@@ -133,12 +133,6 @@ class HttpProbe:
             self.head += data
             if not b"HTTP/".startswith(self.head[:5]):
                 other = identify(self.head) or f"a service that answered {preview(self.head)}"
-                if "TLS server" in other:
-                    raise PhaseFailed(
-                        "the server answered with a TLS alert",
-                        "this port speaks HTTPS and the URL says http://",
-                        "use https://",
-                    )
                 raise not_this_service("HTTP", other)
             if b"\r\n\r\n" in self.head or len(self.head) > MAX_HEAD:
                 break

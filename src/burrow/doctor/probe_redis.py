@@ -125,15 +125,7 @@ class RedisProbe:
         if not data:
             raise await hung_up("Redis", "closed", self.dialer, self.opt.timeout)
         if data[0] not in resp.FIRST_BYTES:
-            other = identify(data) or f"a service that answered {preview(data)}"
-            if "TLS server" in other:
-                raise PhaseFailed(
-                    "the port answered PING with a TLS alert",
-                    "this Redis port expects TLS (ElastiCache in-transit encryption, a TLS "
-                    "port) and redis:// spoke plaintext",
-                    "use rediss://",
-                )
-            raise not_this_service("Redis", other)
+            raise not_this_service("Redis", identify(data) or f"an answer {preview(data)}")
         self.reader.feed(data)
         reply = self.reader.next()
         for _ in range(100):
