@@ -91,7 +91,7 @@ def test_md5_password_matches_the_server_formula() -> None:
     assert pgwire.md5_password("app", "secret", b"salt") == expected.encode()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_yield_messages_or_documented_errors(data: bytes) -> None:
     reader = pgwire.BackendReader()
@@ -227,7 +227,7 @@ def test_resp_limits() -> None:
         deep.next()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_resp_random_bytes_only_documented_errors(data: bytes) -> None:
     reader = resp.ReplyReader()
@@ -374,7 +374,7 @@ async def test_checklist_stops_at_the_first_failure_and_keeps_its_verdict() -> N
     assert not checklist.passed
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=120))
 def test_mysql_random_payloads_only_documented_errors(data: bytes) -> None:
     for parse in (mywire.parse_handshake, mywire.parse_err, mywire.parse_text_row):
