@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "burrow.config",
             "burrow.events",
             "burrow.statefiles",
+            "burrow.addresses",
         ),
     ),
     ("net", ("burrow.net",)),

@@ -234,7 +234,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     """Settings from the environment; ConfigError (one line) for anything a user got wrong."""
     from pathlib import Path
 
-    from burrow.config import parse_hostport
+    from burrow.addresses import parse_hostport
     from burrow.roles.settings import ClientSettings
 
     relay_text = env.get("BURROW_RELAY", "").strip()
@@ -281,7 +281,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 
 def parse_services(text: str) -> list[ListenSpec]:
     """``NAME=LISTEN,...``; each needs a fixed local address, since the function must know it."""
-    from burrow.config import parse_hostport
+    from burrow.addresses import parse_hostport
     from burrow.roles.connector import ListenSpec
 
     specs: list[ListenSpec] = []

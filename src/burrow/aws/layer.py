@@ -66,8 +66,13 @@ def platforms(python_version: str, arch: str) -> list[str]:
     return tags
 
 
+#: Dependencies of the command line that the extension never imports: left out of the layer,
+#: so the zip stays small and nothing unused is unpacked into /opt.
+NOT_IN_LAYER = frozenset({"rich", "prometheus-client", "prometheus_client"})
+
+
 def runtime_requirements() -> list[str]:
-    """burrow's own dependencies (no extras), from its installed metadata."""
+    """burrow's own dependencies (no extras, none only the CLI needs), from its metadata."""
     from importlib import metadata
 
     try:
@@ -75,7 +80,13 @@ def runtime_requirements() -> list[str]:
     except metadata.PackageNotFoundError:
         raise LayerError("burrow's package metadata is missing; install burrow with pip") from None
     # Markers other than extras are about the platform, and Lambda's is always Linux.
-    return [r.split(";")[0].strip() for r in requires if "extra ==" not in r]
+    wanted = [r.split(";")[0].strip() for r in requires if "extra ==" not in r]
+    return [r for r in wanted if _project(r) not in NOT_IN_LAYER]
+
+
+def _project(requirement: str) -> str:
+    """The project name of a requirement such as ``rich>=13``."""
+    return re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
 
 
 def build_layer(

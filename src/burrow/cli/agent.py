@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from burrow.addresses import parse_hostport
 from burrow.cli.common import (
     Lines,
     check_name,
@@ -21,7 +22,6 @@ from burrow.cli.common import (
     run_client,
 )
 from burrow.cli_output import Reporter
-from burrow.config import parse_hostport
 from burrow.errors import BurrowError, ConfigError
 
 

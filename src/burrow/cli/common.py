@@ -7,11 +7,6 @@ non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +19,8 @@ from burrow.errors import BurrowError, ConfigError
 from burrow.version import __version__
 
 if TYPE_CHECKING:
+    import asyncio
+
     from burrow.roles.settings import ClientSettings
 
 T = TypeVar("T")
@@ -44,6 +41,9 @@ def main() -> None:
 
 def run(entry: Callable[[], Awaitable[T]]) -> T:
     """Run ``entry`` on uvloop when installed (BURROW_NO_UVLOOP=1 to opt out)."""
+    import asyncio
+    import os
+
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if not os.environ.get("BURROW_NO_UVLOOP"):
         try:
@@ -61,6 +61,10 @@ class Stopper:
     ends the process as cleanly as one later on."""
 
     def __init__(self) -> None:
+        import asyncio
+        import contextlib
+        import signal
+
         loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,6 +73,8 @@ class Stopper:
 
     async def run(self, *waits: Awaitable[T]) -> T | None:
         """Wait for a signal or the first of ``waits``; its result (or exception), or None."""
+        import asyncio
+
         stop_task = asyncio.ensure_future(self.event.wait())
         tasks = [asyncio.ensure_future(w) for w in waits]
         done, pending = await asyncio.wait([stop_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -86,6 +92,8 @@ def fail(reporter: Reporter, exc: BurrowError) -> NoReturn:
 
 
 def setup_logging(verbose: int) -> None:
+    import logging
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if verbose == 0:
@@ -241,12 +249,15 @@ def run_client(
     recover from, and exit with a code that says which; a failure always prints its line."""
     setup_logging(verbose)
     embedded = settings.relay is None
+    client: Any = None
     try:
         settings.check()
         if not embedded:
             client = build(settings, None)
     except BurrowError as exc:
         fail(reporter, exc)
+
+    import asyncio
 
     async def main_task() -> int:
         nonlocal client
@@ -255,16 +266,16 @@ def run_client(
         stopper = Stopper()
         relay = None
         extra: list[Any] = []
-        if embedded:
-            relay = embedded_relay(
-                http=embedded_http,
-                secret=settings.secret,
-                on_event=reporter.embedded_relay_event,
-            )
-            await relay.start()
-            client = build(settings, relay.control_address)
-        reporter.attach_agent(client, embedded=embedded)
         try:
+            if embedded:
+                relay = embedded_relay(
+                    http=embedded_http,
+                    secret=settings.secret,
+                    on_event=reporter.embedded_relay_event,
+                )
+                await relay.start()
+                client = build(settings, relay.control_address)
+            reporter.attach_agent(client, embedded=embedded)
             await stopper.run(client.start())
             if stopper.event.is_set():
                 return 0
@@ -280,7 +291,8 @@ def run_client(
                     result = closing()
                     if asyncio.iscoroutine(result):
                         await result
-            await client.close()
+            if client is not None:
+                await client.close()
             if relay is not None:
                 await relay.close()
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from burrow.addresses import parse_hostport
 from burrow.cli.common import (
     client_options,
     client_settings,
@@ -16,7 +17,6 @@ from burrow.cli.common import (
     run_client,
 )
 from burrow.cli_output import Reporter
-from burrow.config import parse_hostport
 from burrow.errors import BurrowError, ConfigError
 
 

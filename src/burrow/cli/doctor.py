@@ -8,8 +8,6 @@ one failed, 2 for bad input.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import sys
 from pathlib import Path
@@ -57,6 +55,8 @@ class _Output:
             )
 
     def phase(self, result: Any) -> None:
+        import json
+
         if self.as_json:
             click.echo(self._scrub(json.dumps(result.event())))
             return
@@ -68,6 +68,8 @@ class _Output:
             self._line(f"{_PLAIN[result.status]}  {result.phase:<8}{ms}  {result.detail}")
 
     def verdict(self, verdict: Any, target: str) -> None:
+        import json
+
         if self.as_json:
             click.echo(self._scrub(json.dumps(verdict.event(target))))
             return
@@ -82,6 +84,8 @@ class _Output:
         self._line(f"  fix:   {verdict.fix}")
 
     def error(self, message: str) -> None:
+        import json
+
         message = self._scrub(message)
         if self.as_json:
             click.echo(json.dumps({"event": "error", "message": message}))
@@ -178,6 +182,8 @@ def doctor(
 
     URL: postgres://, postgresql://, mysql://, mariadb://, redis://, rediss://, tcp://,
     http://, https://. Passwords are never printed."""
+    import asyncio
+
     from burrow.doctor import Options, diagnose, parse_target, parse_via, redact
     from burrow.roles.settings import ClientSettings
 

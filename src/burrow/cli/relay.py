@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
 from burrow.cli.common import (
     Stopper,
     fail,
@@ -17,7 +18,6 @@ from burrow.cli.common import (
     verbose_option,
 )
 from burrow.cli_output import Reporter
-from burrow.config import DEFAULT_RELAY_PORT, parse_hostport
 from burrow.errors import BurrowError, ConfigError
 
 

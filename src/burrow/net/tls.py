@@ -16,17 +16,17 @@ import ipaddress
 import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:  # certificates are made by relays only: clients do not pay for x509
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 from burrow.errors import ConfigError, TLSVerifyError
+from burrow.statefiles import create_once
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -98,6 +98,9 @@ def fingerprint_of_der(der: bytes) -> str:
 
 def fingerprint_of_pem_file(path: Path | str) -> str:
     """Fingerprint of the first certificate in a PEM file (the leaf, for a chain file)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     path = Path(path)
     try:
         pem = path.read_bytes()
@@ -147,6 +150,10 @@ class CertPair:
 def load_or_create_relay_cert(state_dir: Path, hostnames: Sequence[str] = ()) -> CertPair:
     """Reuse the relay's certificate so its fingerprint (pinned or remembered by clients) stays
     the same across restarts; generate a self-signed one on first start."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     cert_path = state_dir / CERT_FILE
     key_path = state_dir / KEY_FILE
     if cert_path.is_file() and key_path.is_file():
@@ -161,7 +168,43 @@ def load_or_create_relay_cert(state_dir: Path, hostnames: Sequence[str] = ()) ->
             "check its permissions or set BURROW_HOME"
         ) from exc
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    # Several relays may start at once on one state directory: the key is made once (the
+    # first to publish it wins, the others read it), then the certificate the same way, from
+    # that key. A key left without a certificate (a crash in between) gets one now.
+    try:
+        key_pem, _ = create_once(key_path, _new_key_pem, 0o600)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("not an EC key")
+        cert_pem, _ = create_once(cert_path, lambda: _self_signed(key, sans), 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the relay's certificate in {state_dir}: {exc}") from exc
+    except ValueError:
+        raise ConfigError(
+            f"{key_path} is not a relay key; delete it (and {cert_path}) to make new ones"
+        ) from None
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return CertPair(
+        cert_path, key_path, fingerprint_of_der(cert.public_bytes(serialization.Encoding.DER))
+    )
+
+
+def _new_key_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, sans: list[x509.GeneralName]) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CERT_COMMON_NAME)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -192,21 +235,13 @@ def load_or_create_relay_cert(state_dir: Path, hostnames: Sequence[str] = ()) ->
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    cert_der = cert.public_bytes(serialization.Encoding.DER)
-    # Key first: a crash in between leaves no certificate, so the next start regenerates both
-    # instead of loading a certificate whose key is missing.
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return CertPair(cert_path, key_path, fingerprint_of_der(cert_der))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _subject_alt_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
     """localhost, loopback, this host's name and the operator's names, without duplicates."""
+    from cryptography import x509
+
     sans: list[x509.GeneralName] = []
 
     def add(entry: x509.GeneralName) -> None:
@@ -248,24 +283,6 @@ def _dns_name_ok(host: str) -> bool:
         if not all(c.isalnum() or c in "-_" for c in label):
             return False
     return True
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file and rename so a crash never leaves a half-written key or cert."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 # --------------------------------------------------------------------------- contexts

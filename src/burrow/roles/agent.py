@@ -72,6 +72,10 @@ class Agent(RelayClient):
         if not config.tunnels:
             raise ConfigError("no tunnels to open")
         super().__init__(config, on_event=on_event)
+        if self.identity is None:  # leases survive reconnects of this process at least
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+            self.identity = Ed25519PrivateKey.generate()
         self.config = config
         self.tunnels = [ActiveTunnel(spec) for spec in config.tunnels]
         self._by_port: dict[int, ActiveTunnel] = {}

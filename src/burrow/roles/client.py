@@ -17,9 +17,10 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from burrow.errors import (
     AuthError,
@@ -62,7 +63,8 @@ class RelayClient:
     def __init__(self, config: ClientConfig, *, on_event: EventSink | None = None) -> None:
         self.client_config = config
         self.on_event = on_event
-        self.identity = config.identity_key or Ed25519PrivateKey.generate()
+        #: Agents prove an identity (their leases follow it); connectors need none.
+        self.identity: Ed25519PrivateKey | None = config.identity_key
         self.conn: SessionConnection | None = None
         self.failed: asyncio.Future[BurrowError] | None = None
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}

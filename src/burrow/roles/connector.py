@@ -48,7 +48,7 @@ class ListenSpec:
                     f"invalid service {text!r}: port {listen} is out of range (1 to 65535)"
                 )
         elif listen:
-            from burrow.config import parse_hostport
+            from burrow.addresses import parse_hostport
 
             parse_hostport(listen, 0, listen=True)
         return cls(name.lower(), listen)
@@ -112,7 +112,7 @@ class Connector(RelayClient):
                 server = await loop.create_unix_server(factory, path)
                 self._servers.append(server)
                 return f"unix:{path}"
-            from burrow.config import parse_hostport
+            from burrow.addresses import parse_hostport
 
             host, port = ("127.0.0.1", 0)
             if listen:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from burrow.config import DEFAULT_RELAY_PORT
+from burrow.addresses import DEFAULT_RELAY_PORT
 from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info

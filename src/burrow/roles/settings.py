@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from burrow.config import DEFAULT_RELAY_PORT, parse_hostport
+from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
 from burrow.errors import ConfigError
 from burrow.roles.client import CONNECT_TIMEOUT, ClientConfig
 

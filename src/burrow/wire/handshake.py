@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+if TYPE_CHECKING:  # identities are rare (agents); a connector's start-up skips these imports
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from burrow.wire.errors import BadFrame
 
@@ -105,6 +105,8 @@ def verify_mac(secret: str, client_nonce: bytes, relay_nonce: bytes, mac: str) -
 
 
 def public_identity(key: Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -115,6 +117,9 @@ def sign_identity(key: Ed25519PrivateKey, client_nonce: bytes, relay_nonce: byte
 
 
 def verify_identity(identity: str, signature: str, client_nonce: bytes, relay_nonce: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         raw = _b64decode(identity)
         public = Ed25519PublicKey.from_public_bytes(raw)
