@@ -5,5 +5,8 @@ from __future__ import annotations
 
 from burrow.cli import agent, connect, lambda_, relay, token
 from burrow.cli.common import main
+from burrow.cli.doctor import doctor
 
 __all__ = ["agent", "connect", "lambda_", "main", "relay", "token"]
+
+main.add_command(doctor)  # defined in cli/doctor.py; attached here
