@@ -255,10 +255,14 @@ class _HeadReader(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and frontend.relay is not None
         relay = frontend.relay
-        bridge = _VisitorBridge(conn, on_done=lambda _bridge: relay.visitor_closed())
+        key = ("http", route.name)
+        refusal = relay.open_visitor(key)
+        if refusal is not None:
+            self._answer(503, "Service Unavailable", refusal, title="Tunnel busy")
+            return
+        bridge = _VisitorBridge(conn, on_done=lambda _bridge: relay.close_visitor(key))
         bridge.name = route.name
         bridge.open(visitor_info(transport, http=route.name, scheme=self.scheme))
-        relay.visitor_opened()
         head, self.buffer = bytes(self.buffer), bytearray()
         bridge.adopt(transport, head)
 

@@ -39,7 +39,7 @@ class HttpTunnelSpec:
         self.options.public_url = tunnel.public or ""
 
     def serve(self, stream: IncomingStream) -> None:
-        channel = stream.channel()
+        channel = stream.channel(closer=_shutdown)
         task = stream.spawn(self._serve(stream, channel))
         # A visitor that goes away (reset, or closed while a request is under way, as
         # nginx reads it) stops the exchange: the local service is not kept waiting.
@@ -85,6 +85,15 @@ class _BusyMarker:
         self.channel.busy = False
         if self.inner is not None:
             self.inner.end(exchange)
+
+
+def _shutdown(channel: Channel) -> None:
+    """The agent is stopping: a visitor between requests gets a clean end; one in the middle
+    of an exchange gets a reset, never a truncated response that looks complete."""
+    if channel.busy:
+        channel.reset("cancelled", "agent shutting down")
+    else:
+        channel.close()
 
 
 def _abort_if_busy(task: asyncio.Task[None], channel: Channel) -> None:

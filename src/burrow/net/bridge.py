@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -21,10 +23,25 @@ log = logging.getLogger("burrow.bridge")
 
 SOCKET_WRITE_HIGH = 256 * 1024
 SOCKET_WRITE_LOW = 64 * 1024
-#: Reset codes after which the far side closed cleanly (a FIN to our socket, not a RST).
+#: Refusals of a stream before any byte flowed: the socket is closed cleanly (nothing can be
+#: mistaken for a complete transfer). Any other reset, and any reset once bytes flowed, resets
+#: the socket too, so a client never takes a truncated transfer for a whole one.
 CLEAN_RESETS = frozenset(
-    {"refused", "unreachable", "timeout", "not_allowed", "no_such_tunnel", "closed"}
+    {"refused", "unreachable", "timeout", "not_allowed", "no_such_tunnel", "limited"}
 )
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset_socket(transport: asyncio.Transport) -> None:
+    """Close ``transport`` with a RST (SO_LINGER 0), not a FIN: the peer's ``recv`` raises
+    ECONNRESET instead of reading a clean end of the data."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class StreamBridge(asyncio.Protocol):
@@ -183,16 +200,18 @@ class StreamBridge(asyncio.Protocol):
     def on_reset(self, code: str, reason: str) -> None:
         if not self._accepted and self._on_refused is not None:
             self._on_refused(code, reason)
+        complete = self._remote_fin  # the far end's FIN came first: all it sent is here
+        refused = code in CLEAN_RESETS and not self._accepted
         self._pre_connect = []
         self._outbox.clear()
         self._remote_fin = True
         self._fin_sent = True
         transport = self.transport
         if transport is not None:
-            if code in CLEAN_RESETS:
+            if complete or refused:
                 transport.close()
             else:
-                transport.abort()
+                reset_socket(transport)
         self._finish()
 
     def pause_source(self) -> None:

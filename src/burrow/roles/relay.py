@@ -29,9 +29,11 @@ from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
 from burrow.net.connection import SessionConnection, new_session
 from burrow.roles.leases import Lease
+from burrow.roles.limits import Counts, Limits, Quiet, Refused, TokenBucket
 from burrow.roles.names import NAME_PATTERN, readable_name
 from burrow.roles.registry import Holder, LeaseKey, MemoryRegistry, Registry
 from burrow.wire.messages import (
+    Closed,
     ErrorReply,
     MessageError,
     OpenInfo,
@@ -44,7 +46,7 @@ from burrow.wire.messages import (
     quote,
     to_message,
 )
-from burrow.wire.session import Role
+from burrow.wire.session import Role, WindowPool
 
 log = logging.getLogger("burrow.relay")
 
@@ -86,6 +88,8 @@ class RelayConfig:
     #: Let in clients with neither the secret nor a token. Off by default; a loopback relay
     #: with no secret and no token key lets them in anyway (nobody else can reach it).
     allow_anonymous: bool = False
+    #: What one client may take of this relay (registrations, streams, buffers, handshakes).
+    limits: Limits = field(default_factory=Limits)
 
     def validate(self) -> None:
         import re
@@ -102,6 +106,7 @@ class RelayConfig:
             raise ConfigError("--lease-grace must not be negative")
         if not 0.05 <= self.heartbeat <= 3600:
             raise ConfigError("--heartbeat must be between 0.05 and 3600 seconds")
+        self.limits.check()
 
         domain = rf"(?=.{{1,253}}$){_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*"
         if not re.fullmatch(domain, self.domain):
@@ -207,6 +212,11 @@ class Relay:
         self._closing = False
         self._closed_bytes = [0, 0]
         self.metrics: Any = None
+        limits = config.limits
+        self._buffers = WindowPool(limits.buffer_total)  # every session's windows together
+        self._buckets: dict[SessionConnection, TokenBucket] = {}
+        self._visitors = Counts(limits.streams_per_service)  # open streams by lease key
+        self._quiet = Quiet()
 
     # --- views -------------------------------------------------------------------------------
 
@@ -234,24 +244,65 @@ class Relay:
         return conn if conn is not None and conn.is_open else None
 
     def route(self, kind: str, name: str) -> Route | None:
-        """Where a visitor of ``name`` (a name of ``kind``) goes; None if nobody holds it."""
+        """Where a visitor of ``name`` (a name of ``kind``) goes; None if nobody holds it
+        (or its holder's token was revoked: the name is closed now)."""
         namespace = self._namespaces.get(kind)
         lease = self.registry.resolve((namespace, name)) if namespace else None
-        if lease is None or lease.kind != kind:
+        if lease is None or lease.kind != kind or self._revoked(lease):
             return None
         return Route(name, self.session_for(lease))
 
     def held_names(self, kind: str) -> list[str]:
         return [lease.port[1] for lease in self.registry.leases() if lease.kind == kind]  # type: ignore[index]
 
-    def visitor_opened(self) -> None:
-        """A face opened a visitor's stream (metrics)."""
+    def open_visitor(self, key: LeaseKey) -> str | None:
+        """Admit one more stream to the tunnel ``key``; the refusal's text if it is full."""
+        if self._visitors.full(key):
+            limit = self.config.limits.streams_per_service
+            self._limited(
+                Refused(
+                    "streams_per_service",
+                    f"tunnel {_show_key(key)} has {limit} open connections already "
+                    "(--max-streams-per-service)",
+                )
+            )
+            return "this tunnel has too many open connections; try again later"
+        self._visitors.add(key)
         if self.metrics is not None:
             self.metrics.stream_opened()
+        return None
 
-    def visitor_closed(self) -> None:
+    def close_visitor(self, key: LeaseKey) -> None:
+        self._visitors.remove(key)
         if self.metrics is not None:
             self.metrics.stream_closed()
+
+    def _limited(self, refusal: Refused) -> None:
+        """Count a refusal by its kind and log it, at most once per kind every few seconds."""
+        self._count_error(f"limit_{refusal.kind}")
+        now = asyncio.get_running_loop().time()
+        if self._quiet.due(refusal.kind, now):
+            more = self._quiet.take_suppressed(refusal.kind)
+            suffix = f" (and {more} more since the last report)" if more else ""
+            emit(self.on_event, "limited", kind=refusal.kind, message=f"{refusal}{suffix}")
+
+    def _revoked(self, lease: Lease) -> bool:
+        """Whether ``lease``'s holder proved a token that has since been revoked; if so, its
+        tunnel is closed and its agent told (revocation reaches visitors, not only holders)."""
+        if lease.token is None or lease.token not in self._denied():
+            return False
+        self._spawn(self._revoke(lease))
+        return True
+
+    async def _revoke(self, lease: Lease) -> None:
+        dropped = await self.registry.drop(lease.port, lease.session)
+        if dropped is None:
+            return
+        self._lease_gone(dropped, expired=False)
+        holder = self._by_session.get(lease.session)
+        if holder is not None and holder.is_open:
+            notice = Closed(key=lease.key, code="revoked", message="its token has been revoked")
+            holder.send_control(to_message(notice))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -483,8 +534,11 @@ class Relay:
     # --- sessions --------------------------------------------------------------------------
 
     def _new_session(self) -> SessionConnection:
+        limits = self.config.limits
         session = new_session(
             Role.RELAY,
+            budget=limits.buffer_per_session,
+            shared=self._buffers,
             secret=self.config.secret,
             heartbeat=self.config.heartbeat,
             token_verifier=self._token_verifier,
@@ -518,6 +572,7 @@ class Relay:
                 self._count_error("handshake")
             return
         self.sessions.discard(conn)
+        self._buckets.pop(conn, None)
         session_id = conn.session.session_id
         self._by_session.pop(session_id, None)
         self._closed_bytes[0] += conn.bytes_out
@@ -617,6 +672,7 @@ class Relay:
         kind = message.kind
         key = message.key[:256]
         try:
+            self._check_registrations(conn, key)
             if kind in self._namespaces:
                 name = await self._register_name(conn, kind, key, message)
                 reply = Registered(id=message.id, name=name)
@@ -652,6 +708,36 @@ class Relay:
         )
         self._count_tunnels()
         emit(self.on_event, "tunnel_opened", kind="tcp", port=listener.port, peer=conn.peer)
+
+    def _check_registrations(self, conn: SessionConnection, key: str) -> None:
+        """Refuse a registration past the per-session or per-token ceiling (taking back a
+        tunnel this identity already holds is never refused)."""
+        holder = self._holder(conn)
+        limits = self.config.limits
+        mine = [lease for lease in self.registry.leases() if lease.session == holder.session]
+        theirs = (
+            [lease for lease in self.registry.leases() if lease.token == holder.token]
+            if holder.token is not None
+            else []
+        )
+        if any(lease.key == key and lease.owner == holder.identity for lease in mine + theirs):
+            return
+        if len(mine) >= limits.registrations_per_session:
+            refusal = Refused(
+                "registrations_per_session",
+                f"this session holds {len(mine)} tunnels, the relay's limit "
+                "(--max-registrations-per-session)",
+            )
+        elif len(theirs) >= limits.registrations_per_token:
+            refusal = Refused(
+                "registrations_per_token",
+                f"this token holds {len(theirs)} tunnels, the relay's limit "
+                "(--max-registrations-per-token)",
+            )
+        else:
+            return
+        self._limited(refusal)
+        raise TunnelError(str(refusal), "limited")
 
     def _check_expose(self, conn: SessionConnection, name: str) -> None:
         problem = self._scope_error(conn, "expose", name)
@@ -740,8 +826,13 @@ class Relay:
             conn.reset(stream_id, "not_allowed", problem)
             emit(self.on_event, "stream_refused", peer=conn.peer, service=name, reason="scope")
             return
+        refusal = self._stream_refusal(conn)
+        if refusal is not None:
+            self._limited(refusal)
+            conn.reset(stream_id, "limited", str(refusal))
+            return
         lease = self.registry.resolve(("svc", name[:64]))
-        if lease is None:
+        if lease is None or self._revoked(lease):
             conn.reset(stream_id, "no_such_tunnel", f"no service named {quote(name)}")
             return
         target = self.session_for(lease)
@@ -751,9 +842,14 @@ class Relay:
         if lease.kind != "exit" and opened.target is not None:
             conn.reset(stream_id, "not_allowed", f"{name!r} is not an exit")
             return
+        problem = self.open_visitor(lease.port)
+        if problem is not None:
+            conn.reset(stream_id, "limited", problem)
+            return
         forward = OpenInfo(
             service=name,
             src=opened.src or _peer_address(conn),
+            dst=opened.dst,
             target=opened.target if lease.kind == "exit" else None,
             peer=self._holder(conn).token or ("secret" if conn.session.secret else "anonymous"),
         )
@@ -761,8 +857,30 @@ class Relay:
         far = JoinHalf(target)
         far.open(forward.to_dict())
         join(near, far)
-        self.visitor_opened()
-        near.on_done = self.visitor_closed
+        key = lease.port
+        near.on_done = lambda: self.close_visitor(key)
+
+    def _stream_refusal(self, conn: SessionConnection) -> Refused | None:
+        """Why a client may not open one more stream now (too many open, too many a second)."""
+        limits = self.config.limits
+        if conn.session.open_streams > limits.streams_per_session:
+            return Refused(
+                "streams_per_session",
+                f"this session has {limits.streams_per_session} open streams, the relay's "
+                "limit (--max-streams-per-session)",
+            )
+        now = asyncio.get_running_loop().time()
+        bucket = self._buckets.get(conn)
+        if bucket is None:
+            rate = limits.opens_per_second
+            bucket = self._buckets[conn] = TokenBucket(rate, 2 * rate, now)
+        if not bucket.take(now):
+            return Refused(
+                "opens_per_second",
+                f"this session opens more than {limits.opens_per_second:g} streams a second "
+                "(--max-opens-per-second)",
+            )
+        return None
 
     # --- TCP ports ------------------------------------------------------------------------------
 
@@ -847,15 +965,18 @@ class Relay:
     # --- visitors --------------------------------------------------------------------------
 
     def _new_visitor(self, listener: PortListener) -> asyncio.Protocol:
-        conn = listener.conn
-        if conn is None:
+        lease = listener.lease
+        conn = self.session_for(lease)
+        if lease is None or conn is None or self._revoked(lease):
+            return _Refuser()
+        if self.open_visitor(listener.port) is not None:
             return _Refuser()
         bridge = StreamBridge(conn, on_done=lambda b: self._visitor_done(listener, b))
         return _VisitorOpener(bridge, listener, self)
 
     def _visitor_done(self, listener: PortListener, bridge: StreamBridge) -> None:
         listener.visitors.discard(bridge)
-        self.visitor_closed()
+        self.close_visitor(listener.port)
 
 
 class _VisitorOpener(asyncio.Protocol):
@@ -869,11 +990,11 @@ class _VisitorOpener(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         bridge = self.bridge
         if not bridge.conn.is_open:
+            self.relay.close_visitor(self.listener.port)
             transport.close()
             return
         bridge.open(visitor_info(transport, port=self.listener.port))
         self.listener.visitors.add(bridge)
-        self.relay.visitor_opened()
         # From here on the transport talks to the bridge directly.
         bridge.adopt(transport)
 
@@ -903,6 +1024,10 @@ def bind_error(
         message = f"cannot listen on {address} ({what}): {exc.strerror or exc}"
         code = "bind_failed"
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
+
+
+def _show_key(key: LeaseKey) -> str:
+    return str(key[1]) if isinstance(key, tuple) else f"port {key}"
 
 
 def _is_loopback(host: str) -> bool:

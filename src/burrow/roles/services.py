@@ -111,13 +111,15 @@ class IncomingStream:
         self.host.untrack(bridge)
         self.tunnel.open_connections -= 1
 
-    def channel(self) -> Channel:
-        """This stream as a reader/writer, accepted; call ``done()`` when finished with it."""
+    def channel(self, closer: Callable[[Channel], None] | None = None) -> Channel:
+        """This stream as a reader/writer, accepted; call ``done()`` when finished with it.
+        ``closer`` ends it if the agent shuts down first (default: a reset)."""
         channel = Channel(self.conn)
         channel.info = self.info
         channel.attach(self.stream_id)  # now: DATA for it may follow in the same read
         channel.accept()
-        self.host.track(channel, lambda: channel.reset("cancelled", "agent shutting down"))
+        end = closer or (lambda c: c.reset("cancelled", "agent shutting down"))
+        self.host.track(channel, lambda: end(channel))
         return channel
 
     def done(self, channel: Channel) -> None:
