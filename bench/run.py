@@ -191,6 +191,37 @@ def cpu_seconds(roots: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot: user+nice+system, and the
+    time the hypervisor gave to other guests."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    v = [int(f) for f in fields] + [0] * 8
+    return (v[0] + v[1] + v[2]) / CLK_TCK, v[7] / CLK_TCK
+
+
+def listener_pid(port: int) -> int | None:
+    """The process holding the listening socket on 127.0.0.1/any:``port`` (None if unseen)."""
+    needle = f":{port:04X}"
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and parts[3] == "0A" and parts[1].endswith(needle):
+                    inodes.add(f"socket:[{parts[9]}]")
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) in inodes:
+                        return int(entry.name)
+    return None
+
+
 def rss_kib(roots: list[int]) -> int:
     total = 0
     for pid in process_tree(roots):
@@ -446,6 +477,9 @@ class Ctx:
         self.main_paths: list[BasePath] = []
         self.versions: dict[str, str] = {}  # tools the sections found (node, localtunnel, ...)
         self.name_counts: dict[str, int] = {}
+        # The bench's own process tree and the PostgreSQL it measures; the machine's CPU
+        # beyond these is other people's work, reported per measurement.
+        self.own_roots: list[int] = [os.getpid()]
         self.notes: list[str] = []
 
     def note(self, text: str) -> None:
@@ -559,6 +593,11 @@ http {{
             )
         except MeasureError as e:
             raise Unavailable("pgbench -i failed", str(e)) from e
+        postmaster = listener_pid(5432)
+        if postmaster is not None:
+            self.own_roots.append(postmaster)
+        else:
+            self.note("cannot see PostgreSQL's processes: its CPU counts as other people's")
         return 5432
 
     # ssh keys --------------------------------------------------------------------------------
@@ -1760,13 +1799,24 @@ def measure_once(ctx: Ctx, row: str, path: BasePath) -> dict[str, Any]:
     path.check_alive()
     meter = CpuMeter(path.cpu_groups())
     load = os.getloadavg()[0]
+    busy0, steal0 = machine_cpu()
+    own0 = cpu_seconds(ctx.own_roots)
     t0 = time.monotonic()
     target = ROW_TARGET[row]
     meter.start()
     res = MEASURE[row](ctx, path.ports[target], path.hosts.get(target), meter)
     meter.stop()
-    res["wall_s"] = round(time.monotonic() - t0, 3)
+    wall = time.monotonic() - t0
+    busy1, steal1 = machine_cpu()
+    own1 = cpu_seconds(ctx.own_roots)
+    res["wall_s"] = round(wall, 3)
     res["loadavg1"] = load
+    # Share of the machine's CPU (all cores) that processes outside this bench and its
+    # PostgreSQL used meanwhile: the other engineers' work on a shared machine (approximate:
+    # a process that started and ended inside the window counts only if it was ours).
+    capacity = wall * (os.cpu_count() or 1)
+    res["others_cpu_share"] = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / capacity, 3)
+    res["steal_share"] = round((steal1 - steal0) / capacity, 3)
     if meter.groups and meter.used is not None:
         cpu = {g: round(v, 3) for g, v in meter.used.items()}
         res["cpu_s"] = cpu
@@ -2522,17 +2572,17 @@ def report(
         f"{load('loadavg_start')} at start, {load('loadavg_end')} at end; "
         f"medians of {meta['settings']['repeat']} run(s) in alternating path order"
     )
-    loads = sorted(
-        smp["loadavg1"]
-        for row in cells.values()
-        for cell in row.values()
-        for smp in cell.get("samples", [])
-        if "loadavg1" in smp
-    )
-    if loads:
+    samples = [
+        smp for row in cells.values() for cell in row.values() for smp in cell.get("samples", [])
+    ]
+    others = sorted(smp["others_cpu_share"] for smp in samples if "others_cpu_share" in smp)
+    if others:
+        steal = max(smp.get("steal_share", 0.0) for smp in samples)
         out.append(
-            f"1-minute load average when each measurement started: min {loads[0]:.2f}, "
-            f"median {statistics.median(loads):.2f}, max {loads[-1]:.2f} (2 cores, shared)"
+            "CPU used by processes outside the bench (other people's work) during the "
+            f"measurements: median {statistics.median(others):.0%}, max {others[-1]:.0%} of "
+            f"the machine (steal at most {steal:.0%}); the load average counts the bench's own "
+            "threads too"
         )
     if rows:
         shown = shown_paths(cells, rows, paths)
@@ -2782,7 +2832,7 @@ def measure_matrix(
                         cpu += f" = {fmt_num(res[unit.key] * unit.scale)} {unit.label}"
                 log(
                     f"{label}{row} via {path.name}: {fmt_num(res[metric.key])} {metric.unit}"
-                    f" (load {res['loadavg1']:.2f}){cpu}"
+                    f" (others {res['others_cpu_share']:.0%} of the CPU){cpu}"
                 )
                 time.sleep(0.3)
     for row in rows:
