@@ -17,6 +17,7 @@ _HOST_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 _DOTTED = re.compile(r"[0-9.]+")
 _DIGITS = re.compile(r"[0-9]{1,5}")
 
+
 def shown(spec: str) -> str:
     """Quote user input for an error line, cut short so a pasted blob stays one readable line."""
     return repr(spec if len(spec) <= 60 else spec[:57] + "...")
@@ -115,5 +116,3 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
             )
         raise bad
     return host, port
-
-

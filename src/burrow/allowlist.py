@@ -4,7 +4,9 @@ Written ``CIDR[:PORTS]``, entries separated by commas, where PORTS is a port, a 
 ``A-B``, or several of those separated by commas too (a bare number after a comma belongs to
 the entry before it, since a number alone is never an address): ``10.0.0.0/8:5432,6379``.
 Cloud metadata and link-local addresses are refused unless an entry names them (or a
-narrower network inside them) explicitly: ``0.0.0.0/0`` does not open 169.254.169.254.
+narrower network inside them) explicitly: ``0.0.0.0/0`` does not open 169.254.169.254, in any
+of its IPv6 spellings either (IPv4-mapped, IPv4-compatible, NAT64, 6to4, Teredo). The
+unspecified addresses (0.0.0.0/8, ::) reach the exit's own host and are refused the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ GUARDED: tuple[Network, ...] = (
     ipaddress.ip_network("169.254.0.0/16"),
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("0.0.0.0/8"),
+    ipaddress.ip_network("::/128"),
 )
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_COMPATIBLE = ipaddress.ip_network("::/96")
 
 _PORTS = re.compile(r"^\d{1,5}(-\d{1,5})?$")
 
@@ -67,32 +73,56 @@ class AllowList:
             raise ConfigError("--allow is empty: name at least one CIDR[:PORTS] the exit may dial")
         return cls(rules)
 
-    def check(self, address: Address | str, port: int) -> str | None:
-        """None if ``address:port`` may be dialled, else the reason it may not."""
+    def check(self, address: Address | str, port: int, *, shown: str | None = None) -> str | None:
+        """None if ``address:port`` may be dialled, else the reason it may not. ``shown`` is
+        how the target reads in that reason (the name the connector asked for: what it
+        resolved to is the exit's business, not the connector's)."""
         try:
             ip = ipaddress.ip_address(address) if isinstance(address, str) else address
         except ValueError:
-            return f"{address!r} is not an IP address"
+            return f"{shown or address!r} is not an IP address"
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        target = shown or str(ip)
         matching = [rule for rule in self.rules if rule.matches(ip, port)]
         if not matching:
-            return f"{ip} port {port} is not in the exit's allow-list"
-        for guarded in GUARDED:
-            if ip.version == guarded.version and ip in guarded:
+            return f"{target} port {port} is not in the exit's allow-list"
+        for candidate in (ip, *_embedded_ipv4(ip)):
+            for guarded in GUARDED:
+                if candidate.version != guarded.version or candidate not in guarded:
+                    continue
                 explicit = any(
-                    rule.network.version == guarded.version and rule.network.subnet_of(guarded)  # type: ignore[arg-type]
+                    rule.network.version == guarded.version
+                    and rule.network.subnet_of(guarded)  # type: ignore[arg-type]
+                    and candidate in rule.network
                     for rule in matching
                 )
                 if not explicit:
                     return (
-                        f"{ip} is a link-local or cloud metadata address; list it explicitly "
-                        "in --allow to reach it"
+                        f"{target} is a link-local, cloud metadata or unspecified address; list "
+                        "it explicitly in --allow to reach it"
                     )
         return None
 
     def __str__(self) -> str:
         return ",".join(str(rule) for rule in self.rules)
+
+
+def _embedded_ipv4(ip: Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address may lead to (NAT64, 6to4, Teredo, compatible)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found: list[ipaddress.IPv4Address] = []
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if any(ip in prefix for prefix in _NAT64):
+        found.append(low)
+    if ip in _COMPATIBLE and int(ip) > 1:  # ::a.b.c.d, but not :: and ::1
+        found.append(low)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
 
 
 def _rule(item: str, spec: str) -> Rule:

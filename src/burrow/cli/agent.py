@@ -35,7 +35,10 @@ def _run_agent(
         config = settings.build(AgentConfig, relay=embedded_at, tunnels=services)
         return Agent(config, on_event=reporter.event)
 
-    settings = options.pop("settings", None) or client_settings(common)
+    try:
+        settings = options.pop("settings", None) or client_settings(common)
+    except BurrowError as exc:
+        fail(reporter, exc)
     run_client(reporter, build, settings, verbose=common["verbose"], **options)
 
 
@@ -320,5 +323,20 @@ def up(config_path: Path, **common: Any) -> None:
         )
     except BurrowError as exc:
         fail(reporter, exc)
+    if (file.secret or file.token) and _readable_by_others(config_path):
+        reporter.event(
+            {
+                "event": "warning",
+                "message": f"{config_path} holds a secret and other users can read it; "
+                f"run `chmod 600 {config_path}`",
+            }
+        )
     has_http = any(t.kind == "http" for t in file.tunnels)
     _run_agent(reporter, services, common, settings=settings, embedded_http=has_http)
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & 0o077)
+    except OSError:
+        return False

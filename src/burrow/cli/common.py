@@ -205,8 +205,8 @@ def client_settings(common: dict[str, Any], **overrides: Any) -> ClientSettings:
 
     given = {
         "relay": common.get("relay_addr") or None,
-        "secret": common.get("secret"),
-        "token": common.get("token"),
+        "secret": secret_from(common.get("secret"), common.get("secret_file"), "--secret"),
+        "token": secret_from(common.get("token"), common.get("token_file"), "--token"),
         "fingerprint": common.get("fingerprint"),
         "ca": common.get("ca"),
         "insecure": bool(common.get("insecure")),
@@ -219,6 +219,23 @@ def client_settings(common: dict[str, Any], **overrides: Any) -> ClientSettings:
         if given.get(key) in (None, False):
             given[key] = value
     return ClientSettings(**given)
+
+
+def secret_from(value: str | None, path: Path | None, flag: str) -> str | None:
+    """``value``, or the first line of ``path`` (a secret in a file stays out of ``ps``)."""
+    if path is None:
+        return value
+    if value is not None:
+        raise ConfigError(f"{flag} and {flag}-file exclude each other: give one")
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(65537)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag}-file {path}: {exc.strerror or exc}") from None
+    if len(text) > 65536:
+        raise ConfigError(f"{flag}-file {path} is larger than 64 KiB; is it the right file?")
+    line = text.decode("utf-8", "replace").splitlines()[0] if text.strip() else ""
+    return line.strip()
 
 
 def check_name(name: str | None, what: str = "--name") -> str | None:

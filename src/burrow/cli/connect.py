@@ -29,7 +29,10 @@ def _run_connector(
         config = settings.build(ConnectorConfig, relay=embedded_at, services=services)
         return Connector(config, on_event=reporter.event)
 
-    settings = client_settings(common)
+    try:
+        settings = client_settings(common)
+    except BurrowError as exc:
+        fail(reporter, exc)
     run_client(reporter, build, settings, verbose=common["verbose"], **options)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,11 +16,56 @@ from burrow.cli.common import (
     main,
     option,
     run,
+    secret_from,
     setup_logging,
     verbose_option,
 )
 from burrow.cli_output import Reporter
 from burrow.errors import BurrowError, ConfigError
+
+_MIB = 1024 * 1024
+
+
+def limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """One ``--max-...`` option per field of ``Limits`` (buffers in MiB)."""
+    from burrow.roles.limits import Limits
+
+    defaults = Limits()
+    helps = {
+        "registrations_per_session": "Tunnels one session may hold.",
+        "registrations_per_token": "Tunnels the sessions of one token may hold together.",
+        "streams_per_session": "Streams one client (a connector) may have open at once.",
+        "streams_per_service": "Open connections to one tunnel at once (visitors, connectors).",
+        "opens_per_second": "Streams one session may open per second (bursts of twice that).",
+        "buffer_per_session": "MiB one session's streams may hold unread, together.",
+        "buffer_total": "MiB every session's streams may hold unread, together.",
+        "unauthenticated": "Connections still in their handshake, at once.",
+        "unauthenticated_per_source": "... of those from one address.",
+    }
+    for name in reversed(list(vars(defaults))):
+        value = getattr(defaults, name)
+        mib = name.startswith("buffer")
+        f = option(
+            f"--max-{name.replace('_', '-')}",
+            f"limit_{name}",
+            type=float if name == "opens_per_second" else int,
+            default=value // _MIB if mib else value,
+            show_default=True,
+            envvar=f"BURROW_MAX_{name.upper()}",
+            help=helps[name],
+        )(f)
+    return f
+
+
+def limits_from(values: dict[str, float]) -> Any:
+    from burrow.roles.limits import Limits
+
+    fields = {
+        key.removeprefix("limit_"): value * _MIB if key.startswith("limit_buffer") else value
+        for key, value in values.items()
+        if key.startswith("limit_")
+    }
+    return Limits(**fields)  # type: ignore[arg-type]
 
 
 @main.command()
@@ -32,7 +79,14 @@ from burrow.errors import BurrowError, ConfigError
 @option(
     "--secret",
     envvar="BURROW_SECRET",
-    help="Shared secret agents must prove they know (never sent on the wire).",
+    help="Shared secret agents must prove they know (never sent on the wire); visible in "
+    "`ps`: prefer --secret-file.",
+)
+@option(
+    "--secret-file",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_SECRET_FILE",
+    help="Read the shared secret from this file (its first line).",
 )
 @option(
     "--min-port",
@@ -129,11 +183,19 @@ from burrow.errors import BurrowError, ConfigError
     envvar="BURROW_DOMAIN",
     help="HTTP tunnels are NAME.DOMAIN (localhost works in browsers with no DNS).",
 )
+@option(
+    "--admin-names",
+    is_flag=True,
+    envvar="BURROW_ADMIN_NAMES",
+    help="List private services and exits on /healthz too (HTTP names are always listed).",
+)
+@limit_options
 @json_option
 @verbose_option
 def relay(
     listen: str,
     secret: str | None,
+    secret_file: Path | None,
     min_port: int,
     max_port: int,
     bind_tunnels: str | None,
@@ -150,8 +212,10 @@ def relay(
     http_listen: str | None,
     https_listen: str | None,
     domain: str,
+    admin_names: bool,
     as_json: bool,
     verbose: int,
+    **limits: float,
 ) -> None:
     """Run a relay that agents dial out to."""
     from burrow.node import Relay, RelayConfig
@@ -159,6 +223,7 @@ def relay(
     setup_logging(verbose)
     reporter = Reporter(as_json=as_json)
     try:
+        secret = secret_from(secret, secret_file, "--secret")
         if secret == "":
             raise ConfigError(
                 "--secret is empty (is $SECRET unset?); give a secret, or leave the flag out"
@@ -184,6 +249,8 @@ def relay(
             http_listen=parse_hostport(http_listen, 80, listen=True) if http_listen else None,
             https_listen=parse_hostport(https_listen, 443, listen=True) if https_listen else None,
             domain=domain,
+            admin_names=admin_names,
+            limits=limits_from(limits),
         )
         server = Relay(config, on_event=reporter.event)
     except BurrowError as exc:

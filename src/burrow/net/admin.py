@@ -9,6 +9,7 @@ framework, because it is exposed next to the relay and must not be a way to tie 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Literal, TypeVar
@@ -227,6 +228,7 @@ class _Collector:
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -266,19 +268,44 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
             raise _BadRequest(431)
 
 
-def _parse_head(head: bytes) -> tuple[bytes, bytes]:
-    """Return (method, path) from a request head; headers are checked for shape only."""
+def _parse_head(head: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """(method, path, Host values) from a request head; headers are checked for shape only."""
     lines = head.split(b"\n")
     parts = lines[0].rstrip(b"\r").split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
         raise _BadRequest(400)
     if len(lines) - 1 > MAX_HEADERS:
         raise _BadRequest(431)
+    hosts: list[bytes] = []
     for line in lines[1:]:
         line = line.rstrip(b"\r")
         if b":" not in line or line[:1] in (b" ", b"\t"):
             raise _BadRequest(400)
-    return parts[0], parts[1].partition(b"?")[0]
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host":
+            hosts.append(value.strip())
+    return parts[0], parts[1].partition(b"?")[0], hosts
+
+
+def host_allowed(values: list[bytes], names: frozenset[str]) -> bool:
+    """Whether a request's Host names this relay: an IP literal, ``localhost`` or one of
+    ``names``. A DNS-rebinding page's own domain is none of those, so a browser tricked into
+    asking cannot read what the relay serves."""
+    if len(values) != 1:
+        return False
+    value = values[0].decode("latin-1").lower()
+    if value.startswith("["):
+        host = value[1 : value.find("]")] if "]" in value else ""
+    else:
+        host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    host = host.rstrip(".")
+    if host == "localhost" or host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class AdminServer(LocalServer):
@@ -290,16 +317,24 @@ class AdminServer(LocalServer):
     load balancer's plain status check takes the relay out of rotation.
     """
 
-    def __init__(self, metrics: RelayMetrics, health: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        metrics: RelayMetrics,
+        health: Callable[[], Mapping[str, Any]],
+        hosts: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__()
         self.metrics = metrics
         self._health = health
+        self.hosts = frozenset(h.lower() for h in hosts)  # names the relay answers to
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 head = await _read_head(reader)
-            method, path = _parse_head(head)
+            method, path, hosts = _parse_head(head)
+            if not host_allowed(hosts, self.hosts):
+                raise _BadRequest(403)
             status, ctype, body, extra = self._route(method, path)
         except _BadRequest as err:
             status, ctype, body, extra = err.status, "text/plain", b"", ()

@@ -9,6 +9,7 @@ unreachable, 0x05 refused, 0x06 timed out; HTTP 403/502/504 with a ``Burrow-Erro
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -22,6 +23,14 @@ from burrow.wire import connect_proxy, socks
 log = logging.getLogger("burrow.socks")
 
 ACCEPT_TIMEOUT = 30.0
+#: After a wrong password, the answer waits this long, doubled at each further failure.
+PENALTY_BASE = 0.25
+MAX_PENALTY = 30.0
+MAX_TRACKED_SOURCES = 4096
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 class StreamOpener(Protocol):
@@ -66,9 +75,14 @@ class _ProxyClient(asyncio.Protocol):
         self.socks = socks.SocksServer(auth=server.check_auth if server.credentials else None)
         self.http = connect_proxy.ConnectParser()
         self.task: asyncio.Task[None] | None = None
+        self.source = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if isinstance(peer, tuple) else "local"
+        if self.server.penalised(self.source):
+            self.transport.close()  # still guessing: no more tries until the pause is over
 
     def data_received(self, data: bytes) -> None:
         if self.task is not None:  # the request is in: later bytes wait in the parser
@@ -97,7 +111,8 @@ class _ProxyClient(asyncio.Protocol):
     def _socks(self, data: bytes) -> None:
         for event in self.socks.receive_data(data):
             if isinstance(event, socks.AuthFailed):
-                self._flush_close()
+                delay = self.server.failed(self.source)
+                asyncio.get_running_loop().call_later(delay, self._flush_close)
                 return
             if isinstance(event, socks.ConnectRequest):
                 self._flush()
@@ -116,7 +131,12 @@ class _ProxyClient(asyncio.Protocol):
         if self.server.credentials and not (
             request.credentials is not None and self.server.check_auth(*request.credentials)
         ):
-            self._write_close(connect_proxy.proxy_auth_required())
+            if request.credentials is not None:  # a wrong password, not a first try without
+                delay = self.server.failed(self.source)
+                answer = connect_proxy.proxy_auth_required()
+                asyncio.get_running_loop().call_later(delay, self._write_close, answer)
+            else:
+                self._write_close(connect_proxy.proxy_auth_required())
             return
         self.task = asyncio.get_running_loop().create_task(self._open(request.host, request.port))
 
@@ -214,16 +234,33 @@ class ProxyServer:
         self.credentials = credentials
         self.servers: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # source -> (failures, paused until)
 
     def check_auth(self, user: str, password: str) -> bool:
+        """Constant time, and the same time whatever the lengths: digests are compared."""
         if self.credentials is None:
             return True
         want_user, want_password = self.credentials
-        user_ok = hmac.compare_digest(user.encode("utf-8", "surrogateescape"), want_user.encode())
-        password_ok = hmac.compare_digest(
-            password.encode("utf-8", "surrogateescape"), want_password.encode()
-        )
+        user_ok = hmac.compare_digest(_digest(user), _digest(want_user))
+        password_ok = hmac.compare_digest(_digest(password), _digest(want_password))
         return user_ok and password_ok
+
+    def failed(self, source: str) -> float:
+        """A wrong password from ``source``: how long to wait before answering it. Each
+        failure doubles the pause (up to ``MAX_PENALTY``), during which ``source``'s new
+        connections are closed at once, so guessing runs at a few tries a minute."""
+        loop = asyncio.get_running_loop()
+        count, _ = self._failures.get(source, (0, 0.0))
+        count += 1
+        delay = float(min(MAX_PENALTY, PENALTY_BASE * 2 ** min(count - 1, 16)))
+        self._failures[source] = (count, loop.time() + delay)
+        if len(self._failures) > MAX_TRACKED_SOURCES:  # bounded: forget the oldest
+            self._failures.pop(next(iter(self._failures)))
+        return delay
+
+    def penalised(self, source: str) -> bool:
+        entry = self._failures.get(source)
+        return entry is not None and asyncio.get_running_loop().time() < entry[1]
 
     async def listen(self, kind: str, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
 from burrow.net.connection import SessionConnection, new_session
+from burrow.net.gate import ControlListener, Slot
 from burrow.roles.leases import Lease
 from burrow.roles.limits import Counts, Limits, Quiet, Refused, TokenBucket
 from burrow.roles.names import NAME_PATTERN, readable_name
@@ -90,6 +91,8 @@ class RelayConfig:
     allow_anonymous: bool = False
     #: What one client may take of this relay (registrations, streams, buffers, handshakes).
     limits: Limits = field(default_factory=Limits)
+    #: Show private services' and exits' names on the admin endpoint (HTTP names are public).
+    admin_names: bool = False
 
     def validate(self) -> None:
         import re
@@ -204,7 +207,8 @@ class Relay:
         self._token_state_dir: Path | None = None
         self._deny_stamp: Any = None
         self._deny: frozenset[str] = frozenset()
-        self._server: asyncio.Server | None = None
+        self._server: ControlListener | None = None
+        self._slots: dict[SessionConnection, Slot] = {}
         self._admin: Any = None
         self._ssl: ssl.SSLContext | None = None
         self._sweep: asyncio.TimerHandle | None = None
@@ -308,23 +312,22 @@ class Relay:
 
     async def start(self) -> None:
         config = self.config
-        loop = asyncio.get_running_loop()
         if not config.insecure:
             self._ssl = self._tls_context()
         self._load_tokens()
+        limits = config.limits
+        self._server = ControlListener(
+            self._new_session,
+            ssl_context=self._ssl,
+            deadline=HANDSHAKE_TIMEOUT,
+            total=limits.unauthenticated,
+            per_source=limits.unauthenticated_per_source,
+            on_refused=self._gate_refused,
+        )
         try:
-            self._server = await loop.create_server(
-                self._new_session,
-                config.listen_host,
-                config.listen_port,
-                ssl=self._ssl,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self._ssl else None,
-                reuse_address=True,
-            )
+            self.control_address = await self._server.listen(config.listen_host, config.listen_port)
         except OSError as exc:
             raise bind_error(config.listen_host, config.listen_port, exc, "control port") from None
-        sockname = self._server.sockets[0].getsockname()
-        self.control_address = (sockname[0], sockname[1])
         if config.admin is not None:
             await self._start_admin(config.admin)
         for frontend in self.frontends:
@@ -461,7 +464,8 @@ class Relay:
 
         self.metrics = RelayMetrics()
         self.metrics.on_collect = self._collect_bytes
-        self._admin = AdminServer(self.metrics, self.health)
+        names = {*self.config.hostnames, self.config.public_host or "", self.config.domain}
+        self._admin = AdminServer(self.metrics, self.health, frozenset(n for n in names if n))
         try:
             self.admin_address = await self._admin.start(*address)
         except OSError as exc:
@@ -491,9 +495,14 @@ class Relay:
         return {
             "status": "ok",
             "sessions": len(self.sessions),
+            "unauthenticated": self._server.pending if self._server is not None else 0,
             "tunnels": len(self.registry.leases()),
             "streams": sum(len(t.visitors) for t in self.tunnels.values()),
-            "names": sorted(f"{route.kind}:{route.name}" for route in self.names.values()),
+            "names": sorted(
+                f"{route.kind}:{route.name}"
+                for route in self.names.values()
+                if self.config.admin_names or route.kind == "http"
+            ),
         }
 
     async def close(self) -> None:
@@ -512,12 +521,9 @@ class Relay:
             task.cancel()
         if self._admin is not None:
             await self._admin.close()
-        if self._server is not None:
-            try:
-                async with asyncio.timeout(2):
-                    await self._server.wait_closed()
-            except TimeoutError:
-                pass
+        for slot in self._slots.values():
+            slot.release()
+        self._slots.clear()
 
     async def __aenter__(self) -> Relay:
         await self.start()
@@ -533,7 +539,13 @@ class Relay:
 
     # --- sessions --------------------------------------------------------------------------
 
-    def _new_session(self) -> SessionConnection:
+    def _gate_refused(self, kind: str, source: str) -> None:
+        flag = kind.replace("_", "-")
+        self._limited(
+            Refused(kind, f"reset a connection from {source}: too many handshakes (--max-{flag})")
+        )
+
+    def _new_session(self, slot: Slot) -> SessionConnection:
         limits = self.config.limits
         session = new_session(
             Role.RELAY,
@@ -551,6 +563,7 @@ class Relay:
             on_handshake=self._on_handshake,
             on_closed=self._on_session_closed,
         )
+        self._slots[conn] = slot
         asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_deadline, conn)
         return conn
 
@@ -559,6 +572,9 @@ class Relay:
             conn.close("no handshake within 10 s")
 
     def _on_handshake(self, conn: SessionConnection) -> None:
+        slot = self._slots.pop(conn, None)
+        if slot is not None:
+            slot.release()
         self.sessions.add(conn)
         self._by_session[conn.session.session_id] = conn
         if self.metrics is not None:
@@ -566,6 +582,9 @@ class Relay:
         emit(self.on_event, "session_opened", peer=conn.peer, session=conn.session.session_id)
 
     def _on_session_closed(self, conn: SessionConnection, reason: str) -> None:
+        slot = self._slots.pop(conn, None)
+        if slot is not None:
+            slot.release()
         if conn not in self.sessions:
             if conn.session.close_reason is not None:
                 emit(self.on_event, "session_refused", peer=conn.peer, reason=reason)

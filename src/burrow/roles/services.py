@@ -237,9 +237,11 @@ class ExitSpec:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         allowed = [a for a in addresses if self.allow.check(a, port) is None]
         if not allowed:
-            reason = self.allow.check(addresses[0], port) if addresses else "no address"
-            stream.warn(f"exit refused {host}:{port}: {reason}")
-            stream.refuse(bridge, "not_allowed", str(reason))
+            first = addresses[0] if addresses else ""
+            here = self.allow.check(first, port) if addresses else "no address"
+            stream.warn(f"exit refused {host}:{port}: {here}")  # this log may name the address
+            told = self.allow.check(first, port, shown=host) if addresses else "no address"
+            stream.refuse(bridge, "not_allowed", str(told))  # the connector learns no more
             return
         await stream.dial(bridge, (allowed[0], port))
 
