@@ -142,9 +142,28 @@ def client_options(*, embedded: bool) -> Callable[[F], F]:
     def decorate(f: F) -> F:
         options = [
             option("--to", "relay_addr", envvar="BURROW_RELAY", metavar="RELAY", help=to_help),
-            option("--secret", envvar="BURROW_SECRET", help="The relay's shared secret."),
             option(
-                "--token", envvar="BURROW_TOKEN", help="A scoped token from `burrow token issue`."
+                "--secret",
+                envvar="BURROW_SECRET",
+                help="The relay's shared secret (visible in `ps`: prefer --secret-file).",
+            ),
+            option(
+                "--secret-file",
+                type=click.Path(path_type=Path),
+                envvar="BURROW_SECRET_FILE",
+                help="Read the relay's shared secret from this file (its first line).",
+            ),
+            option(
+                "--token",
+                envvar="BURROW_TOKEN",
+                help="A scoped token from `burrow token issue` (visible in `ps`: prefer "
+                "--token-file).",
+            ),
+            option(
+                "--token-file",
+                type=click.Path(path_type=Path),
+                envvar="BURROW_TOKEN_FILE",
+                help="Read the scoped token from this file (its first line).",
             ),
             option(
                 "--fingerprint",

@@ -181,6 +181,15 @@ class ControlListener:
     def _speaks(self, waiting: _Waiting) -> None:
         """The peer sent its first bytes (a TLS ClientHello, a preface): set up the session."""
         assert self._loop is not None
+        try:
+            first = waiting.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return  # a spurious wake-up: keep waiting
+        except OSError:
+            first = b""
+        if not first:  # it went away without a word: nothing to set up
+            self._drop(waiting, reset=False)
+            return
         self._loop.remove_reader(waiting.sock.fileno())
         self._waiting.discard(waiting)
         if waiting.timer is not None:

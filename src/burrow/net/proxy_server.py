@@ -23,8 +23,10 @@ from burrow.wire import connect_proxy, socks
 log = logging.getLogger("burrow.socks")
 
 ACCEPT_TIMEOUT = 30.0
-#: After a wrong password, the answer waits this long, doubled at each further failure.
+#: After a wrong password, the answer waits this long, doubled at each failure past the
+#: first few (typos), when the source is also locked out for a while.
 PENALTY_BASE = 0.25
+FREE_FAILURES = 3
 MAX_PENALTY = 30.0
 MAX_TRACKED_SOURCES = 4096
 
@@ -246,14 +248,17 @@ class ProxyServer:
         return user_ok and password_ok
 
     def failed(self, source: str) -> float:
-        """A wrong password from ``source``: how long to wait before answering it. Each
-        failure doubles the pause (up to ``MAX_PENALTY``), during which ``source``'s new
-        connections are closed at once, so guessing runs at a few tries a minute."""
+        """A wrong password from ``source``: how long to wait before answering it. A few
+        typos cost a short pause each; past ``FREE_FAILURES`` each failure doubles the pause
+        (up to ``MAX_PENALTY``), during which ``source``'s new connections are closed at
+        once, so guessing runs at a few tries a minute."""
         loop = asyncio.get_running_loop()
         count, _ = self._failures.get(source, (0, 0.0))
         count += 1
-        delay = float(min(MAX_PENALTY, PENALTY_BASE * 2 ** min(count - 1, 16)))
-        self._failures[source] = (count, loop.time() + delay)
+        excess = max(0, count - FREE_FAILURES)
+        delay = float(min(MAX_PENALTY, PENALTY_BASE * 2 ** min(excess, 16)))
+        locked = loop.time() + 2 * delay if excess else 0.0  # the answer, then a pause
+        self._failures[source] = (count, locked)
         if len(self._failures) > MAX_TRACKED_SOURCES:  # bounded: forget the oldest
             self._failures.pop(next(iter(self._failures)))
         return delay
