@@ -5,7 +5,9 @@ without Expect, Upgrade, CONNECT, Transfer-Encoding, a second Content-Length or 
 options, answered with an HTTP/1.1 final response framed by Content-Length. It is what makes
 ``burrow http`` fast, so it does per request only what that exchange needs. Anything else it
 hands to the h11 engine through one ``Handover`` (``burrow.http.handover``): before consuming
-anything, or, once the request went out, with what both sides have seen.
+anything, or, once the request went out, with what both sides have seen. So the h11 engine's
+refusal of a request whose body length is ambiguous (400) holds here too: such a request (with
+Transfer-Encoding, or two Content-Lengths) never stays on this path.
 """
 
 from __future__ import annotations
@@ -358,7 +360,8 @@ def _framing(raw: list[Header], method: bytes, status: int) -> Framing | None:
     """How the fast path frames a response: a body of ``Content-Length`` bytes or none,
     ``close`` when the local service ends the connection after it; None when the response is
     the h11 engine's (a 1xx, Transfer-Encoding, no length, Connection options other than close
-    and keep-alive, anything doubtful)."""
+    and keep-alive, anything doubtful). A strict subset of ``framing.response_framing``, in
+    one pass over the head."""
     length = -1
     close = False
     for name, value in raw:

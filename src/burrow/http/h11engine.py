@@ -6,8 +6,10 @@ and this module only moves events between them.
 Bodies stream chunk by chunk with ``drain()`` after each write, as asyncssh forwards: when one
 side backs up, reading from the other stops, so memory stays at a few chunks whatever the body
 size. A protocol switch (101 Upgrade, 2xx to CONNECT) leaves h11 and splices raw bytes both ways
-with half-close. Every wait for a head is bounded; policy and header rewriting are the pure
-functions of ``burrow.http.policy``.
+with half-close. Every wait for a head is bounded.
+
+Before a request goes anywhere it must be framed unambiguously (``burrow.http.framing``: else
+400 and the connection closes); then IP rules and Basic auth apply (``burrow.http.policy``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-from burrow.http import limits, pages
+from burrow.http import framing, limits, pages
 from burrow.http.handover import Handover, InFlight, Unread
 from burrow.http.policy import (
     Header,
@@ -137,7 +139,16 @@ class H11Engine:
                 await self._page(pages.head_too_slow())
             return None
         except h11.RemoteProtocolError as exc:
-            await self._page(pages.bad_head(exc.error_status_hint, exc))
+            if exc.error_status_hint == 501:
+                # h11 refuses with 501 only a Transfer-Encoding other than one "chunked": the
+                # body's length is then unknown, which RFC 9112 §6.3 answers with 400.
+                await self._page(
+                    pages.bad_framing(
+                        "a request's Transfer-Encoding must be chunked alone (RFC 9112 §6.3)"
+                    )
+                )
+            else:
+                await self._page(pages.bad_head(exc.error_status_hint, exc))
             return None
 
     async def _client_event(self) -> h11.Event:
@@ -162,6 +173,15 @@ class H11Engine:
 
     # --- one request ------------------------------------------------------------------------------
 
+    def _refusal(self, request: h11.Request, raw: list[Header]) -> pages.Fail | None:
+        """Why this request may not go on at all (the connection then closes): its body's
+        length is ambiguous."""
+        try:
+            framing.request_framing(raw, request.http_version)
+        except framing.FramingError as exc:
+            return pages.bad_framing(str(exc))
+        return None
+
     async def _handle(self, request: h11.Request) -> bool:
         """Answer one request; True if the connection can carry another."""
         visitor = self.visitor
@@ -177,9 +197,10 @@ class H11Engine:
         )
         started = time.monotonic()
         ended = False
-        denial = check_access(self.options, visitor.peer_ip, raw)
+        refusal = self._refusal(request, raw)
+        denial = None if refusal else check_access(self.options, visitor.peer_ip, raw)
         forwarded: list[Header] = []
-        if denial is None:
+        if refusal is None and denial is None:
             host = next((v for n, v in raw if n.lower() == b"host"), b"").decode("latin-1")
             forwarded = rewrite_request_headers(
                 self.options,
@@ -199,6 +220,11 @@ class H11Engine:
 
         visitor.notify_begin(exchange)
         try:
+            if refusal is not None:
+                exchange.error = refusal.detail
+                log.debug("http %s %s: %s", exchange.method, exchange.target, refusal.detail)
+                status, headers, body = refusal.page()
+                return await self._reply(status, refusal.title, headers, body, exchange, True)
             if denial is not None:
                 return await self._reply(
                     denial.status, denial.reason, denial.headers, denial.body, exchange
@@ -231,10 +257,12 @@ class H11Engine:
         headers: list[Header],
         body: bytes,
         exchange: Exchange,
+        close: bool = False,
     ) -> bool:
         """Answer from burrow itself; first discard what is left of the request body (within
-        limits), so the visitor can keep the connection, as after a 401 it retries on it."""
-        keep = await self._discard_body()
+        limits), so the visitor can keep the connection, as after a 401 it retries on it.
+        With ``close`` the body is not read (its length is not trusted): the connection ends."""
+        keep = not close and await self._discard_body()
         headers = list(headers) if keep else [*headers, (b"Connection", b"close")]
         exchange.status = status
         exchange.reason = reason
@@ -364,7 +392,7 @@ class H11Engine:
     def _keep_or_drop(self, upstream: Upstream) -> None:
         """Keep the local connection for the next request if its exchange ended cleanly."""
         conn = upstream.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        if upstream.keep and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
             upstream.reused = True
         else:
@@ -532,6 +560,13 @@ class H11Engine:
             raise pages.closed_without_answer(where)
         switching = event.status_code == 101
         raw = list(event.headers.raw_items())
+        if not switching:
+            # Framed by Transfer-Encoding (h11 read it so): a Content-Length beside it is
+            # dropped, and the local connection, whose framing is doubtful, is not reused.
+            single = framing.without_length(raw)
+            if single is not raw:
+                raw = single
+                upstream.keep = False
         headers = rewrite_response_headers(self.options, raw, upgrade=switching)
         exchange.status = event.status_code
         exchange.reason = event.reason.decode("latin-1")

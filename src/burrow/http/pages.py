@@ -126,6 +126,11 @@ def unreplayable(why: object) -> Fail:
 # --- the visitor's request ---------------------------------------------------------------------
 
 
+def bad_framing(why: str) -> Fail:
+    """A request whose body length is ambiguous (RFC 9112 §6.3): refused, then closed."""
+    return Fail(400, "Bad Request", f"burrow: {why}")
+
+
 def bad_head(status: int, why: object) -> Fail:
     """A request head h11 refused (400, 431, ...)."""
     detail = "the request head is over 64 KiB" if status == 431 else str(why)

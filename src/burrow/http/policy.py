@@ -5,6 +5,12 @@ The agent's proxy (``burrow.http.proxy``) calls these per request; a serverless 
 one API Gateway event at a time can call the very same functions, so a policy behaves alike on
 both paths. Headers are ``(name, value)`` pairs of bytes (str is accepted on input and encoded
 as latin-1, the HTTP/1.1 wire charset); names keep their case and are compared case-blind.
+
+Body framing is not rewritten here: a request whose Content-Length and Transfer-Encoding could be
+read two ways (both present, lengths that differ, a last coding other than chunked) is refused
+with 400 and its connection closed before it reaches these functions
+(``burrow.http.framing.request_framing``), and a response carrying both loses its Content-Length
+(``framing.without_length``).
 """
 
 from __future__ import annotations
@@ -305,8 +311,9 @@ def rewrite_request_headers(
     """The head the local service sees: hop-by-hop headers dropped (an Upgrade handshake keeps
     ``Upgrade`` and ``Connection: upgrade``), X-Forwarded-* set from the TCP peer, Host set by
     ``host_header``, then the remove and add rules. Content-Length and Transfer-Encoding pass
-    through untouched: h11 owns framing. With Basic auth on, the visitor's Authorization header
-    (the tunnel's password) is not passed on."""
+    through: the caller refused a request with both (``framing.request_framing``) before calling
+    this, and h11 owns the framing of the rest. With Basic auth on, the visitor's Authorization
+    header (the tunnel's password) is not passed on."""
     pairs = _pairs(headers)
     # One pass for what the rewrite depends on: Host, Upgrade and the Connection tokens.
     host: bytes | None = None

@@ -34,10 +34,14 @@ class Upstream:
         )
     )
     reused: bool = False
+    #: False once the local service framed a response doubtfully (both Content-Length and
+    #: Transfer-Encoding): its next bytes are not trusted to start a response.
+    keep: bool = True
 
     def usable(self) -> bool:
         return (
-            self.conn.our_state is h11.IDLE
+            self.keep
+            and self.conn.our_state is h11.IDLE
             and not self.reader.at_eof()
             and not self.writer.is_closing()
         )
