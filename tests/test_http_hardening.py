@@ -1,7 +1,7 @@
-"""HTTP tunnels against request smuggling, end to end: raw visitor bytes -> the relay's HTTP
-listener -> TLS session -> agent -> a local service that is itself naive on purpose (it trusts
-Content-Length, as the back ends that smuggling exploits do), and records every request it
-parses.
+"""HTTP tunnels against request smuggling and cross-tenant keep-alive, end to end: raw visitor
+bytes -> the relay's HTTP listener -> TLS session -> agent -> a local service that is itself
+naive on purpose (it trusts Content-Length, as the back ends that smuggling exploits do), and
+records every request it parses.
 
 Each case is run in two shapes: a head that arrives in one piece (the agent's fast path reads
 it first) and one that the agent's h11 engine must read (a head split across writes, or a
@@ -357,3 +357,46 @@ async def test_response_with_cl_and_te_is_relayed_chunked_without_content_length
         assert service.targets() == ["/r0", "/r1"]
         # The local connection that framed a response two ways was not trusted again.
         assert service.connections == 2
+
+
+# --- one tenant per connection --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["fast", "h11"])
+async def test_another_host_on_the_same_connection_gets_421(tmp_path: Path, engine: str) -> None:
+    async with (
+        naive_service() as cap,
+        naive_service() as other,
+        tunnels(tmp_path, cap=cap, other=other) as t,
+    ):
+
+        def request(target: str, host: str) -> bytes:
+            if engine == "fast":
+                return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            return (  # a chunked body: only the h11 engine takes it
+                f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+            ).encode()
+
+        method = "GET" if engine == "fast" else "POST"
+        async with visitor(t.port) as v:
+            await v.send(request("/one", t.host("cap")))
+            response, _ = await v.response(method)
+            assert response.status_code == 200
+            # Same host, spelled with other case and no port: the same tenant.
+            await v.send(request("/two", "CAP.localhost"))
+            response, _ = await v.response(method)
+            assert response.status_code == 200
+            await v.send(request("/three", t.host("other")) + request("/four", t.host("cap")))
+            response, body = await v.response(method)
+            assert response.status_code == 421
+            assert b"other.localhost" in body
+            assert await v.closed()
+        assert cap.targets() == ["/one", "/two"]
+        assert other.requests == []
+        # A new connection for the other host reaches it.
+        async with visitor(t.port) as v:
+            await v.send(request("/five", t.host("other")))
+            response, _ = await v.response(method)
+            assert response.status_code == 200
+        assert other.targets() == ["/five"]

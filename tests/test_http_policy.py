@@ -17,6 +17,7 @@ from burrow.http.policy import (
     parse_local,
     rewrite_request_headers,
     rewrite_response_headers,
+    same_host,
 )
 
 
@@ -327,3 +328,18 @@ def test_error_page() -> None:
     assert (b"Content-Length", str(len(body)).encode()) in headers
     assert b"&lt;local&gt; refused &amp; gone" in body
     assert b"502 Bad Gateway" in body
+
+
+# --- one tenant per connection --------------------------------------------------------------------
+
+
+def test_same_host_compares_the_host_part_case_blind() -> None:
+    assert same_host(b"cap.example.net", b"cap.example.net")
+    assert same_host(b"cap.example.net:8080", b"CAP.Example.NET")
+    assert same_host(b"cap.example.net.", b"cap.example.net:80")
+    assert same_host(b"[::1]:8080", b"[::1]")
+    assert same_host(b"", b"")
+    assert not same_host(b"cap.example.net", b"other.example.net")
+    assert not same_host(b"cap.example.net:8080", b"other.example.net:8080")
+    assert not same_host(b"[::1]:80", b"[::2]:80")
+    assert not same_host(b"cap.example.net", b"")

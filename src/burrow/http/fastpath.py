@@ -2,12 +2,12 @@
 
 The common exchange is an HTTP/1.1 request whose head and whole body arrived in one read,
 without Expect, Upgrade, CONNECT, Transfer-Encoding, a second Content-Length or Connection
-options, answered with an HTTP/1.1 final response framed by Content-Length. It is what makes
-``burrow http`` fast, so it does per request only what that exchange needs. Anything else it
-hands to the h11 engine through one ``Handover`` (``burrow.http.handover``): before consuming
-anything, or, once the request went out, with what both sides have seen. So the h11 engine's
-refusal of a request whose body length is ambiguous (400) holds here too: such a request (with
-Transfer-Encoding, or two Content-Lengths) never stays on this path.
+options, for the host the connection was opened for, answered with an HTTP/1.1 final response
+framed by Content-Length. It is what makes ``burrow http`` fast, so it does per request only
+what that exchange needs. Anything else it hands to the h11 engine through one ``Handover``
+(``burrow.http.handover``): before consuming anything, or, once the request went out, with what
+both sides have seen. So the refusals the h11 engine makes (ambiguous framing: 400; another
+host: 421) hold here too, because such requests never stay on this path.
 """
 
 from __future__ import annotations
@@ -171,6 +171,11 @@ class FastPath:
         total = end + length
         if host is None or total > len(buf):
             return self._handover()
+        first = visitor.first_host
+        if host != first:
+            if first is not None:
+                return self._handover()  # the h11 engine compares them (421 or go on)
+            visitor.first_host = host
         if visitor.policed and check_access(self.options, visitor.peer_ip, raw) is not None:
             return self._handover()  # the h11 engine answers the denial
         self.buf = buf[total:]

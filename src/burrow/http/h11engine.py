@@ -9,7 +9,8 @@ size. A protocol switch (101 Upgrade, 2xx to CONNECT) leaves h11 and splices raw
 with half-close. Every wait for a head is bounded.
 
 Before a request goes anywhere it must be framed unambiguously (``burrow.http.framing``: else
-400 and the connection closes); then IP rules and Basic auth apply (``burrow.http.policy``).
+400 and the connection closes) and name the host the connection was opened for (else 421 and
+the connection closes); then IP rules and Basic auth apply (``burrow.http.policy``).
 """
 
 from __future__ import annotations
@@ -175,11 +176,14 @@ class H11Engine:
 
     def _refusal(self, request: h11.Request, raw: list[Header]) -> pages.Fail | None:
         """Why this request may not go on at all (the connection then closes): its body's
-        length is ambiguous."""
+        length is ambiguous, or it names another host than the connection's first request."""
         try:
             framing.request_framing(raw, request.http_version)
         except framing.FramingError as exc:
             return pages.bad_framing(str(exc))
+        host = next((v for n, v in raw if n.lower() == b"host"), b"")
+        if self.visitor.misdirected(host):
+            return pages.misdirected(self.visitor.first_host or b"", host)
         return None
 
     async def _handle(self, request: h11.Request) -> bool:

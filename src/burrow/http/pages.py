@@ -131,6 +131,16 @@ def bad_framing(why: str) -> Fail:
     return Fail(400, "Bad Request", f"burrow: {why}")
 
 
+def misdirected(first: bytes, host: bytes) -> Fail:
+    """A request for another host on a connection routed by its first request's Host."""
+    return Fail(
+        421,
+        "Misdirected Request",
+        f"burrow: this connection was opened for {first.decode('latin-1')!r}, not "
+        f"{host.decode('latin-1')!r}; send each host's requests on its own connection",
+    )
+
+
 def bad_head(status: int, why: object) -> Fail:
     """A request head h11 refused (400, 431, ...)."""
     detail = "the request head is over 64 KiB" if status == 431 else str(why)

@@ -10,7 +10,8 @@ Body framing is not rewritten here: a request whose Content-Length and Transfer-
 read two ways (both present, lengths that differ, a last coding other than chunked) is refused
 with 400 and its connection closed before it reaches these functions
 (``burrow.http.framing.request_framing``), and a response carrying both loses its Content-Length
-(``framing.without_length``).
+(``framing.without_length``). One connection serves one host: ``same_host`` tells whether a
+later request on it may go on (else 421).
 """
 
 from __future__ import annotations
@@ -393,6 +394,21 @@ def rewrite_response_headers(
     if upgrade:
         out.append((b"Connection", b"upgrade"))
     return _apply_rules(out, options.response_header_remove, options.response_header_add)
+
+
+def same_host(first: bytes, host: bytes) -> bool:
+    """Whether a later request's Host names the host a connection's first request named: the
+    host part compared case-blind, without port or trailing dot, as the relay routes by it.
+    A connection whose Host changes gets 421, so a proxy that pools connections in front of
+    the relay can never carry one tenant's requests to another."""
+    return first == host or _host_part(first) == _host_part(host)
+
+
+def _host_part(value: bytes) -> bytes:
+    host = value.strip().lower()
+    if host.startswith(b"["):  # an IPv6 literal: any port follows the bracket
+        return host[: host.find(b"]") + 1] or host
+    return host.rsplit(b":", 1)[0].rstrip(b".")
 
 
 def is_upgrade(headers: HeaderInput) -> bool:

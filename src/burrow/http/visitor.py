@@ -1,6 +1,6 @@
 """One visitor connection as both of the proxy's engines see it: its reader and writer, the
-local connection kept across its requests, and the inspector's hooks. Nothing here belongs to
-one request; each engine keeps its own request state.
+local connection kept across its requests, the host it was opened for, and the inspector's
+hooks. Nothing here belongs to one request; each engine keeps its own request state.
 
 ``reader``/``writer`` may be asyncio streams or ``burrow.net.channel.Channel`` (same method
 names); nothing else about them is assumed.
@@ -14,7 +14,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from burrow.http import limits
-from burrow.http.policy import HttpOptions
+from burrow.http.policy import HttpOptions, same_host
 from burrow.http.record import Exchange, Recorder
 from burrow.http.upstream import Upstream, dial
 
@@ -73,6 +73,9 @@ class Visitor:
         self.policed = bool(options.allow or options.deny or options.basic_auth)
         #: The local connection kept for the next request (None until the first one).
         self.upstream: Upstream | None = None
+        #: The Host of the connection's first request: the relay routed the whole connection
+        #: by it, so later requests must name the same host (``misdirected``).
+        self.first_host: bytes | None = None
 
     # --- reading and writing ----------------------------------------------------------------------
 
@@ -104,6 +107,17 @@ class Visitor:
             raise ClientGone("the visitor stopped reading") from None
         except (ConnectionError, OSError) as exc:
             raise ClientGone(str(exc)) from None
+
+    # --- the host it serves -----------------------------------------------------------------------
+
+    def misdirected(self, host: bytes) -> bool:
+        """Whether a request for ``host`` must be refused with 421: it is not the first
+        request's host. The first request's host is remembered here."""
+        first = self.first_host
+        if first is None:
+            self.first_host = host
+            return False
+        return not same_host(first, host)
 
     # --- the local service ------------------------------------------------------------------------
 
