@@ -1,7 +1,7 @@
-"""HTTP tunnels against request smuggling and cross-tenant keep-alive, end to end: raw visitor
-bytes -> the relay's HTTP listener -> TLS session -> agent -> a local service that is itself
-naive on purpose (it trusts Content-Length, as the back ends that smuggling exploits do), and
-records every request it parses.
+"""HTTP tunnels against request smuggling, cross-tenant keep-alive and spoofed client addresses,
+end to end: raw visitor bytes -> the relay's HTTP listener -> TLS session -> agent -> a local
+service that is itself naive on purpose (it trusts Content-Length, as the back ends that
+smuggling exploits do), and records every request it parses.
 
 Each case is run in two shapes: a head that arrives in one piece (the agent's fast path reads
 it first) and one that the agent's h11 engine must read (a head split across writes, or a
@@ -400,3 +400,42 @@ async def test_another_host_on_the_same_connection_gets_421(tmp_path: Path, engi
             response, _ = await v.response(method)
             assert response.status_code == 200
         assert other.targets() == ["/five"]
+
+
+# --- client-address headers -----------------------------------------------------------------------
+
+SPOOFED = {
+    "X-Real-IP": "6.6.6.6",
+    "True-Client-IP": "6.6.6.6",
+    "X-Client-IP": "6.6.6.6",
+    "CF-Connecting-IP": "6.6.6.6",
+    "Fastly-Client-IP": "6.6.6.6",
+    "X-Cluster-Client-IP": "6.6.6.6",
+    "X-Forwarded-For": "6.6.6.6",
+}
+
+
+@pytest.mark.parametrize("engine", ["fast", "h11"])
+async def test_visitor_client_address_headers_never_reach_the_service(
+    tmp_path: Path, engine: str
+) -> None:
+    async with naive_service() as service, tunnels(tmp_path, demo=service) as t:
+        spoofed = "".join(f"{n}: {v}\r\n" for n, v in SPOOFED.items())
+        if engine == "fast":
+            raw = f"GET /ip HTTP/1.1\r\nHost: {t.host('demo')}\r\n{spoofed}\r\n".encode()
+        else:
+            raw = (
+                f"POST /ip HTTP/1.1\r\nHost: {t.host('demo')}\r\n{spoofed}"
+                "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ).encode()
+        async with visitor(t.port) as v:
+            await v.send(raw)
+            response, _ = await v.response("GET" if engine == "fast" else "POST")
+            assert response.status_code == 200
+        (seen,) = service.requests
+        assert seen.header("X-Real-IP") == ["127.0.0.1"]
+        assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+        for name in SPOOFED:
+            if name not in ("X-Real-IP", "X-Forwarded-For"):
+                assert seen.header(name) == [], name
+        assert "6.6.6.6" not in str(seen.headers)
