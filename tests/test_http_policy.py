@@ -17,6 +17,7 @@ from burrow.http.policy import (
     parse_local,
     rewrite_request_headers,
     rewrite_response_headers,
+    same_host,
 )
 
 
@@ -327,3 +328,47 @@ def test_error_page() -> None:
     assert (b"Content-Length", str(len(body)).encode()) in headers
     assert b"&lt;local&gt; refused &amp; gone" in body
     assert b"502 Bad Gateway" in body
+
+
+# --- one tenant per connection, client-address headers --------------------------------------------
+
+
+def test_same_host_compares_the_host_part_case_blind() -> None:
+    assert same_host(b"cap.example.net", b"cap.example.net")
+    assert same_host(b"cap.example.net:8080", b"CAP.Example.NET")
+    assert same_host(b"cap.example.net.", b"cap.example.net:80")
+    assert same_host(b"[::1]:8080", b"[::1]")
+    assert same_host(b"", b"")
+    assert not same_host(b"cap.example.net", b"other.example.net")
+    assert not same_host(b"cap.example.net:8080", b"other.example.net:8080")
+    assert not same_host(b"[::1]:80", b"[::2]:80")
+    assert not same_host(b"cap.example.net", b"")
+
+
+CLIENT_ADDRESS_HEADERS = [
+    (b"X-Real-IP", b"10.0.0.1"),
+    (b"True-Client-IP", b"10.0.0.1"),
+    (b"X-Client-IP", b"10.0.0.1"),
+    (b"CF-Connecting-IP", b"10.0.0.1"),
+    (b"Fastly-Client-IP", b"10.0.0.1"),
+    (b"X-Cluster-Client-IP", b"10.0.0.1"),
+]
+
+
+def test_spoofed_client_address_headers_are_dropped_and_x_real_ip_set() -> None:
+    out = rewrite(opts(), [(b"Host", b"h"), *CLIENT_ADDRESS_HEADERS])
+    assert values(out, b"x-real-ip") == [b"198.51.100.7"]
+    for name, _ in CLIENT_ADDRESS_HEADERS[1:]:
+        assert name.lower() not in names(out)
+    assert b"10.0.0.1" not in b"".join(v for _, v in out)
+    bare = rewrite(opts(), [(b"Host", b"h")], peer_ip="::ffff:192.0.2.1")
+    assert values(bare, b"x-real-ip") == [b"192.0.2.1"]
+
+
+def test_trusted_client_address_headers_are_kept() -> None:
+    out = rewrite(opts(trust_forwarded=True), [(b"Host", b"h"), *CLIENT_ADDRESS_HEADERS])
+    assert values(out, b"x-real-ip") == [b"10.0.0.1"]
+    for name, value in CLIENT_ADDRESS_HEADERS[1:]:
+        assert values(out, name.lower()) == [value]
+    unset = rewrite(opts(trust_forwarded=True), [(b"Host", b"h")])
+    assert values(unset, b"x-real-ip") == [b"198.51.100.7"]

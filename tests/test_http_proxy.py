@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 
-from burrow.http import proxy
+from burrow.http import limits
 from burrow.http.policy import HttpOptions
 from burrow.http.proxy import replay, serve_http
 from burrow.http.record import BODY_CAP, Exchange
@@ -595,7 +595,7 @@ async def test_expect_100_relayed_from_local_service() -> None:
 
 
 async def test_expect_100_sent_by_burrow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy, "CONTINUE_WAIT", 0.2)
+    monkeypatch.setattr(limits, "CONTINUE_WAIT", 0.2)
     async with stack() as (_, port, _opts):
         payload = os.urandom(100_000)
         started = time.monotonic()
@@ -912,7 +912,7 @@ async def test_visitor_leaving_mid_response_frees_the_local_side() -> None:
 
 
 async def test_slow_or_bad_request_heads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(limits, "HEAD_TIMEOUT", 0.3)
     async with stack() as (app, port, _):
         out = await raw_exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 400 ")

@@ -5,7 +5,9 @@ a ``Frontend`` of the relay: whoever builds the relay plugs it in (``burrow.node
 The relay does not speak HTTP beyond that head: the agent parses every request (policies,
 inspector, headers), so the same agent code can serve a serverless relay. Names the relay does
 not know get a 404 page; names whose agent is away get a 502 page; the bare domain serves a
-landing page and ``/api/tunnels/NAME/status`` (localtunnel's status API).
+landing page and ``/api/tunnels/NAME/status`` (localtunnel's status API). A first head whose
+body length could be read two ways gets 400 here (``burrow.http.framing``), as the agent
+answers later ones on the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, cast
 import h11
 
 from burrow.events import emit, format_hostport
+from burrow.http.framing import FramingError, request_framing
 from burrow.net.bridge import StreamBridge, visitor_info
 from burrow.roles.relay import Relay, Route, bind_error
 
@@ -220,11 +223,18 @@ class _HeadReader(asyncio.Protocol):
         try:
             event = parser.next_event()
         except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
+            # h11 refuses with 501 only a Transfer-Encoding other than one "chunked": the
+            # body's length is then unknown, which RFC 9112 §6.3 answers with 400.
+            status = 400 if exc.error_status_hint == 501 else exc.error_status_hint
             self._answer(status, "Bad Request", f"The request could not be parsed: {exc}.")
             return
         if not isinstance(event, h11.Request):
             self._answer(400, "Bad Request", "The request could not be parsed.")
+            return
+        try:
+            request_framing(list(event.headers.raw_items()), event.http_version)
+        except FramingError as exc:
+            self._answer(400, "Bad Request", f"{exc}.")  # the agent would refuse it too
             return
         host = next((v.decode("latin-1") for k, v in event.headers if k == b"host"), "")
         frontend = self.frontend

@@ -5,6 +5,16 @@ The agent's proxy (``burrow.http.proxy``) calls these per request; a serverless 
 one API Gateway event at a time can call the very same functions, so a policy behaves alike on
 both paths. Headers are ``(name, value)`` pairs of bytes (str is accepted on input and encoded
 as latin-1, the HTTP/1.1 wire charset); names keep their case and are compared case-blind.
+
+Body framing is not rewritten here: a request whose Content-Length and Transfer-Encoding could be
+read two ways (both present, lengths that differ, a last coding other than chunked) is refused
+with 400 and its connection closed before it reaches these functions
+(``burrow.http.framing.request_framing``), and a response carrying both loses its Content-Length
+(``framing.without_length``). One connection serves one host: ``same_host`` tells whether a
+later request on it may go on (else 421). Headers that claim to name the client (X-Forwarded-*,
+Forwarded, X-Real-IP and its cousins) are the visitor's to invent, so they are dropped and
+X-Forwarded-For and X-Real-IP set from the TCP peer, unless ``trust_forwarded`` says a proxy of
+the user's own sits in front.
 """
 
 from __future__ import annotations
@@ -50,10 +60,31 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-#: Headers that say who the client was; dropped from visitors unless they are trusted.
-FORWARDING = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+#: Headers that say who the client was; dropped from visitors unless they are trusted. Besides
+#: the standard ones, those that CDNs and load balancers set and applications read as the
+#: client's address (nginx's real_ip, Akamai, Cloudflare, Fastly, GCP).
+CLIENT_ADDRESS = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+    }
 )
+FORWARDING = (
+    frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+    | CLIENT_ADDRESS
+)
+#: Forwarding headers passed on as they are when the visitor is a trusted proxy (the others are
+#: merged into the ones burrow writes).
+_KEPT_WHEN_TRUSTED = FORWARDING - {
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-real-ip",
+}
 #: Never dropped because a peer listed them in Connection (that trick strips framing or Host).
 _UNLISTABLE = frozenset({b"host", b"content-length", b"transfer-encoding"})
 #: Headers a rule may not add or remove: burrow or h11 owns them.
@@ -303,10 +334,12 @@ def rewrite_request_headers(
     public_host: str,
 ) -> list[Header]:
     """The head the local service sees: hop-by-hop headers dropped (an Upgrade handshake keeps
-    ``Upgrade`` and ``Connection: upgrade``), X-Forwarded-* set from the TCP peer, Host set by
-    ``host_header``, then the remove and add rules. Content-Length and Transfer-Encoding pass
-    through untouched: h11 owns framing. With Basic auth on, the visitor's Authorization header
-    (the tunnel's password) is not passed on."""
+    ``Upgrade`` and ``Connection: upgrade``), X-Forwarded-* and X-Real-IP set from the TCP peer
+    (the visitor's own client-address headers dropped), Host set by ``host_header``, then the
+    remove and add rules. Content-Length and Transfer-Encoding pass through: the caller refused
+    a request with both (``framing.request_framing``) before calling this, and h11 owns the
+    framing of the rest. With Basic auth on, the visitor's Authorization header (the tunnel's
+    password) is not passed on."""
     pairs = _pairs(headers)
     # One pass for what the rewrite depends on: Host, Upgrade and the Connection tokens.
     host: bytes | None = None
@@ -325,7 +358,8 @@ def rewrite_request_headers(
     upgrade = has_upgrade and b"upgrade" in tokens
     dropped = tokens - _UNLISTABLE
     original_host = host if host is not None else public_host.encode("latin-1")
-    prior: dict[bytes, list[bytes]] = {name: [] for name in FORWARDING}
+    trusted = options.trust_forwarded
+    prior: dict[bytes, list[bytes]] = {}  # forwarding headers the visitor sent, by name
     out: list[Header] = []
     for name, value in pairs:
         low = name.lower()
@@ -333,9 +367,10 @@ def rewrite_request_headers(
             out.append((name, value))  # the common case: passed on as it is
             continue
         if low in FORWARDING:
-            prior[low].append(value)
-            if options.trust_forwarded and low == b"forwarded":
-                out.append((name, value))
+            if trusted:
+                prior.setdefault(low, []).append(value)
+                if low in _KEPT_WHEN_TRUSTED:
+                    out.append((name, value))
             continue
         if low == b"host" or (low == b"authorization" and options.basic_auth):
             continue
@@ -354,14 +389,15 @@ def rewrite_request_headers(
     out.insert(0, (b"Host", new_host))
 
     client = _display_ip(peer_ip).encode("latin-1")
-    trusted = options.trust_forwarded
-    chain = b", ".join(prior[b"x-forwarded-for"]) if trusted else b""
+    chain = b", ".join(prior.get(b"x-forwarded-for", ()))
     out.append((b"X-Forwarded-For", chain + b", " + client if chain else client))
-    proto = prior[b"x-forwarded-proto"] if trusted else []
+    proto = prior.get(b"x-forwarded-proto")
     out.append((b"X-Forwarded-Proto", proto[0] if proto else scheme.encode("latin-1")))
-    forwarded_host = prior[b"x-forwarded-host"][:1] if trusted else []
+    forwarded_host = prior.get(b"x-forwarded-host")
     if forwarded_host or original_host:
         out.append((b"X-Forwarded-Host", (forwarded_host or [original_host])[0]))
+    real_ip = prior.get(b"x-real-ip")
+    out.append((b"X-Real-IP", real_ip[0] if real_ip else client))
 
     return _apply_rules(out, options.request_header_remove, options.request_header_add)
 
@@ -386,6 +422,21 @@ def rewrite_response_headers(
     if upgrade:
         out.append((b"Connection", b"upgrade"))
     return _apply_rules(out, options.response_header_remove, options.response_header_add)
+
+
+def same_host(first: bytes, host: bytes) -> bool:
+    """Whether a later request's Host names the host a connection's first request named: the
+    host part compared case-blind, without port or trailing dot, as the relay routes by it.
+    A connection whose Host changes gets 421, so a proxy that pools connections in front of
+    the relay can never carry one tenant's requests to another."""
+    return first == host or _host_part(first) == _host_part(host)
+
+
+def _host_part(value: bytes) -> bytes:
+    host = value.strip().lower()
+    if host.startswith(b"["):  # an IPv6 literal: any port follows the bracket
+        return host[: host.find(b"]") + 1] or host
+    return host.rsplit(b":", 1)[0].rstrip(b".")
 
 
 def is_upgrade(headers: HeaderInput) -> bool:

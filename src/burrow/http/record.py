@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,3 +67,8 @@ class Recorder(Protocol):
     def begin(self, exchange: Exchange) -> None: ...
 
     def end(self, exchange: Exchange) -> None: ...
+
+
+def text_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Headers as an ``Exchange`` keeps them (latin-1, the HTTP/1.1 wire charset)."""
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
