@@ -20,8 +20,9 @@ import h11
 import pytest
 
 from burrow.http.policy import HttpOptions
-from burrow.roles.agent import Agent, HttpTunnelSpec
-from burrow.roles.relay import Relay
+from burrow.http.service import HttpTunnelSpec
+from burrow.node import Relay
+from burrow.roles.agent import Agent
 from helpers import SCALE, Events, agent_config, relay_config
 
 pytestmark = pytest.mark.timeout(60)
