@@ -1021,5 +1021,9 @@ def lambda_layer_build(output: Path, python_version: str, arch: str, no_deps: bo
     click.echo(f"{path} {path.stat().st_size} bytes")
 
 
+from burrow.cli_pg import pgproxy  # noqa: E402
+
+main.add_command(pgproxy)
+
 if __name__ == "__main__":
     main()

@@ -199,9 +199,9 @@ class StartupRelay:
             self.cancel = packet
             self.phase = Phase.CANCEL
         elif isinstance(packet, StartupMessage):
-            self.policy.check(packet)
             self.startup = packet
             self.protocol = packet.version
+            self.policy.check(packet)
             self._startup_raw = raw
             self.phase = Phase.DIAL
         else:  # pragma: no cover - the decoder yields only startup packets here
