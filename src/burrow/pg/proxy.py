@@ -3,16 +3,17 @@ the client (a loopback listener, or a stream a connector opened through the rela
 
 The startup phase goes through ``burrow.pg.startup`` message by message (allow-list, SCRAM
 channel binding withheld, the backend's cancel key noted); from the first ReadyForQuery on,
-bytes are spliced in large chunks with no parsing, so the proxy costs about what a plain
-forwarder does. How the connection ended is read once at the end from the last bytes each
-way: a client's Terminate, or the server's final ErrorResponse and its SQLSTATE.
+``burrow.pg.splice`` joins the two sides with no parsing (Protocols when the client is an
+``Endpoint`` or a relay ``Channel``), so the proxy costs about what a plain forwarder does.
+How the connection ended is read once at the end from the last bytes each way: a client's
+Terminate, or the server's final ErrorResponse and its SQLSTATE.
 
 One ``pg_connection`` event per connection says who (``identity``, ``peer``), what (``user``,
 ``database``), how much (``bytes_from_client``, ``bytes_from_server``, ``duration``) and how it
 ended (``ended``, ``sqlstate``, ``message``).
 
-``reader``/``writer`` may be asyncio streams or ``burrow.net.channel.Channel`` (same method
-names); nothing else about them is assumed.
+``reader``/``writer`` may be one ``burrow.pg.endpoint.Endpoint`` (the standalone listener's),
+one ``burrow.net.channel.Channel`` (a relay stream), or asyncio streams (same method names).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from typing import Final, Protocol
 
 from burrow.events import EventSink, emit, format_hostport
+from burrow.net.channel import Channel
 from burrow.pg.codec import (
     TERMINATE,
     CancelRequest,
@@ -33,8 +35,10 @@ from burrow.pg.codec import (
     format_version,
     parse_error_fields,
 )
+from burrow.pg.endpoint import Endpoint
 from burrow.pg.errors import MalformedMessage, PgError, UpstreamFailed
 from burrow.pg.policy import PgPolicy, database_of
+from burrow.pg.splice import CHUNK, Ending, Tail, splice_channel, splice_streams, splice_transports
 from burrow.pg.startup import Phase, StartupRelay
 from burrow.pg.upstream import PgUpstream, open_upstream
 
@@ -48,12 +52,8 @@ __all__ = [
 
 log = logging.getLogger("burrow.pg")
 
-CHUNK: Final = 256 * 1024
-"""Bytes per read on the spliced path (one COPY row or a whole pgbench reply per read)."""
 STARTUP_TIMEOUT: Final = 60.0
 """The whole startup phase, as the server's own authentication_timeout (60 s by default)."""
-CLOSE_WAIT: Final = 5.0
-"""After the client hangs up, how long the server may take to close its side."""
 CANCEL_WAIT: Final = 5.0
 """How long the database may take to close a forwarded CancelRequest's connection."""
 _TAIL: Final = 64 * 1024
@@ -99,24 +99,6 @@ async def serve_pg(
     await _Connection(reader, writer, upstream, policy, peer, identity, on_event).run()
 
 
-class _Tail:
-    """Counts one direction's bytes and keeps its last two chunks (no copies)."""
-
-    __slots__ = ("last", "previous", "total")
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.previous = b""
-        self.last = b""
-
-    def add(self, data: bytes) -> None:
-        self.total += len(data)
-        self.previous, self.last = self.last, data
-
-    def bytes(self) -> bytes:
-        return self.previous + self.last
-
-
 class _Connection:
     def __init__(
         self,
@@ -135,10 +117,9 @@ class _Connection:
         self.peer = peer
         self.identity = identity
         self.on_event = on_event
-        self.up_reader: asyncio.StreamReader | None = None
-        self.up_writer: asyncio.StreamWriter | None = None
-        self.from_client = _Tail()
-        self.from_server = _Tail()
+        self.up: Endpoint | None = None
+        self.from_client = Tail()
+        self.from_server = Tail()
         self.ended = "client_closed"
         self.sqlstate: str | None = None
         self.message: str | None = None
@@ -199,7 +180,7 @@ class _Connection:
         relay = self.relay
         if relay.phase is Phase.DIAL:
             try:
-                self.up_reader, self.up_writer = await open_upstream(self.upstream)
+                self.up = await open_upstream(self.upstream)
             except UpstreamFailed as exc:
                 relay.fail(exc)
                 raise
@@ -217,10 +198,10 @@ class _Connection:
             self.from_client.add(data)
             relay.receive_client(data)
             return
-        assert self.up_reader is not None
+        assert self.up is not None
         reset = False
         try:
-            data = await self.up_reader.read(CHUNK)
+            data = await self.up.read(CHUNK)
         except ConnectionError:
             data, reset = b"", True
         if not data:
@@ -240,9 +221,9 @@ class _Connection:
     async def _flush(self) -> None:
         relay = self.relay
         to_server = relay.data_to_server()
-        if to_server and self.up_writer is not None:
-            self.up_writer.write(to_server)
-            await self.up_writer.drain()
+        if to_server and self.up is not None:
+            self.up.write(to_server)
+            await self.up.drain()
         to_client = relay.data_to_client()
         if to_client:
             self.writer.write(to_client)
@@ -251,50 +232,35 @@ class _Connection:
     # --- after ReadyForQuery ---------------------------------------------------------------
 
     async def _splice(self) -> None:
-        assert self.up_reader is not None and self.up_writer is not None
+        assert self.up is not None
         relay = self.relay
-        early = relay.client_remainder()
-        if early:
-            self.up_writer.write(early)
-        late = relay.server_remainder()
-        if late:
-            self.writer.write(late)
+        to_server, to_client = relay.client_remainder(), relay.server_remainder()
+        ups, downs = self.from_client, self.from_server
         # The counts so far include startup; the tails restart so the end is read cleanly.
-        self.from_client.previous = self.from_client.last = b""
-        self.from_server.previous = self.from_server.last = b""
-        up = asyncio.ensure_future(_pump(self.reader, self.up_writer, self.from_client))
-        down = asyncio.ensure_future(_pump(self.up_reader, self.writer, self.from_server))
-        try:
-            done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
-            client_first = up in done
-            error = (up if client_first else down).exception()
-            failed = error is not None
-            if failed and not isinstance(error, ConnectionError | TimeoutError):
-                log.error("pg splice from %s failed", self.peer, exc_info=error)
-            if client_first and not failed:
-                # The client hung up: TLS cannot half-close, so close the database's side and
-                # give it a moment to finish (it closes after a Terminate).
-                self.up_writer.close()
-                with contextlib.suppress(TimeoutError, ConnectionError):
-                    await asyncio.wait_for(asyncio.shield(down), CLOSE_WAIT)
-        finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-        self._classify(client_first, failed)
+        ups.restart()
+        downs.restart()
+        reader, writer, up = self.reader, self.writer, self.up
+        ending: Ending
+        if isinstance(reader, Endpoint) and reader is writer:
+            ending = await splice_transports(reader, up, to_server, to_client, ups, downs)
+        elif isinstance(reader, Channel) and reader is writer:
+            ending = await splice_channel(reader, up, to_server, to_client, ups, downs)
+        else:
+            ending = await splice_streams(reader, writer, up, to_server, to_client, ups, downs)
+        self._classify(ending)
 
-    def _classify(self, client_first: bool, failed: bool) -> None:
+    def _classify(self, ending: Ending) -> None:
         """How the spliced connection ended: the server's final FATAL if it sent one, else
         the client's Terminate, else which side went first (and whether it reset)."""
         final = _final_error(self.from_server.bytes())
         if final is not None and final.severity in ("FATAL", "PANIC"):
             self._server_ended(final, during_startup=False)
-        elif self.from_client.last.endswith(TERMINATE):
+        elif self.from_client.bytes().endswith(TERMINATE):
             self.ended = "client_terminated"
-        elif client_first:
-            self.ended = "client_reset" if failed else "client_closed"
+        elif ending.client_first:
+            self.ended = "client_reset" if ending.failed else "client_closed"
         else:
-            self.ended = "server_reset" if failed else "server_closed"
+            self.ended = "server_reset" if ending.failed else "server_closed"
 
     def _server_ended(self, error: ErrorResponse, *, during_startup: bool) -> None:
         self.ended = "server_error" if during_startup else "server_closed"
@@ -310,26 +276,26 @@ class _Connection:
             self.ended = "cancel_unknown_key"
             return
         try:
-            reader, writer = await open_upstream(self.upstream)
+            endpoint = await open_upstream(self.upstream)
         except UpstreamFailed as exc:
             self.ended = "cancel_failed"
             self.message = exc.message
             return
         try:
-            writer.write(encode_cancel_request(request.process_id, request.secret_key))
-            await writer.drain()
+            endpoint.write(encode_cancel_request(request.process_id, request.secret_key))
+            await endpoint.drain()
             with contextlib.suppress(TimeoutError, ConnectionError):
                 async with asyncio.timeout(CANCEL_WAIT):
-                    await reader.read(1)
+                    await endpoint.read(1)
             self.ended = "cancel_forwarded"
         finally:
-            writer.transport.abort()
+            endpoint.abort()
 
     # --- the end ---------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        if self.up_writer is not None:
-            self.up_writer.transport.abort()
+        if self.up is not None:
+            self.up.abort()
         writer = self.writer
         with contextlib.suppress(Exception):
             if writer.can_write_eof():
@@ -369,15 +335,6 @@ class _Connection:
                 else None
             ),
         )
-
-
-async def _pump(src: Reader, dst: Writer, tail: _Tail) -> None:
-    """Copy until EOF; the caller decides how each side is closed."""
-    read, write, drain, add = src.read, dst.write, dst.drain, tail.add
-    while data := await read(CHUNK):
-        add(data)
-        write(data)
-        await drain()
 
 
 _ERROR_HEAD: Final = struct.Struct("!cI")

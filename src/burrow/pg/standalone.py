@@ -11,8 +11,9 @@ import socket
 from typing import Any, Final
 
 from burrow.events import EventSink, emit, format_hostport
+from burrow.pg.endpoint import Endpoint
 from burrow.pg.policy import PgPolicy
-from burrow.pg.proxy import CHUNK, serve_pg
+from burrow.pg.proxy import serve_pg
 from burrow.pg.upstream import PgUpstream
 
 __all__ = ["DEFAULT_LISTEN_PORT", "MAX_CONNECTIONS", "PgProxyServer", "is_loopback"]
@@ -67,7 +68,8 @@ class PgProxyServer:
                 message=f"listening on {host}: the client side of pgproxy is plaintext, so "
                 "anyone who can reach this port reads passwords and data; prefer 127.0.0.1",
             )
-        self._server = await asyncio.start_server(self._accept, host, port, limit=CHUNK)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Accepted(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
         emit(
@@ -99,9 +101,8 @@ class PgProxyServer:
         assert self._server is not None, "start() first"
         await self._server.serve_forever()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._tasks) >= self.max_connections:
+    def _accepted(self, endpoint: Endpoint) -> None:
+        if len(self._tasks) >= self.max_connections:
             self._refused += 1
             if self._refused == 1 or self._refused % 1000 == 0:
                 emit(
@@ -110,24 +111,41 @@ class PgProxyServer:
                     message=f"pgproxy is at {self.max_connections} connections; "
                     f"closed {self._refused} new ones so far",
                 )
-            writer.transport.abort()
+            endpoint.abort()
             return
+        task = asyncio.get_running_loop().create_task(self._serve(endpoint))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, endpoint: Endpoint) -> None:
+        sock = endpoint.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = endpoint.get_extra_info("peername")
         try:
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = writer.get_extra_info("peername")
             await serve_pg(
-                reader,
-                writer,
+                endpoint,
+                endpoint,
                 upstream=self.upstream,
                 policy=self.policy,
                 peer=(str(peer[0]), int(peer[1])) if peer else None,
                 identity=None,
                 on_event=self.on_event,
             )
+        except asyncio.CancelledError:
+            pass  # the server is closing
         finally:
-            self._tasks.discard(task)
-            writer.transport.abort()
+            endpoint.abort()
+
+
+class _Accepted(Endpoint):
+    """An accepted client: served by the server that made it."""
+
+    def __init__(self, server: PgProxyServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server._accepted(self)

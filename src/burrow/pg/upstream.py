@@ -21,12 +21,12 @@ from typing import Final
 from burrow.errors import ConfigError
 from burrow.events import format_hostport
 from burrow.pg.codec import encode_ssl_request
+from burrow.pg.endpoint import Endpoint
 from burrow.pg.errors import UpstreamFailed
 
 __all__ = [
     "ALPN",
     "CONNECT_TIMEOUT",
-    "READ_LIMIT",
     "CancelKeys",
     "PgUpstream",
     "open_upstream",
@@ -36,8 +36,6 @@ __all__ = [
 ALPN: Final = "postgresql"
 CONNECT_TIMEOUT: Final = 10.0
 """Dial plus TLS handshake; pgproxy uses the same."""
-READ_LIMIT: Final = 256 * 1024
-"""asyncio's buffer limit for the database's stream (reads pause at twice this)."""
 MAX_CANCEL_KEYS: Final = 65536
 _VERIFY_HINT: Final = (
     "pass the database's CA bundle with --upstream-ca (the RDS global bundle for RDS) and the "
@@ -153,9 +151,7 @@ def tls_context(ca: Path | None, *, insecure: bool = False) -> ssl.SSLContext:
     return context
 
 
-async def open_upstream(
-    upstream: PgUpstream,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_upstream(upstream: PgUpstream) -> Endpoint:
     """A TLS connection to the database, ready for a StartupMessage or a CancelRequest.
     Raises ``UpstreamFailed`` with a message that names the cause and what to check."""
     where = f"the database at {upstream.address}"
@@ -190,40 +186,39 @@ async def open_upstream(
         raise UpstreamFailed(f"burrow: cannot reach {where}: {exc.strerror or exc}") from None
 
 
-async def _open(
-    upstream: PgUpstream, where: str
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(upstream: PgUpstream, where: str) -> Endpoint:
+    loop = asyncio.get_running_loop()
     server_hostname = upstream.server_name
     if upstream.direct_tls:
-        reader, writer = await asyncio.open_connection(
+        _, endpoint = await loop.create_connection(
+            Endpoint,
             upstream.host,
             upstream.port,
             ssl=upstream.tls,
             server_hostname=server_hostname,
-            limit=READ_LIMIT,
         )
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = endpoint.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
-            writer.transport.abort()
+            endpoint.abort()
             raise UpstreamFailed(
                 f"burrow: {where} did not agree to ALPN {ALPN!r}: direct TLS needs "
                 "PostgreSQL 17 or later",
                 hint="drop --direct-tls to negotiate TLS with an SSLRequest",
                 reason="upstream_tls",
             )
-        return reader, writer
+        return endpoint
     sock = await _dial(upstream.host, upstream.port)
     try:
-        loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, encode_ssl_request())
         # Read at most two bytes: anything after 'S' was not protected by TLS and must not
         # be taken as the server's (CVE-2021-23222).
         answer = await loop.sock_recv(sock, 2)
         if answer != b"S":
             raise UpstreamFailed(_no_tls(where, answer), reason="upstream_tls")
-        return await asyncio.open_connection(
-            sock=sock, ssl=upstream.tls, server_hostname=server_hostname, limit=READ_LIMIT
+        _, endpoint = await loop.create_connection(
+            Endpoint, sock=sock, ssl=upstream.tls, server_hostname=server_hostname
         )
+        return endpoint
     except BaseException:
         sock.close()
         raise
