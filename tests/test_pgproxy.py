@@ -116,6 +116,10 @@ def proxy(pg: ThrowawayPostgres) -> Iterator[Proxy]:
         yield found
     finally:
         stop(proc)
+    # Whatever the clients did, the proxy printed no traceback and no asyncio complaint.
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 @pytest.fixture(scope="module")

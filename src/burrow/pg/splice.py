@@ -81,12 +81,13 @@ class Ending:
 class _Half(asyncio.Protocol):
     """Installed on one transport; writes what it reads into the other."""
 
-    __slots__ = ("joint", "other", "tail", "transport")
+    __slots__ = ("joint", "other", "tail", "tls", "transport")
 
     def __init__(self, joint: _Joint, transport: asyncio.Transport, tail: Tail) -> None:
         self.joint = joint
         self.transport = transport
         self.tail = tail
+        self.tls = is_tls(transport)
         self.other: _Half | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -96,7 +97,7 @@ class _Half(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.joint.ended(self, failed=False)
-        return not is_tls(self.transport)
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.joint.ended(self, failed=exc is not None)
@@ -177,10 +178,13 @@ async def splice_transports(
 class _CountingBridge(StreamBridge):
     """A StreamBridge that counts and keeps the tails, and notes who ended first."""
 
-    __slots__ = ("done", "finished", "from_client", "from_server")
+    __slots__ = ("done", "finished", "from_client", "from_server", "tls")
 
-    def __init__(self, channel: Channel, from_client: Tail, from_server: Tail) -> None:
+    def __init__(
+        self, channel: Channel, from_client: Tail, from_server: Tail, *, tls: bool
+    ) -> None:
         super().__init__(channel.conn, on_done=self._finished)
+        self.tls = tls
         self.from_client = from_client
         self.from_server = from_server
         loop = asyncio.get_running_loop()
@@ -203,7 +207,7 @@ class _CountingBridge(StreamBridge):
     def eof_received(self) -> bool:
         self._ended(client_first=False, failed=False)
         keep_open = super().eof_received()  # sends FIN to the stream
-        return keep_open and not is_tls(self.transport)
+        return keep_open and not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended(client_first=False, failed=exc is not None)
@@ -236,7 +240,7 @@ async def splice_channel(
     """Hand a relay stream and the database's transport to a StreamBridge (the agent's own
     data path for plain tunnels) until either ends."""
     transport, up_early, up_eof = upstream.detach()
-    bridge = _CountingBridge(channel, from_client, from_server)
+    bridge = _CountingBridge(channel, from_client, from_server, tls=is_tls(transport))
     channel.conn.handlers.pop(channel.stream_id, None)
     bridge.attach(channel.stream_id)
     transport.set_protocol(bridge)
