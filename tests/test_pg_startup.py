@@ -253,3 +253,15 @@ def test_garbage_from_either_side_yields_only_pg_errors(client: bytes, server: b
             relay.receive_server(server)
     except PgError:
         assert relay.phase is Phase.CLOSED
+
+
+def test_a_message_sent_ahead_goes_as_soon_as_its_turn_comes() -> None:
+    """A client that sends its password before being asked: nothing waits on more input."""
+    relay = StartupRelay(PgPolicy())
+    password = codec.encode_message("p", b"secret\x00")
+    relay.receive_client(STARTUP + password)
+    relay.upstream_ready()
+    assert relay.data_to_server() == STARTUP  # the password waits for its turn ...
+    relay.receive_server(codec.encode_authentication(3))
+    assert relay.data_to_server() == password  # ... and goes with no further client bytes
+    assert relay.waiting_for == "server"

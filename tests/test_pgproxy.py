@@ -431,6 +431,32 @@ def test_gssenc_request_is_answered_n(proxy: Proxy) -> None:
         assert sock.recv(8) == b"N"
 
 
+def test_hostile_clients_get_08p01_or_silence(proxy: Proxy) -> None:
+    def send(blob: bytes) -> bytes:
+        with socket.create_connection((proxy.host, proxy.port), timeout=10 * SCALE) as sock:
+            sock.sendall(blob)
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            return out
+
+    oversized = send(struct.pack("!I", 1 << 20))  # refused on the length, nothing more read
+    error = codec.parse_backend(codec.Message("E", oversized[5:]))
+    assert isinstance(error, codec.ErrorResponse) and error.sqlstate == "08P01"
+    assert (
+        codec.parse_backend(
+            codec.Message("E", send(struct.pack("!II", 8, 2 << 16))[5:])  # protocol 2.0
+        ).sqlstate
+        == "0A000"
+    )  # type: ignore[union-attr]
+    assert send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03") == b""  # a ClientHello
+    huge_password = codec.encode_startup_message({"user": "app", "database": "app"})
+    huge_password += b"p" + struct.pack("!I", 10 << 20)  # announced, never sent
+    answer = send(huge_password)
+    assert answer.startswith(b"R")  # the server's SASL offer, then the refusal
+    assert b"C08P01" in answer
+
+
 # ---- upstream verification --------------------------------------------------------------------
 
 

@@ -140,13 +140,13 @@ class StartupRelay:
         if self.phase not in (Phase.NEGOTIATE, Phase.AUTH):
             return
         self._client.feed(data)
-        self._guard(self._client_messages)
+        self._guard(self._process)
 
     def receive_server(self, data: bytes) -> None:
         if self.phase is not Phase.AUTH:
             return
         self._server.feed(data)
-        self._guard(self._server_messages)
+        self._guard(self._process)
 
     def upstream_ready(self) -> None:
         """The database is connected (TLS up): the client's StartupMessage goes to it."""
@@ -155,7 +155,7 @@ class StartupRelay:
         self._to_server += self._startup_raw
         self.phase = Phase.AUTH
         # Messages the client pipelined after its StartupMessage wait for the server's turn.
-        self._guard(self._client_messages)
+        self._guard(self._process)
 
     def fail(self, error: PgError) -> None:
         """End the connection with ``error`` answered to the client (a dial that failed)."""
@@ -176,6 +176,26 @@ class StartupRelay:
                 "FATAL", error.sqlstate, error.message, hint=error.hint
             )
         self.phase = Phase.CLOSED
+
+    def _process(self) -> None:
+        """Take turns until neither side's buffered bytes can move the conversation on (a
+        side may have sent ahead: its messages wait for their turn, then go at once)."""
+        while True:
+            state = (
+                self.phase,
+                self._awaiting_client,
+                self._client.buffered,
+                self._server.buffered,
+            )
+            self._client_messages()
+            self._server_messages()
+            if state == (
+                self.phase,
+                self._awaiting_client,
+                self._client.buffered,
+                self._server.buffered,
+            ):
+                return
 
     def _client_messages(self) -> None:
         while self.phase is Phase.NEGOTIATE or (self.phase is Phase.AUTH and self._awaiting_client):
