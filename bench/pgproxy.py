@@ -219,6 +219,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4, help="pgbench -c")
+    parser.add_argument("--threads", type=int, default=2, help="pgbench -j")
     parser.add_argument("--json", type=Path, help="also write the samples here")
     args = parser.parse_args()
     for tool in ("pgbench", "socat"):
@@ -256,7 +258,14 @@ def main() -> None:
                     pid = middle.get(name)
                     before = _cpu_tree(pid) if pid else 0.0
                     tps = pgbench(
-                        paths[name], pg.password, args.seconds, "-S", "-c", "4", "-j", "2"
+                        paths[name],
+                        pg.password,
+                        args.seconds,
+                        "-S",
+                        "-c",
+                        str(args.clients),
+                        "-j",
+                        str(args.threads),
                     )
                     samples[name].append(tps)
                     line = f"round {round_ + 1} {name:8} {tps:10.0f} tps"
@@ -275,7 +284,10 @@ def main() -> None:
                 proc.wait(10)
     median = {name: statistics.median(v) for name, v in samples.items()}
     median_c = {name: statistics.median(v) for name, v in connect.items()}
-    print(f"pgbench -S -c 4 -j 2 -T {args.seconds}, median of {args.rounds} (TPS; ratio)")
+    print(
+        f"pgbench -S -c {args.clients} -j {args.threads} -T {args.seconds}, "
+        f"median of {args.rounds} (TPS; ratio)"
+    )
     for name in paths:
         print(
             f"  {name:8} {median[name]:9.0f}  "
