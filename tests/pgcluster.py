@@ -4,7 +4,8 @@
 authentication only, TLS on with a certificate from a private trustme CA (valid for
 ``db.burrow.test``, ``localhost`` and ``127.0.0.1``), listening on a free port of 127.0.0.1 only.
 It creates a login role ``app`` owning a database ``app``; everything is stopped and deleted on
-exit.
+exit. With ``ssl_only=True``, pg_hba.conf has only ``hostssl`` lines for TCP: a plaintext
+client is refused with "no pg_hba.conf entry ... no encryption".
 
 PostgreSQL refuses to run as root, so when the tests run as root the server binaries run as the
 ``postgres`` user (through ``runuser``) and the temporary directory belongs to that user.
@@ -68,8 +69,11 @@ class ThrowawayPostgres:
     dbname = "app"
     host_name = HOST_NAME
 
-    def __init__(self, *, bindir: Path | None = None, startup_timeout: int = 60) -> None:
+    def __init__(
+        self, *, bindir: Path | None = None, startup_timeout: int = 60, ssl_only: bool = False
+    ) -> None:
         self.bindir = bindir or find_pg_bindir()
+        self.ssl_only = ssl_only
         self.startup_timeout = startup_timeout
         self.superuser_password = secrets.token_urlsafe(18)
         self.password = secrets.token_urlsafe(18)
@@ -207,8 +211,9 @@ log_min_messages = warning
         hba = f"""# TYPE   DATABASE USER ADDRESS        METHOD
 local     all      all                   scram-sha-256
 hostssl   all      all  {LISTEN_ADDR}/32  scram-sha-256
-host      all      all  {LISTEN_ADDR}/32  scram-sha-256
 """
+        if not self.ssl_only:
+            hba += f"host      all      all  {LISTEN_ADDR}/32  scram-sha-256\n"
         (self.datadir / "pg_hba.conf").write_text(hba)
         self._own(self.datadir / "pg_hba.conf", 0o600)
 
@@ -237,7 +242,7 @@ host      all      all  {LISTEN_ADDR}/32  scram-sha-256
             user=self.superuser,
             password=self.superuser_password,
             dbname="postgres",
-            sslmode="disable",
+            sslmode=self._admin_sslmode,
             connect_timeout=10,
             autocommit=True,
         ) as conn:
@@ -284,6 +289,10 @@ host      all      all  {LISTEN_ADDR}/32  scram-sha-256
         self.stop()
 
     # ---- convenience ---------------------------------------------------------------------
+    @property
+    def _admin_sslmode(self) -> str:
+        return "require" if self.ssl_only else "disable"
+
     def superuser_connect(self):  # type: ignore[no-untyped-def]
         """A direct (not tunnelled) autocommit psycopg connection as the superuser."""
         import psycopg
@@ -294,7 +303,7 @@ host      all      all  {LISTEN_ADDR}/32  scram-sha-256
             user=self.superuser,
             password=self.superuser_password,
             dbname=self.dbname,
-            sslmode="disable",
+            sslmode=self._admin_sslmode,
             connect_timeout=10,
             autocommit=True,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _HUMAN: dict[str, str] = {
@@ -39,6 +40,44 @@ _TUNNEL_READY: dict[str, str] = {
 }
 
 
+def format_pg_event(record: dict[str, Any]) -> str | None:
+    """The human line for pgproxy's events (None: not one of them)."""
+    event = record.get("event")
+    if event == "pgproxy_ready":
+        return (
+            "pgproxy listening on {listen} -> {upstream} (tls: {tls}, name {server_name})".format(
+                **record
+            )
+        )
+    if event == "pg_connection":
+        if record.get("kind") == "cancel":
+            who = f"cancel from {record.get('peer') or '-'} for pid {record.get('backend_pid')}"
+        else:
+            who = "{} user={} database={}".format(
+                record.get("peer") or "-", record.get("user"), record.get("database")
+            )
+        line = (
+            f"pg {who} identity={record.get('identity') or '-'} "
+            f"{record.get('duration', 0):.3f}s in={record.get('bytes_from_client')} "
+            f"out={record.get('bytes_from_server')} ended={record.get('ended')}"
+        )
+        if record.get("sqlstate"):
+            line += f" sqlstate={record['sqlstate']}"
+        if record.get("message"):
+            line += f": {record['message']}"
+        return line
+    if event == "warning":
+        return f"warning: {record.get('message')}"
+    return None
+
+
+#: Events whose human line takes more than a template.
+_FORMATTERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "pgproxy_ready": format_pg_event,
+    "pg_connection": format_pg_event,
+}
+
+
 class Reporter:
     """Prints events for one CLI process."""
 
@@ -65,16 +104,23 @@ class Reporter:
             self._refresh()
             if record["event"] not in ("warning", "session_lost", "reconnecting"):
                 return
-        if record["event"] == "tunnel_ready":
-            template = _TUNNEL_READY.get(str(record.get("kind")))
+        formatter = _FORMATTERS.get(record["event"])
+        if formatter is not None:
+            found = formatter(record)
+            if found is None:
+                return
+            line = found
         else:
-            template = _HUMAN.get(record["event"])
-        if template is None:
-            return
-        try:
-            line = template.format(**record)
-        except KeyError:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
+            if record["event"] == "tunnel_ready":
+                template = _TUNNEL_READY.get(str(record.get("kind")))
+            else:
+                template = _HUMAN.get(record["event"])
+            if template is None:
+                return
+            try:
+                line = template.format(**record)
+            except KeyError:
+                line = " ".join(f"{k}={v}" for k, v in record.items())
         if self._live is not None:
             self._live.console.print(line)
         else:

@@ -43,7 +43,7 @@ class TunnelSpec(msgspec.Struct, forbid_unknown_fields=True):
     no name gets a random one from the relay."""
 
     local: str = ""
-    kind: Literal["tcp", "private", "http", "exit"] = "tcp"
+    kind: Literal["tcp", "private", "http", "exit", "pg"] = "tcp"
     name: str = ""
     port: Port | None = None
     proxy_protocol: Literal["v1", "v2"] | None = None
@@ -59,6 +59,14 @@ class TunnelSpec(msgspec.Struct, forbid_unknown_fields=True):
     local_https: bool = False
     local_ca: str | None = None
     local_insecure: bool = False
+    # pg (local is the database's HOST:PORT)
+    public: bool = False
+    upstream_ca: str | None = None
+    upstream_name: str | None = None
+    upstream_insecure: bool = False
+    direct_tls: bool = False
+    allow_user: list[str] = msgspec.field(default_factory=list)
+    allow_database: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here with the tunnel's path; the prefix names the key.
@@ -78,7 +86,13 @@ class TunnelSpec(msgspec.Struct, forbid_unknown_fields=True):
                 raise ValueError(f"local: {err}") from None
         if self.kind == "private" and not self.name:
             raise ValueError("name: a private service needs the name connectors use")
-        if self.kind in ("private", "http", "exit") and self.port is not None:
+        if self.kind == "pg" and not self.public and not self.name:
+            raise ValueError("name: a pg service needs the name connectors use (or public)")
+        if self.kind != "pg" and (
+            self.public or self.upstream_ca or self.allow_user or self.allow_database
+        ):
+            raise ValueError("public, upstream_ca, allow_user, allow_database: only for pg")
+        if self.kind in ("private", "http", "exit", "pg") and self.port is not None:
             raise ValueError(f"port: a {self.kind} tunnel has no public port; remove port")
         if not self.name:
             if self.kind == "tcp":
@@ -136,7 +150,7 @@ _EXPECTED = {
     "insecure": "expected true or false",
     "tunnel": "expected [[tunnel]] tables (write [[tunnel]], not [tunnel])",
     "name": "expected a string",
-    "kind": 'expected "tcp", "private", "http" or "exit"',
+    "kind": 'expected "tcp", "private", "http", "exit" or "pg"',
     "token": "expected a string (from `burrow token issue`)",
     "local": 'expected a string such as "5432" or "db.internal:5432" (quote it)',
     "port": "expected an integer from 1 to 65535",

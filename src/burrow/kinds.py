@@ -54,6 +54,38 @@ def exit_service(name: str, allow: Sequence[str]) -> ExitSpec:
     return ExitSpec(name=name.lower(), allow=AllowList.parse(list(allow)))
 
 
+def pg_service(
+    upstream: str,
+    *,
+    name: str | None = None,
+    private: bool = True,
+    ca: Path | None = None,
+    server_name: str | None = None,
+    insecure: bool = False,
+    direct_tls: bool = False,
+    users: Sequence[str] = (),
+    databases: Sequence[str] = (),
+) -> Service:
+    """A PostgreSQL server behind pgproxy: verified TLS to it, allow-lists, cancels, logs."""
+    from burrow.addresses import parse_hostport
+    from burrow.errors import ConfigError
+    from burrow.pg.policy import PgPolicy
+    from burrow.pg.service import PgService
+    from burrow.pg.upstream import PgUpstream
+
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"--upstream-ca {str(ca)!r}: no such file")
+    pg_upstream = PgUpstream.create(
+        parse_hostport(upstream, 5432),
+        ca=ca,
+        name=server_name,
+        insecure=insecure,
+        direct_tls=direct_tls,
+    )
+    policy = PgPolicy.create(users, databases)
+    return PgService(pg_upstream, name=name, policy=policy, private=private)
+
+
 def _tcp(t: TunnelSpec, base: Path) -> Service:
     return tcp_service(
         t.local,
@@ -86,12 +118,27 @@ def _exit(t: TunnelSpec, base: Path) -> Service:
     return exit_service(t.name, t.allow)
 
 
+def _pg(t: TunnelSpec, base: Path) -> Service:
+    return pg_service(
+        t.local,
+        name=t.name.lower() or None,
+        private=not t.public,
+        ca=(base / t.upstream_ca) if t.upstream_ca else None,
+        server_name=t.upstream_name,
+        insecure=t.upstream_insecure,
+        direct_tls=t.direct_tls,
+        users=t.allow_user,
+        databases=t.allow_database,
+    )
+
+
 #: ``kind`` in burrow.toml -> how to build its service (``base``: the file's directory).
 KINDS: dict[str, Callable[[TunnelSpec, Path], Service]] = {
     "tcp": _tcp,
     "private": _tcp,
     "http": _http,
     "exit": _exit,
+    "pg": _pg,
 }
 
 

@@ -61,6 +61,7 @@ MAX_TTL: Final = 100 * 365 * 86400
 
 _MAX_CLAIMS_B64: Final = (MAX_CLAIMS * 4 + 2) // 3
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
+MAX_SUBJECT = 128
 _ID_RE: Final = re.compile(r"[0-9a-f]{12}")
 _MAC_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _TTL_RE: Final = re.compile(r"([0-9]{1,12})([smhdw])")
@@ -206,6 +207,12 @@ class Scope:
     expose: tuple[str, ...]
     connect: tuple[str, ...]
     token_id: str | None = None
+    subject: str | None = None  # who the token was given to
+
+    @property
+    def holder(self) -> str:
+        """How the holder is named in logs: ``token:SUBJECT`` (or the token's id)."""
+        return f"token:{self.subject or self.token_id}"
 
     ALL: ClassVar[Scope]
 
@@ -263,6 +270,11 @@ def _check_claims(claims: object) -> dict[str, Any]:
     exp = claims.get("exp")
     if exp is not None and not _is_int(exp):
         raise ValueError("bad exp")
+    sub = claims.get("sub")
+    if sub is not None and (
+        not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUBJECT or not sub.isprintable()
+    ):
+        raise ValueError(f"sub must be 1 to {MAX_SUBJECT} printable characters")
     expose = _patterns(claims.get("expose"), "expose")
     connect = _patterns(claims.get("connect"), "connect")
     if len(expose) + len(connect) > MAX_PATTERNS:
@@ -290,9 +302,11 @@ def mint(
     connect: Sequence[str],
     ttl_seconds: int | None,
     now: float,
+    subject: str | None = None,
 ) -> str:
     """A new token allowing ``expose`` and ``connect`` globs, valid for ``ttl_seconds`` from
-    ``now`` (None: until revoked). Raises ConfigError on patterns or a TTL it cannot carry."""
+    ``now`` (None: until revoked), naming its holder ``subject`` (who it was given to: it
+    shows in the logs of what the holder does). Raises ConfigError on what it cannot carry."""
     if ttl_seconds is not None and not (_is_int(ttl_seconds) and 0 < ttl_seconds <= MAX_TTL):
         raise ConfigError(f"token lifetime must be 1 to {MAX_TTL} seconds, or 'never'")
     try:
@@ -305,6 +319,7 @@ def mint(
                 "exp": None if ttl_seconds is None else int(now) + ttl_seconds,
                 "expose": list(_patterns(expose, "expose")),
                 "connect": list(_patterns(connect, "connect")),
+                **({"sub": subject} if subject is not None else {}),
             }
         )
     except ValueError as exc:
@@ -387,7 +402,9 @@ class TokenVerifier:
         exp = claims["exp"]
         if exp is not None and now >= exp:
             raise TokenError(f"token expired at {_format_time(exp)}; {_ISSUE_HINT}", "expired")
-        return Scope(tuple(claims["expose"]), tuple(claims["connect"]), claims["id"])
+        return Scope(
+            tuple(claims["expose"]), tuple(claims["connect"]), claims["id"], claims.get("sub")
+        )
 
     def _mismatch(self, claims_b64: str) -> TokenError:
         """Why a proof did not verify. The claims are unauthenticated here and only pick the

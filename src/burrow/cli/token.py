@@ -38,6 +38,11 @@ def token() -> None:
     help="Names (globs) the holder may reach.",
 )
 @option(
+    "--subject",
+    envvar="BURROW_TOKEN_SUBJECT",
+    help="Who the token is for (e.g. lambda-orders); the relay's and agents' logs name it.",
+)
+@option(
     "--ttl",
     default="30d",
     show_default=True,
@@ -45,7 +50,11 @@ def token() -> None:
     help="Lifetime: 30d, 12h, 15m, never.",
 )
 def token_issue(
-    state_dir: Path | None, expose: tuple[str, ...], connect_names: tuple[str, ...], ttl: str
+    state_dir: Path | None,
+    expose: tuple[str, ...],
+    connect_names: tuple[str, ...],
+    subject: str | None,
+    ttl: str,
 ) -> None:
     """Mint a token signed with the relay's key; printed once, on the last line."""
     import time as _time
@@ -59,7 +68,7 @@ def token_issue(
             raise ConfigError("a token needs --expose and/or --connect names")
         seconds = parse_ttl(ttl)
         key = TokenKey.load(state_dir or default_state_dir("relay"))
-        text = mint(key, list(expose), list(connect_names), seconds, _time.time())
+        text = mint(key, list(expose), list(connect_names), seconds, _time.time(), subject)
     except BurrowError as exc:
         fail(reporter, exc)
     from burrow.tokens import parse_token

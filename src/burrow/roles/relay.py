@@ -870,7 +870,7 @@ class Relay:
             src=opened.src or _peer_address(conn),
             dst=opened.dst,
             target=opened.target if lease.kind == "exit" else None,
-            peer=self._holder(conn).token or ("secret" if conn.session.secret else "anonymous"),
+            peer=_who(conn),
         )
         near = JoinHalf(conn, stream_id)
         far = JoinHalf(target)
@@ -1043,6 +1043,15 @@ def bind_error(
         message = f"cannot listen on {address} ({what}): {exc.strerror or exc}"
         code = "bind_failed"
     return TunnelError(message, code) if tunnel_error else ConfigError(message)
+
+
+def _who(conn: SessionConnection) -> str:
+    """How a connector is named to the services it reaches: its token's subject (or id), the
+    shared secret's holder, or an anonymous client of a loopback relay."""
+    scope = conn.session.scope
+    if scope is not None and getattr(scope, "token_id", None) is not None:
+        return str(scope.holder)
+    return "secret" if conn.session.secret is not None else "anonymous"
 
 
 def _show_key(key: LeaseKey) -> str:
