@@ -16,6 +16,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
+from mypy_extensions import mypyc_attr
+
 from burrow.net.connection import SessionConnection
 from burrow.net.outbox import Outbox
 
@@ -44,6 +46,7 @@ def reset_socket(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class StreamBridge(asyncio.Protocol):
     """Protocol for the socket side; ``SessionConnection`` calls the ``on_*`` methods."""
 
