@@ -270,7 +270,13 @@ async def test_session_changes_functions_and_restores_them(aws: Aws, world: Worl
         found = {e["function"]: e for e in dev.named("function_found")}
         assert sorted(found) == ["api", "orders", "worker"]
         assert found["worker"]["references"] == [
-            {"variable": "DB_HOST", "host": "host.docker.internal", "port": 5432, "resource": "pg"}
+            {
+                "variable": "DB_HOST",
+                "port_variable": "DB_PORT",
+                "host": "host.docker.internal",
+                "port": 5432,
+                "resource": "pg",
+            }
         ]
         skipped = {e["function"]: e["reason"] for e in dev.named("function_skipped")}
         # (moto reports a made-up VpcId for functions; the subnet is the real one)

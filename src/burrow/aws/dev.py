@@ -341,6 +341,7 @@ class DevSession:
                         "host": ref.host,
                         "port": ref.port,
                         "resource": by_port[ref.port].name,
+                        **({"port_variable": ref.port_key} if len(ref.keys) > 1 else {}),
                     }
                     for ref in item.references
                 ],
@@ -663,7 +664,9 @@ async def restore_journal(
             emit(on_event, "warning", message=f"could not restore {entry.name}: {exc}")
             continue
         if status is not None:
-            status(entry.name, "restored", result)
+            detail = {"unchanged": "nothing of burrow's was left", "gone": "deleted meanwhile"}
+            kept_text = f"kept what others changed: {', '.join(kept)}" if kept else ""
+            status(entry.name, "restored", detail.get(result, kept_text))
         emit(on_event, "function_restored", function=entry.name, result=result, kept=kept)
     return failed
 

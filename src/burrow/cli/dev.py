@@ -108,7 +108,13 @@ def _plan_line(record: dict[str, Any]) -> str | None:
 
 def _found_line(record: dict[str, Any]) -> str:
     refs = ", ".join(
-        "{variable}: {host}:{port} -> {resource}".format(**ref) for ref in record["references"]
+        "{}: {}:{} -> {}".format(
+            "+".join(filter(None, (ref["variable"], ref.get("port_variable")))),
+            ref["host"],
+            ref["port"],
+            ref["resource"],
+        )
+        for ref in record["references"]
     )
     line = f"  will change {record['function']}: {refs}; {'; '.join(record['changes'])}"
     if record.get("unmatched"):
@@ -371,6 +377,14 @@ def dev(
     except BurrowError as exc:
         fail(reporter, exc)
     sys.exit(code)
+
+
+for _param in dev.params:  # the shared client option, with what it means here
+    if _param.name == "state_dir" and isinstance(_param, click.Option):
+        _param.help = (
+            "burrow dev's journal, identity and layer cache "
+            "[default: ~/.local/state/burrow/dev]."
+        )
 
 
 def _warn_reach(reporter: Reporter, relay: str, public: bool) -> None:
