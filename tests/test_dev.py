@@ -241,7 +241,15 @@ def function_env(url: str, name: str, **replace: str) -> dict[str, str]:
 
 async def test_session_changes_functions_and_restores_them(aws: Aws, world: World) -> None:
     url = aws.url
-    deploy(url, "api", {"DATABASE_URL": DATABASE_URL, "NODE_ENV": "development"})
+    deploy(
+        url,
+        "api",
+        {
+            "DATABASE_URL": DATABASE_URL,
+            "STP_POSTGRES_DB_CONNECTION_STRING": "postgresql://postgres:pw@localhost:5432/pg",
+            "NODE_ENV": "development",
+        },
+    )
     deploy(
         url,
         "worker",
@@ -284,6 +292,9 @@ async def test_session_changes_functions_and_restores_them(aws: Aws, world: Worl
         assert skipped["plain"] == skipped["bare"] == "refers to nothing local"
         assert sorted(ready["functions"]) == ["api", "orders", "worker"]
         services = {r["name"]: r["service"] for r in ready["resources"]}
+        assert any(
+            "nothing answers on 127.0.0.1:8000 (ddb)" in e["message"] for e in dev.named("warning")
+        )
 
         # What the functions have now: their own variables, the extension's, the layer.
         api_env, api_layers = configuration(url, "api")
@@ -501,7 +512,6 @@ async def test_stack_vpc_with_nat_and_dry_run(aws: Aws, world: World) -> None:
         ("creds", ["--local", "pg=5432"], 1, "no AWS credentials"),
         ("", ["--local", "pg=5432"], 1, f"no Lambda functions in {REGION}"),
         ("api", ["--local", "pg=5432", "--function", "nope"], 1, "function 'nope' is not deployed"),
-        ("api", ["--local", "pg=5432", "--stack", "nope"], 1, "no CloudFormation stack 'nope'"),
         ("api", ["--local", "pg=5432", "RELAY-DOWN"], 1, "the relay is unreachable"),
         ("api", ["--local", "pg=5432", "NO-KEY"], 2, "the relay's token key, and there is none"),
         ("api", ["--local", "redis=6379"], 1, "no function refers to a local resource"),

@@ -445,7 +445,29 @@ class DevSession:
             ]
         for resource in self.resources:
             self.tunnels[resource.name] = "online"
+        await self._check_local()
         return agent
+
+    async def _check_local(self) -> None:
+        """A resource that is not running yet is worth a warning (not an error: it may start
+        later, and connections reach it from then on)."""
+
+        async def answers(port: int) -> bool:
+            try:
+                async with asyncio.timeout(1.0):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except (OSError, TimeoutError):
+                return False
+            writer.close()
+            return True
+
+        for resource in self.resources:
+            if not await answers(resource.port):
+                self.emit(
+                    "warning",
+                    message=f"nothing answers on 127.0.0.1:{resource.port} ({resource.name}) "
+                    "yet: the functions' connections to it will be refused until it runs",
+                )
 
     def _relay_fingerprint(self) -> str | None:
         """The certificate the agent verified: what the functions pin."""

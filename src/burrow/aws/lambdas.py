@@ -208,7 +208,7 @@ class Aws:
     def wait_settled(self, name: str, timeout: float = SETTLE_TIMEOUT) -> FunctionInfo:
         """The function's configuration once no update is in progress."""
         deadline = self.clock() + timeout
-        delay = 0.2
+        delay = 0.1
         while True:  # bounded by the deadline
             info = self.get_function(name)
             if info.last_update != "InProgress":

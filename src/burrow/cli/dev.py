@@ -382,8 +382,7 @@ def dev(
 for _param in dev.params:  # the shared client option, with what it means here
     if _param.name == "state_dir" and isinstance(_param, click.Option):
         _param.help = (
-            "burrow dev's journal, identity and layer cache "
-            "[default: ~/.local/state/burrow/dev]."
+            "burrow dev's journal, identity and layer cache [default: ~/.local/state/burrow/dev]."
         )
 
 
