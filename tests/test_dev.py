@@ -546,3 +546,23 @@ async def test_errors_are_one_line(
     if setup == "api":
         assert "BURROW_TOKEN" not in configuration(aws.url, "api")[0]
     assert not (world.tmp / "dev-state" / "journal.json").exists()
+
+
+async def test_ctrl_c_while_applying(aws: Aws, world: World) -> None:
+    """Ctrl+C before the session is ready: what was changed goes back, the rest is left alone,
+    and the session never reports ready."""
+    url = aws.url
+    deploy(url, "api", {"DATABASE_URL": DATABASE_URL})
+    deploy(url, "worker", {"PGHOST": "localhost", "PGPORT": "5432"})
+    before = {name: configuration(url, name) for name in ("api", "worker")}
+    aws.strict.conflicts["worker"] = 3  # keeps burrow busy on the second function
+    async with burrow_dev(world.args("--local", "pg=5432"), aws.env()) as dev:
+        await dev.wait("function_updated")
+        dev.proc.send_signal(signal.SIGINT)
+        assert await dev.finish() == 0
+    assert not dev.named("dev_ready")
+    assert {e["function"] for e in dev.named("function_restored")} == {
+        e["function"] for e in dev.named("function_updated")
+    }
+    assert {name: configuration(url, name) for name in before} == before
+    assert not (world.tmp / "dev-state" / "journal.json").exists()
