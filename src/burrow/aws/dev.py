@@ -191,15 +191,19 @@ class DevSession:
         config = self.config
         journal = Journal.at(config.state)
         key, key_dir = self._token_key()
-        token, token_ids = "", list[str]()
+        token = ""
+        nothing = False
         if key is not None:
-            token, token_ids = self._mint(key)
-            journal.tokens, journal.key_dir = token_ids, str(key_dir)
+            token, journal.tokens = self._mint(key)
+            journal.key_dir = str(key_dir)
             journal.save()  # before anything can use the tokens: a crash still revokes them
         try:
             self.agent = await self._start_agent()
             fingerprint = self._relay_fingerprint()
-            layers = await self._layers(aws, targets) if config.mode == "private" else {}
+            layers: dict[LayerNeed, str] = {}
+            if config.mode == "private":
+                layers = await self._layers(aws, targets)
+                targets = [t for t in targets if t.layer is None or t.layer in layers]
             updated = 0
             for target in targets:
                 if stop.is_set():
@@ -208,7 +212,8 @@ class DevSession:
                     self._apply, aws, journal, target, token, fingerprint, layers
                 )
                 updated += done
-            if not stop.is_set():
+            nothing = updated == 0 and not stop.is_set()
+            if not stop.is_set() and updated:
                 self.emit(
                     "dev_ready",
                     relay=self.relay_label,
@@ -217,15 +222,15 @@ class DevSession:
                     resources=[self._describe_resource(r) for r in self.resources],
                     expires=int(time.time() + config.ttl),
                 )
-                if updated == 0:
-                    self.emit("warning", message="no function could be changed; stopping")
-                else:
-                    await self._wait(stop)
+                await self._wait(stop)
         finally:
             failed = await self._restore_all(aws, journal)
             if self.agent is not None:
                 await self.agent.close()
             self._revoke(journal)
+        if nothing and not failed:
+            self.emit("error", message="no function could be changed (see why above)")
+            return 1
         if failed:
             self.emit(
                 "error",
@@ -488,14 +493,23 @@ class DevSession:
         config = self.config
         needs = {t.layer for t in targets if t.layer is not None}
         result: dict[LayerNeed, str] = {}
+        from burrow.version import __version__
+
         for need in sorted(needs, key=lambda n: (n.kind, n.arch, n.python or "")):
             if config.layer_arn:
                 result[need] = config.layer_arn
                 continue
-            zip_path = await asyncio.to_thread(self._layer_zip, need)
-            from burrow.version import __version__
-
-            arn, published = await asyncio.to_thread(aws.layer, need, zip_path, __version__)
+            try:
+                zip_path = await asyncio.to_thread(self._layer_zip, need)
+                arn, published = await asyncio.to_thread(aws.layer, need, zip_path, __version__)
+            except BurrowError as exc:
+                # Those functions cannot have the extension; the others can still go on.
+                for target in targets:
+                    if target.layer == need:
+                        reason = f"no layer for {need.describe()}: {exc}"
+                        self._status(target.info.name, "skipped", reason)
+                        self.emit("function_skipped", function=target.info.name, reason=reason)
+                continue
             self.emit("layer_ready", layer=arn, published=published, kind=need.describe())
             result[need] = arn
         return result

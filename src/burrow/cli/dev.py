@@ -281,7 +281,7 @@ class DevReporter(Reporter):
 )
 @option(
     "--layer-zip",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
     envvar="BURROW_DEV_LAYER_ZIP",
     help="Publish this layer zip for every function instead of building burrow's.",
 )
