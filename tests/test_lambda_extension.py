@@ -404,3 +404,22 @@ async def test_init_finishes_within_lambda_deadline(world: World) -> None:
         await world.api.wait_call("init_error", timeout=10)
         assert await ext.exited() == 1
     assert world.api.killed is None
+
+
+async def test_a_revoked_token_is_reported_as_exit_error(world: World) -> None:
+    """A failure the extension cannot recover from after Init (here its token revoked, seen
+    at the reconnect after a relay restart) goes to Lambda as exit/error, then it exits."""
+    from burrow.tokens import deny, parse_token
+
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+    async with extension(env, world.api) as ext:
+        await world.api.wait_call("next", timeout=15)
+        deny(world.tmp / "relay-state", parse_token(world.connect_token)[0]["id"])
+        await world.restart_relay()
+        report = await world.api.wait_call("exit_error", timeout=20)
+        assert await ext.exited() == 1
+    assert report.status == 202
+    assert report.headers["lambda-extension-function-error-type"] == "Extension.AuthError"
+    body = json.loads(report.body)
+    assert body["errorType"] == "Extension.AuthError" and "revoked" in body["errorMessage"]
+    assert not world.api.named("init_error")
