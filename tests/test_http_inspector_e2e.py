@@ -202,6 +202,11 @@ def test_request_through_tunnel_is_inspected_and_replayed(
             page.click("#replay")
             replayed = page.wait_for_selector(f'.request-row.replay[data-replay-of="{original}"]')
             assert replayed is not None
+            # The row can show before the local service's handler counted the request.
+            for _ in range(100):  # bounded: up to 5 s
+                if shop.counts["/api/orders"] == 2:
+                    break
+                page.wait_for_timeout(50)
             assert shop.counts["/api/orders"] == 2
             assert shop.bodies[-1] == json.dumps(order).encode()
             assert page.locator(".request-row").count() == 2

@@ -168,7 +168,7 @@ class Channel:
         # Later in this turn a head, a body and its end may follow: they leave as one record.
         self.conn.flush_soon()
         self._outbox.send(bytes(data))
-        if self._outbox:
+        if self._outbox.size:
             self._writable.clear()
 
     def writelines(self, lines: list[bytes]) -> None:
@@ -176,14 +176,14 @@ class Channel:
 
     def _flush_outbox(self) -> None:
         self._outbox.pump()
-        if self._outbox:
+        if self._outbox.size:
             return
         self._writable.set()
         if self._fin_wanted and not self._fin_sent:
             self._send_fin()
 
     async def drain(self) -> None:
-        while self._outbox:
+        while self._outbox.size:
             if self._reset is not None:
                 raise self._reset
             await self._writable.wait()
@@ -196,7 +196,7 @@ class Channel:
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after what was written."""
         self._fin_wanted = True
-        if not self._outbox:
+        if not self._outbox.size:
             self._send_fin()
 
     def _send_fin(self) -> None:
@@ -237,7 +237,7 @@ class Channel:
         self._readable.set()
 
     def on_window(self) -> None:
-        if self._outbox:
+        if self._outbox.size:
             self._flush_outbox()
 
     def on_accept(self) -> None:
@@ -271,7 +271,7 @@ class Channel:
         self._writable.clear()
 
     def resume_source(self) -> None:
-        if self._outbox:
+        if self._outbox.size:
             self._flush_outbox()
         else:
             self._writable.set()
