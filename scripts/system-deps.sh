@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive: Chromium (the inspector's browser test, via Playwright with
-# Debian's binary, since Playwright's own browser download cannot work here) and curl.
+# Debian's binary, since Playwright's own browser download cannot work here) and curl; for the
+# standalone Lambda extension's tests: debootstrap (a Debian 11 root), binutils (readelf) and
+# perl (OpenSSL's Configure).
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v curl >/dev/null || missing+=(curl)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v readelf >/dev/null || missing+=(binutils)
+command -v perl >/dev/null || missing+=(perl)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "system-deps: need ${missing[*]}; run as root or install them (apt-get install ${missing[*]})" >&2
     exit 1
   fi
   echo "system-deps: installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -1021,5 +1021,8 @@ def lambda_layer_build(output: Path, python_version: str, arch: str, no_deps: bo
     click.echo(f"{path} {path.stat().st_size} bytes")
 
 
+from burrow.cli_lambda import layer_build as _layer_build; lambda_layer.add_command(_layer_build)  # noqa: E402, E702, I001
+
+
 if __name__ == "__main__":
     main()

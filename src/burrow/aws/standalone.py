@@ -1,0 +1,693 @@
+"""Build the standalone Lambda extension: burrow frozen (PyInstaller, onedir) with a CPython
+built for an old glibc, so that the layer needs no Python in the function's runtime.
+
+Why build an interpreter: the Pythons a build machine has (Debian 12's, pyenv's) link
+libpython against GLIBC_2.35 symbols, and a bundle of either fails to start on Amazon Linux
+2023 (glibc 2.34). So CPython, OpenSSL, zlib and libffi are compiled here from Debian's source
+packages with ``zig cc -target ARCH-linux-gnu.2.28`` (zig from PyPI's ``ziglang``: glibc 2.28
+stubs, so nothing newer can be linked), and burrow's compiled dependencies come as manylinux
+wheels no newer than 2.28. Every ELF file of the bundle is checked before the zip is written.
+
+Each step is cached under ``$BURROW_STANDALONE_CACHE`` (default ``~/.cache/burrow/standalone``)
+keyed by a hash of its inputs: the interpreter (minutes) by the sources, zig and this recipe;
+the bundle (about a minute) by the interpreter, burrow's sources and the wheels.
+
+The layer: ``extensions/burrow`` (a two-line sh launcher, as every Lambda runtime has /bin/sh)
+execs ``burrow/burrow`` (PyInstaller's onedir: nothing is unpacked at start), which runs
+``burrow.aws.extension.main()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from burrow.aws.elf import ElfError, is_elf, max_glibc, needed_versions
+from burrow.aws.layer import ZIP_DATE, LayerError, check_arch, runtime_requirements
+
+#: Bump when the recipe below changes in a way that changes the interpreter it builds.
+RECIPE = 1
+PYTHON_MINOR = "3.11"
+#: Debian source packages (bookworm): upstream's tarballs, checked by apt against the archive.
+SOURCES = ("python3.11", "openssl", "zlib", "libffi")
+DEBIAN_SUITES = ("bookworm", "bookworm-updates")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+ZIG = "ziglang==0.17.1"
+PYINSTALLER = ("pyinstaller==6.22.3", "pyinstaller-hooks-contrib==2026.9", "altgraph==0.17.5")
+#: The oldest glibc the bundle may need: zig's stubs and the wheels' tags keep to 2.28, below
+#: Amazon Linux 2023's 2.34 (and 2's 2.26 for everything but the wheels' 2.28).
+GLIBC_TARGET = "2.28"
+#: What AL2023 (provided.al2023, nodejs20.x, java21, ...) has: the build fails above it.
+GLIBC_MAX = (2, 34)
+STEP_TIMEOUT = 3600.0
+LOG_TAIL = 15
+
+#: The frozen program's entry point.
+ENTRY = "from burrow.aws.extension import main\n\nmain()\n"
+
+#: Lambda starts every file in /opt/extensions; the onedir sits beside, in /opt/burrow.
+LAUNCHER = """\
+#!/bin/sh
+# burrow's Lambda extension, standalone: no Python needed in the function's runtime.
+exec "${0%/*}/../burrow/burrow" "$@"
+"""
+
+#: OpenSSL was built with Amazon Linux's OPENSSLDIR (/etc/pki/tls); elsewhere (Debian, tests)
+#: point it at the system's bundle so that BURROW_RELAY with a public certificate still works.
+CERT_HOOK = """\
+import os
+
+if "SSL_CERT_FILE" not in os.environ and not os.path.exists("/etc/pki/tls/cert.pem"):
+    for _path in ("/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem"):
+        if os.path.exists(_path):
+            os.environ["SSL_CERT_FILE"] = _path
+            break
+"""
+
+#: Libraries PyInstaller copies from the build machine that the target must provide itself:
+#: manylinux's list of system libraries (the build machine's copy needs its newer glibc).
+SYSTEM_LIBRARIES = ("libgcc_s.so.1",)
+
+#: Standard-library packages the extension never imports, kept out of the analysis.
+EXCLUDES = (
+    "tkinter",
+    "unittest",
+    "pydoc",
+    "doctest",
+    "lib2to3",
+    "distutils",
+    "setuptools",
+    "pip",
+    "sqlite3",
+    "curses",
+    "readline",
+    "xmlrpc",
+    "pdb",
+)
+
+#: zig cc for the target glibc. It writes debug info unless told not to (-g0: a third of the
+#: bundle), turns UBSan traps on in unoptimised code (off here), makes __DATE__ an error
+#: (CPython's build info uses it) and knows only -soname, not -h.
+ZIG_CC = """\
+#!/bin/sh
+for arg do
+  shift
+  case "$arg" in
+    -Wl,-h*) set -- "$@" "-Wl,-soname,${{arg#-Wl,-h}}" ;;
+    *) set -- "$@" "$arg" ;;
+  esac
+done
+exec "{zig}" cc -target {target} -g0 -fno-sanitize=undefined -Wno-date-time "$@"
+"""
+
+Log = Callable[[str], None]
+
+
+class StandaloneError(LayerError):
+    """The standalone extension could not be built (a tool missing, a step failed)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: str  # Lambda's name: x86_64 or arm64
+    machine: str  # the GNU/zig name: x86_64 or aarch64
+    openssl: str  # OpenSSL's Configure target
+
+    @property
+    def zig(self) -> str:
+        return f"{self.machine}-linux-gnu.{GLIBC_TARGET}"
+
+    @property
+    def triple(self) -> str:
+        return f"{self.machine}-linux-gnu"
+
+    @property
+    def wheel_platforms(self) -> list[str]:
+        return [f"manylinux_2_28_{self.machine}", f"manylinux2014_{self.machine}"]
+
+
+TARGETS = {
+    "x86_64": Target("x86_64", "x86_64", "linux-x86_64"),
+    "arm64": Target("arm64", "aarch64", "linux-aarch64"),
+}
+
+
+def cache_root(env: Mapping[str, str] = os.environ) -> Path:
+    explicit = env.get("BURROW_STANDALONE_CACHE", "").strip()
+    if explicit:
+        return Path(explicit)
+    base = env.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(base) / "burrow" / "standalone"
+
+
+# --- the whole build -----------------------------------------------------------------------
+
+
+def build_standalone_layer(
+    output: Path,
+    *,
+    arch: str = "x86_64",
+    cache: Path | None = None,
+    log: Log | None = None,
+) -> Path:
+    """Write the standalone layer zip to ``output``, building (or reusing) what it needs."""
+    target = TARGETS[check_arch(arch)]
+    if target.machine != _host_machine():
+        raise StandaloneError(
+            f"--arch {arch} --standalone must be built on an {target.machine} machine: "
+            "PyInstaller runs the bundled interpreter to analyse it"
+        )
+    cache = cache or cache_root()
+    say = log or (lambda _message: None)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StandaloneError(f"cannot create the cache {cache}: {exc.strerror or exc}") from None
+    with _locked(cache / f"lock-{target.arch}"):
+        python = build_interpreter(target, cache, say)
+        bundle = build_bundle(target, python, cache, say)
+    check_bundle(bundle)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_zip(output, bundle)
+    except OSError as exc:
+        raise StandaloneError(f"cannot write {output}: {exc.strerror or exc}") from None
+    return output
+
+
+def _host_machine() -> str:
+    return os.uname().machine
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One build per cache and arch at a time (a second waits, then finds the cache warm)."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- sources and tools ---------------------------------------------------------------------
+
+
+def fetch_sources(cache: Path, say: Log) -> dict[str, Path]:
+    """The upstream tarball of each Debian source package, downloaded once with apt-get.
+
+    apt-get runs with a sources list and state of its own under the cache, so the machine's
+    apt configuration is neither needed nor changed; apt checks each file's hash against the
+    archive's signed index.
+    """
+    where = cache / "sources"
+    found = {name: _orig_tarball(where, name) for name in SOURCES}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        if shutil.which("apt-get") is None:
+            raise StandaloneError(
+                "apt-get is needed to fetch Debian's sources of "
+                + ", ".join(missing)
+                + f"; or put their .orig tarballs in {where}"
+            )
+        say(f"fetching Debian's sources of {', '.join(missing)}")
+        apt = _apt_options(cache)
+        _run(["apt-get", *apt, "update"], cwd=where, log=cache / "apt.log", what="apt-get update")
+        for name in missing:
+            # --download-only: the tarball is what is built; Debian's packaging is not.
+            _run(
+                ["apt-get", *apt, "source", "--download-only", name],
+                cwd=where,
+                log=cache / "apt.log",
+                what=f"apt-get source {name}",
+                check=False,
+            )
+            found[name] = _orig_tarball(where, name)
+            if found[name] is None:
+                raise StandaloneError(
+                    f"could not download Debian's source of {name} (see {cache / 'apt.log'})"
+                )
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def _apt_options(cache: Path) -> list[str]:
+    state = cache / "apt"
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (cache / "sources").mkdir(parents=True, exist_ok=True)
+    sources = state / "sources.list"
+    sources.write_text(
+        "".join(f"deb-src {DEBIAN_MIRROR} {suite} main\n" for suite in DEBIAN_SUITES)
+    )
+    return [
+        "-qq",
+        "-o",
+        f"Dir::Etc::SourceList={sources}",
+        "-o",
+        "Dir::Etc::SourceParts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={state / 'lists'}",
+        "-o",
+        f"Dir::Cache={state}",
+        "-o",
+        "APT::Sandbox::User=root",
+    ]
+
+
+def _orig_tarball(where: Path, name: str) -> Path | None:
+    if not where.is_dir():
+        return None
+    matches = sorted(
+        p for p in where.glob(f"{name}_*.orig.tar.*") if not p.name.endswith((".asc", ".sig"))
+    )
+    return matches[-1] if matches else None
+
+
+def fetch_zig(cache: Path, say: Log) -> Path:
+    """zig from PyPI's ``ziglang`` wheel (the wheel carries the whole toolchain)."""
+    version = ZIG.split("==")[1]
+    home = cache / "tools" / f"zig-{version}"
+    zig = home / "ziglang" / "zig"
+    if zig.is_file():
+        return zig
+    say(f"fetching zig {version} (PyPI: ziglang)")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        _pip(["download", "--no-deps", "--only-binary=:all:", "-d", tmp, ZIG], cache)
+        wheels = list(Path(tmp).glob("ziglang-*.whl"))
+        if not wheels:
+            raise StandaloneError("pip downloaded no ziglang wheel for this machine")
+        partial = Path(tmp) / "zig"
+        with zipfile.ZipFile(wheels[0]) as archive:
+            archive.extractall(partial)
+        (partial / "ziglang" / "zig").chmod(0o755)
+        home.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(home, ignore_errors=True)
+        partial.rename(home)
+    return zig
+
+
+# --- the interpreter -----------------------------------------------------------------------
+
+
+def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
+    """CPython (shared libpython, for PyInstaller) with static OpenSSL, zlib and libffi."""
+    sources = fetch_sources(cache, say)
+    zig = fetch_zig(cache, say)
+    key = _digest(
+        {
+            "recipe": RECIPE,
+            "cc": ZIG_CC,
+            "target": target.zig,
+            "zig": ZIG,
+            "sources": {name: _file_id(path) for name, path in sorted(sources.items())},
+        }
+    )
+    prefix = cache / f"python-{target.arch}-{key}"
+    if (prefix / "bin" / f"python{PYTHON_MINOR}").is_file():
+        return prefix
+    say(f"building CPython, OpenSSL, zlib and libffi for glibc {GLIBC_TARGET} (minutes)")
+    started = time.monotonic()
+    work = cache / f"work-{target.arch}"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(prefix, ignore_errors=True)
+    (work / "bin").mkdir(parents=True)
+    deps = work / "deps"
+    env = _toolchain(work / "bin", zig, target, deps)
+    log = work / "build.log"
+    jobs = str(os.cpu_count() or 2)
+    built = {name: _unpack(path, work) for name, path in sources.items()}
+    _patch_setup_py(built["python3.11"] / "setup.py")
+
+    def step(args: Sequence[str], where: str, what: str) -> None:
+        _run(args, cwd=built[where], env=env, log=log, what=what)
+
+    step(["./configure", "--static", f"--prefix={deps}"], "zlib", "zlib: configure")
+    step(["make", f"-j{jobs}", "libz.a"], "zlib", "zlib: make")
+    step(["make", "install"], "zlib", "zlib: install")
+    host = [f"--host={target.triple}", f"--build={_host_machine()}-linux-gnu"]
+    step(
+        [
+            "./configure",
+            *host,
+            "--disable-shared",
+            "--enable-static",
+            "--with-pic",
+            "--disable-docs",
+            "--disable-multi-os-directory",
+            # Its static trampolines do not compile with clang 16+ (zig's) in 3.4.4.
+            "--disable-exec-static-tramp",
+            f"--prefix={deps}",
+            f"--libdir={deps / 'lib'}",
+        ],
+        "libffi",
+        "libffi: configure",
+    )
+    step(["make", f"-j{jobs}"], "libffi", "libffi: make")
+    step(["make", "install"], "libffi", "libffi: install")
+    step(
+        [
+            "perl",
+            "./Configure",
+            target.openssl,
+            "no-shared",
+            "no-tests",
+            "no-engine",
+            "no-afalgeng",
+            "no-comp",
+            "-fPIC",
+            f"--prefix={deps}",
+            "--libdir=lib",
+            "--openssldir=/etc/pki/tls",  # Amazon Linux's CA bundle (cert.pem) lives there
+        ],
+        "openssl",
+        "openssl: Configure",
+    )
+    step(["make", f"-j{jobs}", "build_libs"], "openssl", "openssl: make")
+    step(["make", "install_dev"], "openssl", "openssl: install")
+    step(
+        [
+            "./configure",
+            *host,
+            f"--prefix={prefix}",
+            "--enable-shared",  # PyInstaller bundles libpython3.11.so
+            "--without-ensurepip",
+            "--disable-test-modules",
+            f"--with-openssl={deps}",
+            *_build_python(target),
+            f"CPPFLAGS=-I{deps / 'include'}",
+            f"LDFLAGS=-L{deps / 'lib'}",
+            "OPT=-DNDEBUG -fwrapv -O2 -Wall",  # the default adds -g: megabytes of symbols
+        ],
+        "python3.11",
+        "CPython: configure",
+    )
+    # PY3LIBRARY= skips libpython3.so, a stub nothing here needs, which zig cannot link (a
+    # link with no object file among its inputs fails on the target's glibc suffix).
+    step(["make", f"-j{jobs}", "PY3LIBRARY="], "python3.11", "CPython: make")
+    step(["make", "install", "PY3LIBRARY="], "python3.11", "CPython: install")
+    python = prefix / "bin" / f"python{PYTHON_MINOR}"
+    _run(
+        [str(python), "-c", "import ssl, zlib, _ctypes, _hashlib, asyncio, json"],
+        cwd=work,
+        env={**env, "LD_LIBRARY_PATH": str(prefix / "lib")},
+        log=log,
+        what="CPython: import check",
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"interpreter built in {time.monotonic() - started:.0f} s: {prefix}")
+    return prefix
+
+
+def _build_python(target: Target) -> list[str]:
+    """A cross build runs this Python (the same minor version) where it would run its own."""
+    if target.machine == _host_machine():
+        return []
+    return [f"--with-build-python={sys.executable}"]
+
+
+def _toolchain(bin_dir: Path, zig: Path, target: Target, deps: Path) -> dict[str, str]:
+    """zig cc/ar/ranlib as plain commands (configure scripts want one word per tool)."""
+    tools = {
+        "cc": ZIG_CC.format(zig=zig, target=target.zig),
+        "ar": f'#!/bin/sh\nexec "{zig}" ar "$@"\n',
+        "ranlib": f'#!/bin/sh\nexec "{zig}" ranlib "$@"\n',
+    }
+    for name, body in tools.items():
+        path = bin_dir / f"zig-{name}"
+        path.write_text(body)
+        path.chmod(0o755)
+    path_var = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    return {
+        "PATH": path_var,
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C",
+        "CC": "zig-cc",
+        "AR": "zig-ar",
+        "RANLIB": "zig-ranlib",
+        "CFLAGS": "-O2 -fPIC",
+        # Only the libraries built here: never the build machine's (newer) ones.
+        "PKG_CONFIG_PATH": str(deps / "lib" / "pkgconfig"),
+        "PKG_CONFIG_LIBDIR": str(deps / "lib" / "pkgconfig"),
+        # setup.py (3.11 builds shared modules with it) adds the build machine's
+        # /usr/include/<multiarch> and /usr/local unless it believes it cross-compiles.
+        "_PYTHON_HOST_PLATFORM": f"linux-{target.machine}",
+        "ZIG_GLOBAL_CACHE_DIR": str(zig.parent.parent / "cache"),
+        "ZIG_LOCAL_CACHE_DIR": str(zig.parent.parent / "cache"),
+    }
+
+
+def _patch_setup_py(path: Path) -> None:
+    """3.11's setup.py adds Debian's /usr/include/<multiarch> for the shared modules: headers
+    of the build machine's glibc, which break (or worse, silently change) the build."""
+    text = path.read_text()
+    call = "        self.add_multiarch_paths()\n"
+    if text.count(call) != 1:
+        raise StandaloneError(f"{path} is not the setup.py this recipe knows")
+    path.write_text(text.replace(call, "        pass  # burrow: the target's headers only\n"))
+
+
+def _unpack(tarball: Path, into: Path) -> Path:
+    name = tarball.name.split("_", 1)[0]
+    before = {p.name for p in into.iterdir()}
+    _run(["tar", "-xf", str(tarball)], cwd=into, log=into / "build.log", what=f"unpack {name}")
+    new = [p for p in into.iterdir() if p.name not in before and p.is_dir()]
+    if len(new) != 1:
+        raise StandaloneError(f"{tarball.name} did not unpack into one directory")
+    return new[0]
+
+
+# --- the bundle ----------------------------------------------------------------------------
+
+
+def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
+    """PyInstaller's onedir of the extension, run by the interpreter built for it."""
+    import burrow
+
+    package = Path(burrow.__file__).parent
+    requirements = runtime_requirements()
+    key = _digest(
+        {
+            "python": python.name,
+            "burrow": _tree_digest(package),
+            "requirements": requirements,
+            "pyinstaller": PYINSTALLER,
+            "excludes": EXCLUDES,
+            "system": SYSTEM_LIBRARIES,
+            "hook": CERT_HOOK,
+            "entry": ENTRY,
+        }
+    )
+    bundle = cache / f"bundle-{target.arch}-{key}"
+    if (bundle / "burrow").is_file():
+        return bundle
+    say("bundling burrow with PyInstaller (onedir)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="burrow-standalone-", dir=cache) as tmp:
+        work = Path(tmp)
+        site = work / "site"
+        tools = work / "tools"
+        shutil.copytree(
+            package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+        wheel_args = [
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            PYTHON_MINOR,
+        ]
+        platforms = [arg for tag in target.wheel_platforms for arg in ("--platform", tag)]
+        _pip(["install", "--target", str(site), *wheel_args, *platforms, *requirements], cache)
+        _pip(["install", "--target", str(tools), *wheel_args, *platforms, *PYINSTALLER], cache)
+        (work / "entry.py").write_text(ENTRY)
+        (work / "hook_certs.py").write_text(CERT_HOOK)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(work),
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": f"{site}{os.pathsep}{tools}",
+            "PYTHONNOUSERSITE": "1",
+            "LD_LIBRARY_PATH": str(python / "lib"),
+            "PYINSTALLER_CONFIG_DIR": str(work / "pyinstaller-config"),
+            "SOURCE_DATE_EPOCH": "315532800",
+        }
+        excludes = [arg for name in EXCLUDES for arg in ("--exclude-module", name)]
+        _run(
+            [
+                str(python / "bin" / f"python{PYTHON_MINOR}"),
+                "-m",
+                "PyInstaller",
+                "--onedir",
+                "--name",
+                "burrow",
+                "--noconfirm",
+                "--log-level",
+                "WARN",
+                "--distpath",
+                str(work / "dist"),
+                "--workpath",
+                str(work / "build"),
+                "--specpath",
+                str(work),
+                "--paths",
+                str(site),
+                "--runtime-hook",
+                str(work / "hook_certs.py"),
+                *excludes,
+                str(work / "entry.py"),
+            ],
+            cwd=work,
+            env=env,
+            log=work / "pyinstaller.log",
+            what="PyInstaller",
+        )
+        dist = work / "dist" / "burrow"
+        for name in SYSTEM_LIBRARIES:
+            (dist / "_internal" / name).unlink(missing_ok=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+        dist.rename(bundle)
+    say(f"bundle built in {time.monotonic() - started:.0f} s: {bundle}")
+    return bundle
+
+
+def check_bundle(bundle: Path, limit: tuple[int, int] = GLIBC_MAX) -> dict[str, tuple[int, int]]:
+    """The newest glibc each ELF file needs; StandaloneError if any needs more than ``limit``."""
+    needs: dict[str, tuple[int, int]] = {}
+    for path in sorted(bundle.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        with open(path, "rb") as handle:
+            if not is_elf(handle.read(4)):
+                continue
+        try:
+            newest = max_glibc(needed_versions(path.read_bytes()))
+        except ElfError as exc:
+            raise StandaloneError(f"{path}: {exc}") from None
+        if newest is None:
+            continue
+        name = path.relative_to(bundle).as_posix()
+        needs[name] = newest
+        if newest > limit:
+            raise StandaloneError(
+                f"{name} needs GLIBC_{newest[0]}.{newest[1]}, newer than "
+                f"{limit[0]}.{limit[1]}: it would not start on Amazon Linux 2023"
+            )
+    if not needs:
+        raise StandaloneError(f"{bundle} holds no ELF file that needs glibc: not a bundle")
+    return needs
+
+
+def write_zip(output: Path, bundle: Path) -> None:
+    """``extensions/burrow`` and ``burrow/...``, in a fixed order with fixed timestamps."""
+    partial = output.with_name(output.name + ".part")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        _add(archive, "extensions/burrow", LAUNCHER.encode(), 0o755)
+        for path in sorted(bundle.rglob("*")):
+            if path.is_dir():
+                continue
+            # Symlinks are stored as the file they point to: Lambda's unzip is not promised
+            # to keep them.
+            name = "burrow/" + path.relative_to(bundle).as_posix()
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            _add(archive, name, path.read_bytes(), mode)
+    partial.replace(output)
+
+
+def _add(archive: zipfile.ZipFile, name: str, data: bytes, mode: int) -> None:
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    info.create_system = 3  # Unix, so that the mode bits survive
+    info.external_attr = (0o100000 | mode) << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    archive.writestr(info, data, compresslevel=9)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _pip(args: Sequence[str], cache: Path) -> None:
+    _run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+        cwd=cache,
+        log=cache / "pip.log",
+        what="pip " + args[0],
+    )
+
+
+def _run(
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    log: Path,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> int:
+    """Run one build step, its output appended to ``log``; a failure names the step and the
+    log's last lines."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(args)}\n".encode())
+        out.flush()
+        try:
+            # A session of its own: a timeout or Ctrl+C ends make's whole tree, not just make.
+            proc = subprocess.Popen(
+                list(args),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StandaloneError(f"{what}: cannot run {args[0]}: {exc.strerror or exc}") from None
+        try:
+            returncode = proc.wait(timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise StandaloneError(f"{what} did not finish within {STEP_TIMEOUT:.0f} s") from None
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if check and returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        lines = [line.strip() for line in tail if line.strip()] or ["no output"]
+        last = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1])
+        raise StandaloneError(f"{what} failed ({last[:200]}); the log is {log}")
+    return returncode
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):  # bounded by the file's size
+            digest.update(chunk)
+    return f"{path.name}:{digest.hexdigest()}"
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
