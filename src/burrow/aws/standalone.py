@@ -81,7 +81,8 @@ if "SSL_CERT_FILE" not in os.environ and not os.path.exists("/etc/pki/tls/cert.p
 #: manylinux's list of system libraries (the build machine's copy needs its newer glibc).
 SYSTEM_LIBRARIES = ("libgcc_s.so.1",)
 
-#: Standard-library packages the extension never imports, kept out of the analysis.
+#: Standard-library packages the extension never imports, kept out of the analysis (the
+#: warn-burrow.txt PyInstaller writes names any module that wanted one of them).
 EXCLUDES = (
     "tkinter",
     "unittest",
@@ -96,6 +97,11 @@ EXCLUDES = (
     "readline",
     "xmlrpc",
     "pdb",
+    # Reached only through concurrent.futures.process (asyncio uses threads); each brings a
+    # PyInstaller runtime hook that imports it at every start: ~20 ms of a cold start.
+    "multiprocessing",
+    "ctypes",
+    "pkgutil",
 )
 
 #: zig cc for the target glibc. It writes debug info unless told not to (-g0: a third of the
