@@ -10,7 +10,7 @@ wheels no newer than 2.28. Every ELF file of the bundle is checked before the zi
 
 Each step is cached under ``$BURROW_STANDALONE_CACHE`` (default ``~/.cache/burrow/standalone``)
 keyed by a hash of its inputs: the interpreter (minutes) by the sources, zig and this recipe;
-the bundle (about a minute) by the interpreter, burrow's sources and the wheels.
+the bundle (seconds) by the interpreter, burrow's sources and the wheels.
 
 The layer: ``extensions/burrow`` (a two-line sh launcher, as every Lambda runtime has /bin/sh)
 execs ``burrow/burrow`` (PyInstaller's onedir: nothing is unpacked at start), which runs
@@ -47,8 +47,9 @@ DEBIAN_SUITES = ("bookworm", "bookworm-updates")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 ZIG = "ziglang==0.17.1"
 PYINSTALLER = ("pyinstaller==6.22.3", "pyinstaller-hooks-contrib==2026.9", "altgraph==0.17.5")
-#: The oldest glibc the bundle may need: zig's stubs and the wheels' tags keep to 2.28, below
-#: Amazon Linux 2023's 2.34 (and 2's 2.26 for everything but the wheels' 2.28).
+#: The newest glibc the bundle is built against: zig's stubs and the wheels' tags keep to 2.28
+#: (manylinux_2_28, as cryptography's wheels), below Amazon Linux 2023's 2.34. Amazon Linux 2
+#: (2.26) is not a target.
 GLIBC_TARGET = "2.28"
 #: What AL2023 (provided.al2023, nodejs20.x, java21, ...) has: the build fails above it.
 GLIBC_MAX = (2, 34)
@@ -81,8 +82,8 @@ if "SSL_CERT_FILE" not in os.environ and not os.path.exists("/etc/pki/tls/cert.p
 #: manylinux's list of system libraries (the build machine's copy needs its newer glibc).
 SYSTEM_LIBRARIES = ("libgcc_s.so.1",)
 
-#: Standard-library packages the extension never imports, kept out of the analysis (the
-#: warn-burrow.txt PyInstaller writes names any module that wanted one of them).
+#: Standard-library packages the extension never imports, kept out of the analysis (PyInstaller's
+#: warnings, kept beside the bundle in the cache, name any module that wanted one of them).
 EXCLUDES = (
     "tkinter",
     "unittest",
@@ -97,8 +98,8 @@ EXCLUDES = (
     "readline",
     "xmlrpc",
     "pdb",
-    # Reached only through concurrent.futures.process (asyncio uses threads); each brings a
-    # PyInstaller runtime hook that imports it at every start: ~20 ms of a cold start.
+    # Reached only through concurrent.futures.process (asyncio uses threads) and PyInstaller's
+    # own hooks; each brings a runtime hook that imports it at every start (~20 ms in all).
     "multiprocessing",
     "ctypes",
     "pkgutil",
@@ -560,6 +561,9 @@ def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
             log=work / "pyinstaller.log",
             what="PyInstaller",
         )
+        warnings = work / "build" / "burrow" / "warn-burrow.txt"
+        if warnings.is_file():
+            shutil.copy(warnings, f"{bundle}.warnings.txt")
         dist = work / "dist" / "burrow"
         for name in SYSTEM_LIBRARIES:
             (dist / "_internal" / name).unlink(missing_ok=True)
