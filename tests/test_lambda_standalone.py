@@ -30,6 +30,7 @@ from burrow.aws import standalone
 from burrow.aws.elf import ElfError, max_glibc, needed_versions
 from burrow.aws.standalone import (
     LAUNCHER,
+    ZIG_CC,
     StandaloneError,
     build_standalone_layer,
     cache_root,
@@ -138,6 +139,23 @@ def test_launcher_finds_the_bundle_beside_it(tmp_path: Path) -> None:
     assert result.stdout == "bundle a b\n"
 
 
+def test_zig_cc_wrapper_rewrites_the_soname_flag(tmp_path: Path) -> None:
+    """CPython links libpython with -Wl,-hNAME, which zig does not know; arguments with
+    spaces survive the rewrite."""
+    fake_zig = tmp_path / "zig"
+    fake_zig.write_text('#!/bin/sh\nfor a do printf "[%s]" "$a"; done\n')
+    fake_zig.chmod(0o755)
+    wrapper = tmp_path / "zig-cc"
+    wrapper.write_text(ZIG_CC.format(zig=fake_zig, target="x86_64-linux-gnu.2.28"))
+    wrapper.chmod(0o755)
+    args = ["-shared", "-Wl,-hlibpython3.11.so.1.0", "-DX=a b", "-o", "out.so"]
+    result = subprocess.run([str(wrapper), *args], capture_output=True, text=True, timeout=10)
+    assert result.stdout == (
+        "[cc][-target][x86_64-linux-gnu.2.28][-g0][-fno-sanitize=undefined][-Wno-date-time]"
+        "[-shared][-Wl,-soname,libpython3.11.so.1.0][-DX=a b][-o][out.so]"
+    )
+
+
 def test_cache_root() -> None:
     assert cache_root({"BURROW_STANDALONE_CACHE": "/x/y"}) == Path("/x/y")
     assert cache_root({"XDG_CACHE_HOME": "/c"}) == Path("/c/burrow/standalone")
@@ -219,7 +237,7 @@ def debian11() -> Path:
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
+    result = subprocess.run(
         [
             "debootstrap",
             "--variant=minbase",
@@ -228,10 +246,13 @@ def debian11() -> Path:
             str(partial),
             DEBIAN_MIRROR,
         ],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=1200,
+        check=False,
     )
+    if result.returncode != 0:
+        pytest.fail(f"debootstrap failed: {(result.stderr or result.stdout)[-2000:]}")
     (partial / ".complete").write_text("debootstrap bullseye minbase + postgresql-client\n")
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
