@@ -31,10 +31,13 @@ from burrow.aws.elf import ElfError, max_glibc, needed_versions
 from burrow.aws.standalone import (
     LAUNCHER,
     ZIG_CC,
+    Source,
     StandaloneError,
     build_standalone_layer,
     cache_root,
     check_bundle,
+    find_source,
+    upstream_fixes,
     write_zip,
 )
 from helpers import SCALE, free_port
@@ -154,6 +157,36 @@ def test_zig_cc_wrapper_rewrites_the_soname_flag(tmp_path: Path) -> None:
         "[cc][-target][x86_64-linux-gnu.2.28][-g0][-fno-sanitize=undefined][-Wno-date-time]"
         "[-shared][-Wl,-soname,libpython3.11.so.1.0][-DX=a b][-o][out.so]"
     )
+
+
+def test_debian_sources_and_patches(tmp_path: Path) -> None:
+    assert find_source(tmp_path / "none", "zlib") is None
+    for name in (
+        "zlib_1.2.13.dfsg.orig.tar.bz2",
+        "python3.11_3.11.2.orig.tar.gz",
+        "openssl_3.0.20.orig.tar.gz",
+        "openssl_3.0.22.orig.tar.gz",
+        "openssl_3.0.22.orig.tar.gz.asc",
+    ):
+        (tmp_path / name).write_bytes(b"")
+    assert find_source(tmp_path, "zlib") == Source(tmp_path / "zlib_1.2.13.dfsg.orig.tar.bz2")
+    assert find_source(tmp_path, "openssl") == Source(tmp_path / "openssl_3.0.22.orig.tar.gz")
+    assert find_source(tmp_path, "python3.11") is None  # its patches are part of the build
+    (tmp_path / "python3.11_3.11.2-6+deb12u8.debian.tar.xz").write_bytes(b"")
+    assert find_source(tmp_path, "python3.11") == Source(
+        tmp_path / "python3.11_3.11.2.orig.tar.gz",
+        tmp_path / "python3.11_3.11.2-6+deb12u8.debian.tar.xz",
+    )
+    series = [
+        "deb-setup.diff",
+        "multiarch.diff",
+        "CVE-2024-0450.patch",
+        "relfile-nullptr-dereference.patch",
+        "CVE-2023-41105-path-truncation.patch",
+        "0001-3.11-gh-123270-Replaced-SanitizedNames.patch",
+    ]
+    assert upstream_fixes(series) == series[2:]
+    assert upstream_fixes(["deb-setup.diff"]) == []
 
 
 def test_cache_root() -> None:

@@ -10,7 +10,8 @@ wheels no newer than 2.28. Every ELF file of the bundle is checked before the zi
 
 Each step is cached under ``$BURROW_STANDALONE_CACHE`` (default ``~/.cache/burrow/standalone``)
 keyed by a hash of its inputs: the interpreter (minutes) by the sources, zig and this recipe;
-the bundle (seconds) by the interpreter, burrow's sources and the wheels.
+the bundle (seconds) by the interpreter, burrow's sources and the wheels. Sources are fetched
+once: delete ``sources/`` there to take Debian's newer security updates.
 
 The layer: ``extensions/burrow`` (a two-line sh launcher, as every Lambda runtime has /bin/sh)
 execs ``burrow/burrow`` (PyInstaller's onedir: nothing is unpacked at start), which runs
@@ -24,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,12 +41,22 @@ from burrow.aws.elf import ElfError, is_elf, max_glibc, needed_versions
 from burrow.aws.layer import ZIP_DATE, LayerError, check_arch, runtime_requirements
 
 #: Bump when the recipe below changes in a way that changes the interpreter it builds.
-RECIPE = 1
+RECIPE = 2
 PYTHON_MINOR = "3.11"
-#: Debian source packages (bookworm): upstream's tarballs, checked by apt against the archive.
+#: Debian source packages (bookworm): upstream's tarballs, checked by apt against the archive's
+#: signed index, and for CPython Debian's packaging too, for the security fixes it carries.
 SOURCES = ("python3.11", "openssl", "zlib", "libffi")
-DEBIAN_SUITES = ("bookworm", "bookworm-updates")
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
+PATCHED = "python3.11"
+DEBIAN_RELEASE = "bookworm"
+DEBIAN_ARCHIVES = (
+    ("http://deb.debian.org/debian", "bookworm"),
+    ("http://deb.debian.org/debian", "bookworm-updates"),
+    ("http://deb.debian.org/debian-security", "bookworm-security"),
+)
+#: Where Debian's python3.11 series turns from its packaging (dist-packages, multiarch: not
+#: applied) to upstream's fixes (CVE-..., backports, and fixes they depend on: all applied, in
+#: order, to upstream's 3.11.2).
+UPSTREAM_FIX = re.compile(r"(CVE-\d{4}-\d+|\d{4}-3\.11-gh-\d+)")
 ZIG = "ziglang==0.17.1"
 PYINSTALLER = ("pyinstaller==6.22.3", "pyinstaller-hooks-contrib==2026.9", "altgraph==0.17.5")
 #: The newest glibc the bundle is built against: zig's stubs and the wheels' tags keep to 2.28
@@ -213,41 +225,45 @@ def _locked(path: Path) -> Iterator[None]:
 # --- sources and tools ---------------------------------------------------------------------
 
 
-def fetch_sources(cache: Path, say: Log) -> dict[str, Path]:
-    """The upstream tarball of each Debian source package, downloaded once with apt-get.
+@dataclass(frozen=True)
+class Source:
+    orig: Path  # upstream's tarball
+    debian: Path | None = None  # Debian's packaging (PATCHED only)
+
+
+def fetch_sources(cache: Path, say: Log) -> dict[str, Source]:
+    """Each Debian source package's files, downloaded once with apt-get.
 
     apt-get runs with a sources list and state of its own under the cache, so the machine's
     apt configuration is neither needed nor changed; apt checks each file's hash against the
     archive's signed index.
     """
     where = cache / "sources"
-    found = {name: _orig_tarball(where, name) for name in SOURCES}
-    missing = [name for name, path in found.items() if path is None]
+    found = {name: find_source(where, name) for name in SOURCES}
+    missing = [name for name, source in found.items() if source is None]
     if missing:
         if shutil.which("apt-get") is None:
             raise StandaloneError(
                 "apt-get is needed to fetch Debian's sources of "
                 + ", ".join(missing)
-                + f"; or put their .orig tarballs in {where}"
+                + f"; or put their files (apt-get source --download-only) in {where}"
             )
         say(f"fetching Debian's sources of {', '.join(missing)}")
         apt = _apt_options(cache)
-        _run(["apt-get", *apt, "update"], cwd=where, log=cache / "apt.log", what="apt-get update")
+        log = cache / "apt.log"
+        _run(["apt-get", *apt, "update"], cwd=where, log=log, what="apt-get update")
         for name in missing:
-            # --download-only: the tarball is what is built; Debian's packaging is not.
-            _run(
-                ["apt-get", *apt, "source", "--download-only", name],
-                cwd=where,
-                log=cache / "apt.log",
-                what=f"apt-get source {name}",
-                check=False,
-            )
-            found[name] = _orig_tarball(where, name)
-            if found[name] is None:
-                raise StandaloneError(
-                    f"could not download Debian's source of {name} (see {cache / 'apt.log'})"
-                )
-    return {name: path for name, path in found.items() if path is not None}
+            # The newest version first (a security update), then the release's own: a mirror
+            # may lack part of the security archive.
+            for spec in (name, f"{name}/{DEBIAN_RELEASE}"):
+                command = ["apt-get", *apt, "source", "--download-only", spec]
+                _run(command, cwd=where, log=log, what=f"apt-get source {spec}", check=False)
+                found[name] = find_source(where, name)
+                if found[name] is not None:
+                    break
+            else:
+                raise StandaloneError(f"could not download Debian's source of {name} (see {log})")
+    return {name: source for name, source in found.items() if source is not None}
 
 
 def _apt_options(cache: Path) -> list[str]:
@@ -257,7 +273,7 @@ def _apt_options(cache: Path) -> list[str]:
     (cache / "sources").mkdir(parents=True, exist_ok=True)
     sources = state / "sources.list"
     sources.write_text(
-        "".join(f"deb-src {DEBIAN_MIRROR} {suite} main\n" for suite in DEBIAN_SUITES)
+        "".join(f"deb-src {mirror} {suite} main\n" for mirror, suite in DEBIAN_ARCHIVES)
     )
     return [
         "-qq",
@@ -274,13 +290,20 @@ def _apt_options(cache: Path) -> list[str]:
     ]
 
 
-def _orig_tarball(where: Path, name: str) -> Path | None:
+def find_source(where: Path, name: str) -> Source | None:
+    """The newest complete set of a package's files in ``where``, or None."""
     if not where.is_dir():
         return None
-    matches = sorted(
+    origs = sorted(
         p for p in where.glob(f"{name}_*.orig.tar.*") if not p.name.endswith((".asc", ".sig"))
     )
-    return matches[-1] if matches else None
+    if not origs:
+        return None
+    if name != PATCHED:
+        return Source(origs[-1])
+    upstream = origs[-1].name.split("_", 1)[1].removesuffix(".orig.tar.gz")
+    debian = sorted(where.glob(f"{name}_{upstream}-*.debian.tar.*"))
+    return Source(origs[-1], debian[-1]) if debian else None
 
 
 def fetch_zig(cache: Path, say: Log) -> Path:
@@ -319,7 +342,10 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
             "cc": ZIG_CC,
             "target": target.zig,
             "zig": ZIG,
-            "sources": {name: _file_id(path) for name, path in sorted(sources.items())},
+            "sources": {
+                name: [_file_id(path) for path in (source.orig, source.debian) if path]
+                for name, source in sorted(sources.items())
+            },
         }
     )
     prefix = cache / f"python-{target.arch}-{key}"
@@ -335,8 +361,13 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
     env = _toolchain(work / "bin", zig, target, deps)
     log = work / "build.log"
     jobs = str(os.cpu_count() or 2)
-    built = {name: _unpack(path, work) for name, path in sources.items()}
-    _patch_setup_py(built["python3.11"] / "setup.py")
+    built = {name: _unpack(source.orig, work) for name, source in sources.items()}
+    python_tree = built[PATCHED]
+    debian = sources[PATCHED].debian
+    if debian is not None:
+        applied = _apply_upstream_fixes(debian, python_tree, work, log)
+        say(f"applied Debian's {applied} patches of security fixes to CPython")
+    _patch_setup_py(python_tree / "setup.py")
 
     def step(args: Sequence[str], where: str, what: str) -> None:
         _run(args, cwd=built[where], env=env, log=log, what=what)
@@ -454,6 +485,33 @@ def _toolchain(bin_dir: Path, zig: Path, target: Target, deps: Path) -> dict[str
         "ZIG_GLOBAL_CACHE_DIR": str(zig.parent.parent / "cache"),
         "ZIG_LOCAL_CACHE_DIR": str(zig.parent.parent / "cache"),
     }
+
+
+def upstream_fixes(series: list[str]) -> list[str]:
+    """The tail of Debian's series from its first security fix: upstream's fixes, in order."""
+    first = next((i for i, name in enumerate(series) if UPSTREAM_FIX.match(name)), len(series))
+    return series[first:]
+
+
+def _apply_upstream_fixes(debian: Path, tree: Path, work: Path, log: Path) -> int:
+    """Debian's patches from its first security fix to the end of its series, in order."""
+    packaging = work / "debian-packaging"
+    packaging.mkdir()
+    _run(["tar", "-xf", str(debian)], cwd=packaging, log=log, what=f"unpack {debian.name}")
+    patches = packaging / "debian" / "patches"
+    try:
+        series = (patches / "series").read_text().split()
+    except OSError:
+        raise StandaloneError(f"{debian.name} has no debian/patches/series") from None
+    chosen = upstream_fixes(series)
+    for name in chosen:
+        _run(
+            ["patch", "-p1", "--forward", "--batch", "-i", str(patches / name)],
+            cwd=tree,
+            log=log,
+            what=f"CPython: patch {name}",
+        )
+    return len(chosen)
 
 
 def _patch_setup_py(path: Path) -> None:
