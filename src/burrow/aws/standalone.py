@@ -41,7 +41,7 @@ from burrow.aws.elf import ElfError, is_elf, max_glibc, needed_versions
 from burrow.aws.layer import ZIP_DATE, LayerError, check_arch, runtime_requirements
 
 #: Bump when the recipe below changes in a way that changes the interpreter it builds.
-RECIPE = 2
+RECIPE = 3
 PYTHON_MINOR = "3.11"
 #: Debian source packages (bookworm): upstream's tarballs, checked by apt against the archive's
 #: signed index, and for CPython Debian's packaging too, for the security fixes it carries.
@@ -67,6 +67,10 @@ GLIBC_TARGET = "2.28"
 GLIBC_MAX = (2, 34)
 STEP_TIMEOUT = 3600.0
 LOG_TAIL = 15
+
+#: Extension modules the build must have produced (setup.py skips a failed one silently): what
+#: the extension imports, and pyexpat, which PyInstaller itself needs.
+REQUIRED_MODULES = ("ssl", "_hashlib", "zlib", "_ctypes", "_asyncio", "_json", "pyexpat", "select")
 
 #: The frozen program's entry point.
 ENTRY = "from burrow.aws.extension import main\n\nmain()\n"
@@ -368,6 +372,7 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
         applied = _apply_upstream_fixes(debian, python_tree, work, log)
         say(f"applied Debian's {applied} patches of security fixes to CPython")
     _patch_setup_py(python_tree / "setup.py")
+    _patch_pyexpat(python_tree / "Modules" / "pyexpat.c")
 
     def step(args: Sequence[str], where: str, what: str) -> None:
         _run(args, cwd=built[where], env=env, log=log, what=what)
@@ -438,7 +443,7 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
     step(["make", "install", "PY3LIBRARY="], "python3.11", "CPython: install")
     python = prefix / "bin" / f"python{PYTHON_MINOR}"
     _run(
-        [str(python), "-c", "import ssl, zlib, _ctypes, _hashlib, asyncio, json"],
+        [str(python), "-c", f"import {', '.join(REQUIRED_MODULES)}"],
         cwd=work,
         env={**env, "LD_LIBRARY_PATH": str(prefix / "lib")},
         log=log,
@@ -522,6 +527,16 @@ def _patch_setup_py(path: Path) -> None:
     if text.count(call) != 1:
         raise StandaloneError(f"{path} is not the setup.py this recipe knows")
     path.write_text(text.replace(call, "        pass  # burrow: the target's headers only\n"))
+
+
+def _patch_pyexpat(path: Path) -> None:
+    """Debian's fix for CVE-2026-4224 gives pyexpat.c an internal header, which Debian's build
+    allows (pyexpat is built in there) and setup.py's does not: declare it a core module, as
+    upstream's later pyexpat.c does."""
+    text = path.read_text()
+    if "pycore_" in text and "Py_BUILD_CORE_MODULE" not in text:
+        guard = "#ifndef Py_BUILD_CORE_BUILTIN\n#  define Py_BUILD_CORE_MODULE 1\n#endif\n"
+        path.write_text(guard + text)
 
 
 def _unpack(tarball: Path, into: Path) -> Path:
