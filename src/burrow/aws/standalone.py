@@ -554,9 +554,7 @@ def _unpack(tarball: Path, into: Path) -> Path:
 
 def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
     """PyInstaller's onedir of the extension, run by the interpreter built for it."""
-    import burrow
-
-    package = Path(burrow.__file__).parent
+    package = Path(__file__).resolve().parent.parent  # the burrow package this module is in
     requirements = runtime_requirements()
     key = _digest(
         {
