@@ -674,7 +674,7 @@ def check_bundle(bundle: Path, limit: tuple[int, int] = GLIBC_MAX) -> dict[str, 
 def write_zip(output: Path, bundle: Path) -> None:
     """``extensions/burrow`` and ``burrow/...``, in a fixed order with fixed timestamps."""
     partial = output.with_name(output.name + ".part")
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
         _add(archive, "extensions/burrow", LAUNCHER.encode(), 0o755)
         for path in sorted(bundle.rglob("*")):
             if path.is_dir():
@@ -692,7 +692,7 @@ def _add(archive: zipfile.ZipFile, name: str, data: bytes, mode: int) -> None:
     info.create_system = 3  # Unix, so that the mode bits survive
     info.external_attr = (0o100000 | mode) << 16
     info.compress_type = zipfile.ZIP_DEFLATED
-    archive.writestr(info, data, compresslevel=9)
+    archive.writestr(info, data)  # level 6: level 9 takes 5x as long for 0.5% less
 
 
 # --- helpers -------------------------------------------------------------------------------
