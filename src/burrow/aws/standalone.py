@@ -77,7 +77,7 @@ LOG_TAIL = 15
 
 #: Extension modules the build must have produced (setup.py skips a failed one silently): what
 #: the extension imports, and pyexpat, which PyInstaller itself needs.
-REQUIRED_MODULES = ("ssl", "_hashlib", "zlib", "_ctypes", "_asyncio", "_json", "pyexpat", "select")
+REQUIRED_MODULES = ("_ssl", "_hashlib", "zlib", "_ctypes", "_asyncio", "_json", "pyexpat", "select")
 
 #: The frozen program's entry point.
 ENTRY = "from burrow.aws.extension import main\n\nmain()\n"
@@ -360,7 +360,8 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
         }
     )
     prefix = cache / f"python-{target.arch}-{key}"
-    if (prefix / "bin" / f"python{PYTHON_MINOR}").is_file():
+    done = prefix / ".complete"  # written last: a failed build is never taken for a good one
+    if done.is_file():
         return prefix
     say(f"building CPython, OpenSSL, zlib and libffi for glibc {GLIBC_TARGET} (minutes)")
     started = time.monotonic()
@@ -370,6 +371,11 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
     (work / "bin").mkdir(parents=True)
     deps = work / "deps"
     env = _toolchain(work / "bin", zig, target, deps)
+    if _cross(target):
+        # What configure cannot test by running a program built for the other machine.
+        site = work / "config.site"
+        site.write_text("ac_cv_file__dev_ptmx=yes\nac_cv_file__dev_ptc=no\n")
+        env["CONFIG_SITE"] = str(site)
     log = work / "build.log"
     jobs = str(os.cpu_count() or 2)
     built = {name: _unpack(source.orig, work) for name, source in sources.items()}
@@ -448,24 +454,39 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
     # link with no object file among its inputs fails on the target's glibc suffix).
     step(["make", f"-j{jobs}", "PY3LIBRARY="], "python3.11", "CPython: make")
     step(["make", "install", "PY3LIBRARY="], "python3.11", "CPython: install")
-    python = prefix / "bin" / f"python{PYTHON_MINOR}"
-    _run(
-        [str(python), "-c", f"import {', '.join(REQUIRED_MODULES)}"],
-        cwd=work,
-        env={**env, "LD_LIBRARY_PATH": str(prefix / "lib")},
-        log=log,
-        what="CPython: import check",
-    )
+    _check_modules(prefix, target)
+    if not _cross(target):
+        python = prefix / "bin" / f"python{PYTHON_MINOR}"
+        _run(
+            [str(python), "-c", f"import ssl, asyncio, {', '.join(REQUIRED_MODULES)}"],
+            cwd=work,
+            env={**env, "LD_LIBRARY_PATH": str(prefix / "lib")},
+            log=log,
+            what="CPython: import check",
+        )
+    done.write_text(f"{target.zig} {key}\n")
     shutil.rmtree(work, ignore_errors=True)
     say(f"interpreter built in {time.monotonic() - started:.0f} s: {prefix}")
     return prefix
 
 
+def _cross(target: Target) -> bool:
+    return target.machine != _host_machine()
+
+
 def _build_python(target: Target) -> list[str]:
     """A cross build runs this Python (the same minor version) where it would run its own."""
-    if target.machine == _host_machine():
-        return []
-    return [f"--with-build-python={sys.executable}"]
+    return [f"--with-build-python={sys.executable}"] if _cross(target) else []
+
+
+def _check_modules(prefix: Path, target: Target) -> None:
+    dynload = prefix / "lib" / f"python{PYTHON_MINOR}" / "lib-dynload"
+    suffix = f".cpython-{PYTHON_MINOR.replace('.', '')}-{target.triple}.so"
+    missing = [name for name in REQUIRED_MODULES if not (dynload / f"{name}{suffix}").is_file()]
+    if missing:
+        raise StandaloneError(
+            f"CPython built without {', '.join(missing)} (see the build log for why)"
+        )
 
 
 def _toolchain(bin_dir: Path, zig: Path, target: Target, deps: Path) -> dict[str, str]:
