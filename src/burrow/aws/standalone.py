@@ -374,8 +374,11 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
     if _cross(target):
         # What configure cannot test by running a program built for the other machine.
         site = work / "config.site"
-        site.write_text("ac_cv_file__dev_ptmx=yes\nac_cv_file__dev_ptc=no\n")
+        site.write_text(
+            "ac_cv_file__dev_ptmx=yes\nac_cv_file__dev_ptc=no\nac_cv_buggy_getaddrinfo=no\n"
+        )
         env["CONFIG_SITE"] = str(site)
+        env["READELF"] = "readelf"  # binutils' reads any machine's ELF
     log = work / "build.log"
     jobs = str(os.cpu_count() or 2)
     built = {name: _unpack(source.orig, work) for name, source in sources.items()}
