@@ -378,7 +378,8 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
             "ac_cv_file__dev_ptmx=yes\nac_cv_file__dev_ptc=no\nac_cv_buggy_getaddrinfo=no\n"
         )
         env["CONFIG_SITE"] = str(site)
-        env["READELF"] = "readelf"  # binutils' reads any machine's ELF
+        # binutils' reads any machine's ELF; configure wants a path, not the bare name.
+        env["READELF"] = shutil.which("readelf") or "readelf"
     log = work / "build.log"
     jobs = str(os.cpu_count() or 2)
     built = {name: _unpack(source.orig, work) for name, source in sources.items()}
