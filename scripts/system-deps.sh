@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive: Chromium (the inspector's browser test, via Playwright with
 # Debian's binary, since Playwright's own browser download cannot work here) and curl; for the
-# standalone Lambda extension's tests: debootstrap (a Debian 11 root), binutils (readelf), and
-# make, perl, patch, bzip2 and xz-utils to build and unpack CPython and its libraries.
+# standalone Lambda extension's tests: debootstrap (Debian 11 roots), qemu-user-static (arm64
+# under emulation), binutils (readelf), and make, perl, patch, bzip2 and xz-utils to build and
+# unpack CPython and its libraries.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v curl >/dev/null || missing+=(curl)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 command -v readelf >/dev/null || missing+=(binutils)
 for tool in make perl bzip2 patch; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 command -v xz >/dev/null || missing+=(xz-utils)

@@ -13,6 +13,10 @@ keyed by a hash of its inputs: the interpreter (minutes) by the sources, zig and
 the bundle (seconds) by the interpreter, burrow's sources and the wheels. Sources are fetched
 once: delete ``sources/`` there to take Debian's newer security updates.
 
+Another machine's layer (arm64 on x86_64): zig cross-compiles the interpreter, and PyInstaller
+runs it in a Debian root of that machine under qemu's user-mode emulation (burrow.aws.emulate),
+since it must run the target's interpreter, ``ldd`` and ``objcopy``.
+
 The layer: ``extensions/burrow`` (a two-line sh launcher, as every Lambda runtime has /bin/sh)
 execs ``burrow/burrow`` (PyInstaller's onedir: nothing is unpacked at start), which runs
 ``burrow.aws.extension.main()``.
@@ -44,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from burrow.aws import emulate
 from burrow.aws.elf import ElfError, is_elf, max_glibc, needed_versions
 from burrow.aws.layer import ZIP_DATE, LayerError, check_arch, runtime_requirements
 
@@ -54,6 +59,9 @@ PYTHON_MINOR = "3.11"
 #: signed index, and for CPython Debian's packaging too, for the security fixes it carries.
 SOURCES = ("python3.11", "openssl", "zlib", "libffi")
 PATCHED = "python3.11"
+#: The Debian release of the root PyInstaller runs in for another machine (glibc 2.31).
+ROOT_SUITE = "bullseye"
+ROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DEBIAN_RELEASE = "bookworm"
 DEBIAN_ARCHIVES = (
     ("http://deb.debian.org/debian", "bookworm"),
@@ -195,11 +203,18 @@ def build_standalone_layer(
 ) -> Path:
     """Write the standalone layer zip to ``output``, building (or reusing) what it needs."""
     target = TARGETS[check_arch(arch)]
-    if target.machine != _host_machine():
-        raise StandaloneError(
-            f"--arch {arch} --standalone must be built on an {target.machine} machine: "
-            "PyInstaller runs the bundled interpreter to analyse it"
-        )
+    if _cross(target):
+        # PyInstaller runs the target's interpreter: under emulation, in a root of its own.
+        if os.geteuid() != 0:
+            raise StandaloneError(
+                f"--arch {arch} --standalone on an {_host_machine()} machine needs root "
+                "(a user namespace for qemu's emulation); or build it on an "
+                f"{target.machine} machine"
+            )
+        try:
+            emulate.qemu_for(target.machine)
+        except emulate.EmulationError as exc:
+            raise StandaloneError(str(exc)) from None
     cache = cache or cache_root()
     say = log or (lambda _message: None)
     try:
@@ -208,7 +223,8 @@ def build_standalone_layer(
         raise StandaloneError(f"cannot create the cache {cache}: {exc.strerror or exc}") from None
     with _locked(cache / f"lock-{target.arch}"):
         python = build_interpreter(target, cache, say)
-        bundle = build_bundle(target, python, cache, say)
+        root = build_root(target, cache, say) if _cross(target) else None
+        bundle = build_bundle(target, python, cache, say, root)
     check_bundle(bundle)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -584,8 +600,11 @@ def _unpack(tarball: Path, into: Path) -> Path:
 # --- the bundle ----------------------------------------------------------------------------
 
 
-def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
-    """PyInstaller's onedir of the extension, run by the interpreter built for it."""
+def build_bundle(
+    target: Target, python: Path, cache: Path, say: Log, root: Path | None = None
+) -> Path:
+    """PyInstaller's onedir of the extension, run by the interpreter built for it: here, or
+    for another machine in ``root`` (a Debian root of that machine) under emulation."""
     package = Path(__file__).resolve().parent.parent  # the burrow package this module is in
     requirements = runtime_requirements()
     key = _digest(
@@ -603,12 +622,11 @@ def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
     bundle = cache / f"bundle-{target.arch}-{key}"
     if (bundle / "burrow").is_file():
         return bundle
-    say("bundling burrow with PyInstaller (onedir)")
+    say("bundling burrow with PyInstaller (onedir)" + (" under emulation" if root else ""))
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="burrow-standalone-", dir=cache) as tmp:
-        work = Path(tmp)
+    with _workdir(cache, root) as work:
+        inside = Path("/build") if root is not None else work  # work, as the build sees it
         site = work / "site"
-        tools = work / "tools"
         shutil.copytree(
             package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
@@ -621,49 +639,59 @@ def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
         ]
         platforms = [arg for tag in target.wheel_platforms for arg in ("--platform", tag)]
         _pip(["install", "--target", str(site), *wheel_args, *platforms, *requirements], cache)
-        _pip(["install", "--target", str(tools), *wheel_args, *platforms, *PYINSTALLER], cache)
+        _pip(
+            ["install", "--target", str(work / "tools"), *wheel_args, *platforms, *PYINSTALLER],
+            cache,
+        )
         (work / "entry.py").write_text(ENTRY)
         (work / "hook_certs.py").write_text(CERT_HOOK)
+        interpreter = python
+        if root is not None:
+            shutil.copytree(python, work / "python", symlinks=True)
+            interpreter = inside / "python"
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(work),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin") if root is None else ROOT_PATH,
+            "HOME": str(inside),
             "LANG": "C.UTF-8",
-            "PYTHONPATH": f"{site}{os.pathsep}{tools}",
+            "PYTHONPATH": f"{inside / 'site'}{os.pathsep}{inside / 'tools'}",
             "PYTHONNOUSERSITE": "1",
-            "LD_LIBRARY_PATH": str(python / "lib"),
-            "PYINSTALLER_CONFIG_DIR": str(work / "pyinstaller-config"),
+            "LD_LIBRARY_PATH": str(interpreter / "lib"),
+            "PYINSTALLER_CONFIG_DIR": str(inside / "pyinstaller-config"),
             "SOURCE_DATE_EPOCH": "315532800",
         }
         excludes = [arg for name in EXCLUDES for arg in ("--exclude-module", name)]
-        _run(
-            [
-                str(python / "bin" / f"python{PYTHON_MINOR}"),
-                "-m",
-                "PyInstaller",
-                "--onedir",
-                "--name",
-                "burrow",
-                "--noconfirm",
-                "--log-level",
-                "WARN",
-                "--distpath",
-                str(work / "dist"),
-                "--workpath",
-                str(work / "build"),
-                "--specpath",
-                str(work),
-                "--paths",
-                str(site),
-                "--runtime-hook",
-                str(work / "hook_certs.py"),
-                *excludes,
-                str(work / "entry.py"),
-            ],
-            cwd=work,
-            env=env,
-            log=work / "pyinstaller.log",
-            what="PyInstaller",
-        )
+        argv = [
+            str(interpreter / "bin" / f"python{PYTHON_MINOR}"),
+            "-m",
+            "PyInstaller",
+            "--onedir",
+            "--name",
+            "burrow",
+            "--noconfirm",
+            "--log-level",
+            "WARN",
+            "--distpath",
+            str(inside / "dist"),
+            "--workpath",
+            str(inside / "build"),
+            "--specpath",
+            str(inside),
+            "--paths",
+            str(inside / "site"),
+            "--runtime-hook",
+            str(inside / "hook_certs.py"),
+            *excludes,
+            str(inside / "entry.py"),
+        ]
+        log = work / "pyinstaller.log"
+        if root is None:
+            _run(argv, cwd=work, env=env, log=log, what="PyInstaller")
+        else:
+            variables = [f"{name}={value}" for name, value in env.items()]
+            emulated = emulate.command(
+                root, target.machine, ["/usr/bin/env", "-i", *variables, *argv]
+            )
+            _run(emulated, cwd=work, log=log, what=f"PyInstaller (emulated {target.machine})")
         warnings = work / "build" / "burrow" / "warn-burrow.txt"
         if warnings.is_file():
             shutil.copy(warnings, f"{bundle}.warnings.txt")
@@ -671,9 +699,47 @@ def build_bundle(target: Target, python: Path, cache: Path, say: Log) -> Path:
         for name in SYSTEM_LIBRARIES:
             (dist / "_internal" / name).unlink(missing_ok=True)
         shutil.rmtree(bundle, ignore_errors=True)
-        dist.rename(bundle)
+        shutil.move(dist, bundle)
     say(f"bundle built in {time.monotonic() - started:.0f} s: {bundle}")
     return bundle
+
+
+@contextlib.contextmanager
+def _workdir(cache: Path, root: Path | None) -> Iterator[Path]:
+    """A fresh directory for the bundle's build: in the cache, or in the target's root."""
+    if root is None:
+        with tempfile.TemporaryDirectory(prefix="burrow-standalone-", dir=cache) as tmp:
+            yield Path(tmp)
+        return
+    work = root / "build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_root(target: Target, cache: Path, say: Log) -> Path:
+    """A Debian 11 root of the target machine with binutils, where PyInstaller runs."""
+    dest = cache / f"root-{target.arch}-{ROOT_SUITE}"
+    if not (dest / ".complete").is_file():
+        say(f"making a Debian {ROOT_SUITE} root for {target.machine} (debootstrap)")
+
+    def run(argv: Sequence[str], cwd: Path) -> None:
+        _run(argv, cwd=cwd, log=cache / f"root-{target.arch}.log", what=f"root: {argv[0]}")
+
+    try:
+        return emulate.debian_root(
+            dest,
+            target.machine,
+            suite=ROOT_SUITE,
+            mirror=DEBIAN_ARCHIVES[0][0],
+            include=("binutils",),  # PyInstaller adds its archive to the executable with objcopy
+            run=run,
+        )
+    except emulate.EmulationError as exc:
+        raise StandaloneError(str(exc)) from None
 
 
 def check_bundle(bundle: Path, limit: tuple[int, int] = GLIBC_MAX) -> dict[str, tuple[int, int]]:
