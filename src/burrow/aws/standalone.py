@@ -22,11 +22,11 @@ execs ``burrow/burrow`` (PyInstaller's onedir: nothing is unpacked at start), wh
 ``burrow.aws.extension.main()``.
 
 Why PyInstaller and not Nuitka (both measured here, on the same interpreter and zig, in the
-Debian 11 root, 15 cold starts each): Nuitka's extension was ready about 40 ms sooner (median
-190 ms from process start and 170 ms of CPU, against 274 ms and 210 ms; the Python-runtime
-layer 241 ms and 190 ms), but it compiles for 7 minutes on every change to burrow where
-PyInstaller bundles in 25 seconds, zips to 16.6 MB against 14.6, and needs more of the build
-machine. PyInstaller already meets the 300 ms goal.
+Debian 11 root, 15 cold starts each, the machine lightly loaded): Nuitka's extension was ready
+a little sooner (median 195 ms from process start and 160 ms of CPU, against 230 ms and 210 ms;
+the Python-runtime layer 187 ms and 160 ms), but it compiles for 7 minutes on every change to
+burrow where PyInstaller bundles in 25 seconds, zips to 16.6 MB against 14.6, and needs more
+of the build machine. PyInstaller already meets the 300 ms goal.
 """
 
 from __future__ import annotations
