@@ -28,16 +28,12 @@ import pytest
 
 from burrow.aws import emulate, standalone
 from burrow.aws.elf import ElfError, max_glibc, needed_versions
+from burrow.aws.interpreter import ZIG_CC, Source, StandaloneError, find_source, upstream_fixes
 from burrow.aws.standalone import (
     LAUNCHER,
-    ZIG_CC,
-    Source,
-    StandaloneError,
     build_standalone_layer,
     cache_root,
     check_bundle,
-    find_source,
-    upstream_fixes,
     write_zip,
 )
 from helpers import SCALE, free_port
