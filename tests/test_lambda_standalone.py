@@ -28,7 +28,14 @@ import pytest
 
 from burrow.aws import emulate, standalone
 from burrow.aws.elf import ElfError, max_glibc, needed_versions
-from burrow.aws.interpreter import ZIG_CC, Source, StandaloneError, find_source, upstream_fixes
+from burrow.aws.interpreter import (
+    ZIG_CC,
+    Source,
+    StandaloneError,
+    find_source,
+    prune,
+    upstream_fixes,
+)
 from burrow.aws.standalone import (
     LAUNCHER,
     build_standalone_layer,
@@ -183,6 +190,19 @@ def test_debian_sources_and_patches(tmp_path: Path) -> None:
     ]
     assert upstream_fixes(series) == series[2:]
     assert upstream_fixes(["deb-setup.diff"]) == []
+
+
+def test_prune_keeps_the_current_entry(tmp_path: Path) -> None:
+    for name in ("bundle-x86_64-old", "bundle-x86_64-new", "bundle-arm64-other"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "bundle-x86_64-old.warnings.txt").write_text("")
+    (tmp_path / "bundle-x86_64-new.warnings.txt").write_text("")
+    prune(tmp_path, "bundle-x86_64-", keep=tmp_path / "bundle-x86_64-new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bundle-arm64-other",
+        "bundle-x86_64-new",
+        "bundle-x86_64-new.warnings.txt",
+    ]
 
 
 def test_cache_root() -> None:

@@ -342,6 +342,7 @@ def build_interpreter(target: Target, cache: Path, say: Log) -> Path:
         )
     done.write_text(f"{target.zig} {key}\n")
     shutil.rmtree(work, ignore_errors=True)
+    prune(cache, f"python-{target.arch}-", keep=prefix)
     say(f"interpreter built in {time.monotonic() - started:.0f} s: {prefix}")
     return prefix
 
@@ -454,6 +455,16 @@ def _unpack(tarball: Path, into: Path) -> Path:
 
 
 # --- the bundle ----------------------------------------------------------------------------
+
+
+def prune(cache: Path, prefix: str, keep: Path) -> None:
+    """Remove the entries an older recipe or source left under ``cache`` (hundreds of MB)."""
+    for old in cache.glob(f"{prefix}*"):
+        if old != keep and not old.name.startswith(keep.name):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 def pip(args: Sequence[str], cache: Path) -> None:

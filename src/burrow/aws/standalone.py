@@ -51,6 +51,7 @@ from burrow.aws.interpreter import (
     host_machine,
     is_cross,
     pip,
+    prune,
     run_step,
 )
 from burrow.aws.layer import ZIP_DATE, check_arch, runtime_requirements
@@ -276,6 +277,7 @@ def build_bundle(
             (dist / "_internal" / name).unlink(missing_ok=True)
         shutil.rmtree(bundle, ignore_errors=True)
         shutil.move(dist, bundle)
+    prune(cache, f"bundle-{target.arch}-", keep=bundle)
     say(f"bundle built in {time.monotonic() - started:.0f} s: {bundle}")
     return bundle
 
