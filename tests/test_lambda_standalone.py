@@ -292,7 +292,7 @@ def debian11() -> Path:
     if (root / ".complete").is_file():
         return root
     if shutil.which("debootstrap") is None:
-        pytest.fail("debootstrap is missing: bash scripts/system-deps.sh installs it")
+        pytest.fail("debootstrap is missing: bash scripts/system-deps.sh --all installs it")
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
