@@ -297,7 +297,7 @@ def _no_relay_options(ctx: click.Context) -> None:
     ]
     if given:
         raise click.UsageError(
-            f"{', '.join(given)} configure a running relay; `burrow relay "
-            f"{ctx.invoked_subcommand}` takes its own options (see its --help)",
+            f"{', '.join(given)}: options of `burrow relay` itself; `burrow relay "
+            f"{ctx.invoked_subcommand}` takes its own (see its --help)",
             ctx,
         )
