@@ -306,14 +306,51 @@ def test_reload_closes_a_removed_private_service(
                 gone, tag_gone = dial(gone_at)
                 assert (tag_keep, tag_gone) == (b"A", b"B")
 
-                config.write_text("\n".join(lines[:6]) + "\n")  # the second table dropped
+                # "gone" dropped; "bad" asks for a port outside the relay's range
+                bad = ["[[tunnel]]", 'name = "bad"', f'local = "{servers["D"].port}"', "port = 80"]
+                config.write_text("\n".join(lines[:6] + bad) + "\n")
                 assert "gone" not in config.read_text()
                 up.send_signal(signal.SIGHUP)
                 during = events.until("reloaded")
-                assert during[-1]["removed"] == ["gone"]
+                assert (during[-1]["removed"], during[-1]["added"]) == (["gone"], ["bad"])
+                assert during[-1]["refused"] == ["bad"]  # not kept: a reconnect won't trip on it
+                assert any("bad" in e.get("message", "") for e in during if e["event"] == "warning")
 
                 assert is_closed(gone)
                 assert echoes(keep, b"kept" * 10000)
                 with pytest.raises(ConnectionError):
                     dial(gone_at)[0].close()
                 keep.close()
+
+
+async def test_hangups_coalesce() -> None:
+    """A signal during start-up waits for ``arm``; signals during a reload make one more
+    reload after it, not one each."""
+    import asyncio
+
+    from burrow.cli.reload import HangupReloads
+
+    runs = 0
+    gate = asyncio.Event()
+
+    async def reload() -> None:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+
+    hangups = HangupReloads(reload)
+    try:
+        hangups.request()
+        await asyncio.sleep(0)
+        assert runs == 0  # not armed: start-up is not over
+        hangups.arm()
+        await asyncio.sleep(0)
+        assert runs == 1
+        for _ in range(5):
+            hangups.request()
+        gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert runs == 2
+    finally:
+        await hangups.close()
