@@ -112,7 +112,7 @@ class ReloadableAgent(Agent):
         tunnel = _serving.get()
         if tunnel is not None:
             self._owners[task] = tunnel
-            task.add_done_callback(self._owners.pop)
+            task.add_done_callback(lambda done: self._owners.pop(done, None))
         return task
 
     def track(self, item: Any, closer: Callable[[], None]) -> None:
