@@ -6,12 +6,14 @@
 # also what the standalone Lambda extension's tests need: debootstrap
 # (Debian 11 roots), qemu-user-static (arm64 under emulation), and make, perl, patch, bzip2 and
 # xz-utils to build and unpack CPython and its libraries.
+# systemd's systemd-analyze checks the units in packaging/systemd.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v curl >/dev/null || missing+=(curl)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v readelf >/dev/null || missing+=(binutils)
 if [ "${1:-}" = "--all" ]; then
   command -v debootstrap >/dev/null || missing+=(debootstrap)

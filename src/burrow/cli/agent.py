@@ -26,14 +26,18 @@ from burrow.errors import BurrowError, ConfigError
 
 
 def _run_agent(
-    reporter: Reporter, services: list[Any], common: dict[str, Any], **options: Any
+    reporter: Reporter,
+    services: list[Any],
+    common: dict[str, Any],
+    agent_class: Any = None,
+    **options: Any,
 ) -> None:
     """Run one agent offering ``services`` until a signal or a failure."""
     from burrow.roles.agent import Agent, AgentConfig
 
     def build(settings: Any, embedded_at: tuple[str, int] | None) -> Agent:
         config = settings.build(AgentConfig, relay=embedded_at, tunnels=services)
-        return Agent(config, on_event=reporter.event)
+        return (agent_class or Agent)(config, on_event=reporter.event)
 
     try:
         settings = options.pop("settings", None) or client_settings(common)
@@ -304,7 +308,9 @@ def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
 @client_options(embedded=True)
 def up(config_path: Path, **common: Any) -> None:
     """Open every tunnel listed in a config file, in one agent. Flags (and BURROW_*
-    variables) win over the file's settings."""
+    variables) win over the file's settings. SIGHUP (systemctl reload) reads the file again:
+    tunnels added, removed or changed follow it, the others keep their connections."""
+    from burrow.cli.reload import FileReloader, ReloadableAgent
     from burrow.config import load_agent_config
     from burrow.kinds import service_from_file
 
@@ -332,7 +338,16 @@ def up(config_path: Path, **common: Any) -> None:
             }
         )
     has_http = any(t.kind == "http" for t in file.tunnels)
-    _run_agent(reporter, services, common, settings=settings, embedded_http=has_http)
+    reloader = FileReloader(config_path, file, services, reporter.event, service_from_file)
+    _run_agent(
+        reporter,
+        services,
+        common,
+        agent_class=ReloadableAgent,
+        settings=settings,
+        embedded_http=has_http,
+        reload=reloader.reload,
+    )
 
 
 def _readable_by_others(path: Path) -> bool:
