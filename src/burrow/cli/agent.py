@@ -29,7 +29,6 @@ def _run_agent(
     reporter: Reporter,
     services: list[Any],
     common: dict[str, Any],
-    agent_class: Any = None,
     **options: Any,
 ) -> None:
     """Run one agent offering ``services`` until a signal or a failure."""
@@ -37,7 +36,7 @@ def _run_agent(
 
     def build(settings: Any, embedded_at: tuple[str, int] | None) -> Agent:
         config = settings.build(AgentConfig, relay=embedded_at, tunnels=services)
-        return (agent_class or Agent)(config, on_event=reporter.event)
+        return Agent(config, on_event=reporter.event)
 
     try:
         settings = options.pop("settings", None) or client_settings(common)
@@ -310,7 +309,7 @@ def up(config_path: Path, **common: Any) -> None:
     """Open every tunnel listed in a config file, in one agent. Flags (and BURROW_*
     variables) win over the file's settings. SIGHUP (systemctl reload) reads the file again:
     tunnels added, removed or changed follow it, the others keep their connections."""
-    from burrow.cli.reload import FileReloader, ReloadableAgent
+    from burrow.cli.reload import FileReloader
     from burrow.config import load_agent_config
     from burrow.kinds import service_from_file
 
@@ -343,7 +342,6 @@ def up(config_path: Path, **common: Any) -> None:
         reporter,
         services,
         common,
-        agent_class=ReloadableAgent,
         settings=settings,
         embedded_http=has_http,
         reload=reloader.reload,

@@ -3,27 +3,23 @@ are registered, removed ones unregistered and their connections closed, changed 
 (closed, then opened again with the same port or name), and every other tunnel and its
 connections left alone. A file that no longer parses changes nothing.
 
-Three parts: ``plan`` (which tunnels changed; pure), ``ReloadableAgent`` (an agent whose
-services can be changed on a live session; its methods are meant to move into
-``burrow.roles.agent.Agent``), and ``FileReloader`` (reads the file, applies the plan, reports).
+Two parts: ``plan`` (which tunnels changed; pure) and ``FileReloader`` (reads the file, applies
+the plan through ``Agent.update_tunnels``, reports).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from burrow.config import AgentFile, TunnelSpec, load_agent_config
-from burrow.errors import BurrowError, TunnelError
+from burrow.errors import BurrowError
 from burrow.events import EventSink, emit
-from burrow.net.connection import SessionConnection
-from burrow.roles.agent import Agent, AgentConfig
-from burrow.roles.services import ActiveTunnel, Service
-from burrow.wire.messages import MessageError, Unregister, parse_open, to_message
+from burrow.roles.agent import Agent
+from burrow.roles.services import Service
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -65,123 +61,6 @@ def identity(spec: TunnelSpec, service: Service) -> tuple[str, str]:
     return (spec.kind, service.key)
 
 
-# --- an agent whose services change while it runs -------------------------------------------
-
-#: The tunnel whose stream is being served: set around ``on_stream`` and inherited by the
-#: tasks it spawns, so every connection the agent tracks is known by its tunnel.
-_serving: contextvars.ContextVar[ActiveTunnel | None] = contextvars.ContextVar(
-    "burrow_serving", default=None
-)
-
-
-class ReloadableAgent(Agent):
-    """An ``Agent`` with ``update_tunnels``. It only adds to ``Agent``: the methods below are
-    written so they can move into it as they are (see the packaging report)."""
-
-    def __init__(self, config: AgentConfig, *, on_event: EventSink | None = None) -> None:
-        super().__init__(config, on_event=on_event)
-        self._owners: dict[Any, ActiveTunnel] = {}  # tracked item or task -> its tunnel
-        self._changing = asyncio.Lock()
-
-    async def on_session(self, conn: SessionConnection) -> None:
-        async with self._changing:  # never register while tunnels are being changed
-            await super().on_session(conn)
-
-    def on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
-        token = _serving.set(self._tunnel_for(info))
-        try:
-            super().on_stream(conn, stream_id, info)
-        finally:
-            _serving.reset(token)
-
-    def _tunnel_for(self, info: dict[str, Any]) -> ActiveTunnel | None:
-        try:
-            opened = parse_open(info)
-        except MessageError:
-            return None
-        if opened.port is not None:
-            return self._by_port.get(opened.port)
-        if opened.http is not None:
-            return self._by_name.get(("http", opened.http))
-        if opened.service is not None:
-            return self._by_name.get(("svc", opened.service))
-        return None
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = super().spawn(coro)
-        tunnel = _serving.get()
-        if tunnel is not None:
-            self._owners[task] = tunnel
-            task.add_done_callback(lambda done: self._owners.pop(done, None))
-        return task
-
-    def track(self, item: Any, closer: Callable[[], None]) -> None:
-        super().track(item, closer)
-        tunnel = _serving.get()
-        if tunnel is not None:
-            self._owners[item] = tunnel
-
-    def untrack(self, item: Any) -> None:
-        super().untrack(item)
-        self._owners.pop(item, None)
-
-    async def update_tunnels(
-        self, *, add: Sequence[Service] = (), remove: Sequence[ActiveTunnel] = ()
-    ) -> list[tuple[Service, BurrowError]]:
-        """Change what this agent offers without touching its other tunnels. Each tunnel in
-        ``remove`` is unregistered and its open connections are closed; each service in
-        ``add`` is registered on the live session (or on the next one, if it is down).
-        Returns the added services the relay refused: they are not kept, so a later
-        reconnect does not fail on them."""
-        refused: list[tuple[Service, BurrowError]] = []
-        async with self._changing:
-            conn = self.conn if self.conn is not None and self.conn.is_open else None
-            for tunnel in remove:
-                if tunnel in self.tunnels:
-                    self._remove(conn, tunnel)
-            for service in add:
-                tunnel = ActiveTunnel(service)
-                self.tunnels.append(tunnel)
-                if conn is None:
-                    continue  # on_session registers it when the session is back
-                try:
-                    await self._register(conn, tunnel)
-                except TunnelError as exc:
-                    self.tunnels.remove(tunnel)
-                    refused.append((service, exc))
-                except (ConnectionError, TimeoutError):
-                    pass  # the session ended meanwhile: the next on_session registers it
-        return refused
-
-    def _remove(self, conn: SessionConnection | None, tunnel: ActiveTunnel) -> None:
-        self.tunnels.remove(tunnel)
-        for port in [k for k, held in self._by_port.items() if held is tunnel]:
-            del self._by_port[port]
-        for name in [k for k, held in self._by_name.items() if held is tunnel]:
-            del self._by_name[name]
-        if conn is not None and (tunnel.port is not None or tunnel.name is not None):
-            message = (
-                Unregister(port=tunnel.port)
-                if tunnel.port is not None
-                else Unregister(name=tunnel.name, kind=tunnel.spec.kind)
-            )
-            conn.send_control(to_message(message))
-        for item, owner in list(self._owners.items()):
-            if owner is not tunnel:
-                continue
-            if isinstance(item, asyncio.Task):
-                item.cancel()
-            elif (closer := self._tracked.get(item)) is not None:
-                closer()
-        emit(
-            self.on_event,
-            "tunnel_removed",
-            kind=tunnel.spec.kind,
-            name=tunnel.name or tunnel.spec.key,
-            public=tunnel.public,
-        )
-
-
 # --- the file ---------------------------------------------------------------------------------
 
 _RELAY_SETTINGS = ("relay", "secret", "token", "fingerprint", "ca", "insecure")
@@ -205,7 +84,7 @@ class FileReloader:
             for spec, service in zip(self.file.tunnels, self.services, strict=True)
         }
 
-    async def reload(self, agent: ReloadableAgent) -> str:
+    async def reload(self, agent: Agent) -> str:
         """Read the file and apply it; returns a one-line summary (systemd's STATUS)."""
         try:
             file = load_agent_config(self.path)
