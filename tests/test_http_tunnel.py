@@ -593,9 +593,10 @@ async def test_100_parallel_requests_pair_correctly(tmp_path: Path) -> None:
 #: receiving side stops reading for ``PAUSE`` seconds after ``PAUSE_AT`` bytes, so a relay or agent
 #: that buffers instead of pushing back shows up as RSS growth.
 PEER = r"""
-import hashlib, http.client, http.server, json, random, sys, time
+import hashlib, http.client, http.server, json, os, random, sys, time
 
 PAUSE_AT, PAUSE = 64 << 20, 3.0
+SCALE = float(os.environ.get("BURROW_TEST_SCALE", "1"))
 
 MiB = 1 << 20
 
