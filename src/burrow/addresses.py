@@ -116,3 +116,21 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
             )
         raise bad
     return host, port
+
+
+#: The most relays one ``--to`` may list.
+MAX_RELAYS = 16
+
+
+def parse_relays(spec: str, default_port: int = DEFAULT_RELAY_PORT) -> list[tuple[str, int]]:
+    """``HOST[:PORT][,HOST[:PORT]...]``: the nodes of a cluster, tried in order."""
+    parts = [part.strip() for part in spec.split(",")]
+    if not spec.strip() or any(not part for part in parts):
+        raise ConfigError(
+            f"invalid relay list {shown(spec)}: expected HOST[:PORT], or several separated by "
+            "commas (a:7835,b:7835)"
+        )
+    if len(parts) > MAX_RELAYS:
+        raise ConfigError(f"too many relays in {shown(spec)}: at most {MAX_RELAYS}")
+    relays = [parse_hostport(part, default_port) for part in parts]
+    return list(dict.fromkeys(relays))

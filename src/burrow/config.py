@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport, parse_local
+from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport, parse_local, parse_relays
 from burrow.addresses import shown as _shown
 from burrow.errors import ConfigError
 
@@ -123,7 +123,7 @@ class AgentFile(msgspec.Struct, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.relay is not None:
             try:
-                parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+                parse_relays(self.relay)
             except ConfigError as err:
                 raise ValueError(f"relay: {err}") from None
         if self.secret == "":
@@ -137,8 +137,8 @@ class AgentFile(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def relay_addr(self) -> tuple[str, int] | None:
-        """The relay as (host, port), or None for an embedded relay on loopback."""
-        return None if self.relay is None else parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+        """The (first) relay as (host, port), or None for an embedded relay on loopback."""
+        return None if self.relay is None else parse_relays(self.relay)[0]
 
 
 # Friendlier wording for msgspec's type errors, by the key they are about.

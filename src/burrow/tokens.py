@@ -8,6 +8,11 @@ the signature over the handshake transcript (``token_proof``), and the relay rec
 signature from its key to check that (``TokenVerifier``). Revocation is either one token
 (``token.deny``, one id a line) or all of them (``TokenKey.rotate``: a new key, so every old
 signature stops matching).
+
+A token may also carry a ``node`` claim: relay nodes of one cluster share the token key and
+mint such tokens for the sessions they open to each other (``burrow.roles.cluster``); only a
+session proving one may open streams addressed by public port or HTTP name, and the connector
+it names (``peer``) is believed. ``burrow token issue`` never mints them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "KEY_FILE",
     "MAX_CLAIMS",
     "MAX_PATTERNS",
+    "NODE_ID_RE",
     "PREFIX",
     "Scope",
     "TokenError",
@@ -63,6 +69,8 @@ _MAX_CLAIMS_B64: Final = (MAX_CLAIMS * 4 + 2) // 3
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]*")
 MAX_SUBJECT = 128
 _ID_RE: Final = re.compile(r"[0-9a-f]{12}")
+#: A relay node's id, as ``burrow relay --node-id`` takes it (it names Redis keys too).
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAC_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _TTL_RE: Final = re.compile(r"([0-9]{1,12})([smhdw])")
 _TTL_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -208,6 +216,7 @@ class Scope:
     connect: tuple[str, ...]
     token_id: str | None = None
     subject: str | None = None  # who the token was given to
+    node: str | None = None  # a relay node of the same cluster (its node link)
 
     @property
     def holder(self) -> str:
@@ -275,6 +284,9 @@ def _check_claims(claims: object) -> dict[str, Any]:
         not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUBJECT or not sub.isprintable()
     ):
         raise ValueError(f"sub must be 1 to {MAX_SUBJECT} printable characters")
+    node = claims.get("node")
+    if node is not None and (not isinstance(node, str) or not NODE_ID_RE.fullmatch(node)):
+        raise ValueError("node must be a node id (letters, digits, '.', '_', '-'; 64 at most)")
     expose = _patterns(claims.get("expose"), "expose")
     connect = _patterns(claims.get("connect"), "connect")
     if len(expose) + len(connect) > MAX_PATTERNS:
@@ -303,10 +315,12 @@ def mint(
     ttl_seconds: int | None,
     now: float,
     subject: str | None = None,
+    node: str | None = None,
 ) -> str:
     """A new token allowing ``expose`` and ``connect`` globs, valid for ``ttl_seconds`` from
     ``now`` (None: until revoked), naming its holder ``subject`` (who it was given to: it
-    shows in the logs of what the holder does). Raises ConfigError on what it cannot carry."""
+    shows in the logs of what the holder does); ``node`` makes it a relay node's token for
+    the node links of a cluster. Raises ConfigError on what it cannot carry."""
     if ttl_seconds is not None and not (_is_int(ttl_seconds) and 0 < ttl_seconds <= MAX_TTL):
         raise ConfigError(f"token lifetime must be 1 to {MAX_TTL} seconds, or 'never'")
     try:
@@ -320,6 +334,7 @@ def mint(
                 "expose": list(_patterns(expose, "expose")),
                 "connect": list(_patterns(connect, "connect")),
                 **({"sub": subject} if subject is not None else {}),
+                **({"node": node} if node is not None else {}),
             }
         )
     except ValueError as exc:
@@ -403,7 +418,11 @@ class TokenVerifier:
         if exp is not None and now >= exp:
             raise TokenError(f"token expired at {_format_time(exp)}; {_ISSUE_HINT}", "expired")
         return Scope(
-            tuple(claims["expose"]), tuple(claims["connect"]), claims["id"], claims.get("sub")
+            tuple(claims["expose"]),
+            tuple(claims["connect"]),
+            claims["id"],
+            claims.get("sub"),
+            claims.get("node"),
         )
 
     def _mismatch(self, claims_b64: str) -> TokenError:

@@ -5,6 +5,11 @@ it may start later); after that the session is supervised: when it ends the clie
 with exponential backoff and jitter (capped at 30 s) and calls ``on_session`` again, so a
 subclass re-registers what it offers. Refusals that retrying cannot fix (secret, certificate,
 token) end the client: ``wait_failed()`` returns the error.
+
+A client may be given several relays (the nodes of a cluster, ``--to a:7835,b:7835``, or one
+name with several addresses): it connects to the first that answers and, when that session
+dies, to another, the one it lost tried last. Its leases follow its identity, so the node it
+lands on gives its ports and names back at once.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from burrow.wire.session import Role
 log = logging.getLogger("burrow.client")
 
 CONNECT_TIMEOUT = 10.0
+#: With several relays (or addresses), the most one of them may take before the next is tried.
+PER_RELAY_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -53,6 +60,8 @@ class ClientConfig:
     identity_key: Ed25519PrivateKey | None = None
     connect_timeout: float = CONNECT_TIMEOUT
     retry_forever: bool = False
+    #: Every relay to try, in order (``relay`` first); empty means ``relay`` alone.
+    relays: tuple[tuple[str, int], ...] = ()
 
 
 class RelayClient:
@@ -71,6 +80,12 @@ class RelayClient:
         self._next_request = 1
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self._candidates: tuple[tuple[str, int], ...] = config.relays or (config.relay,)
+        self._first = 0  # the candidate tried first on the next connect
+        self._current = 0  # the candidate of the current (or last) session
+        self._avoid: str | None = None  # the address whose session died: tried last
+        #: HOST:PORT of the relay the current session is with.
+        self.connected_relay: str | None = None
         self._token_prover: Callable[[bytes], tuple[str, str]] | None = None
         if config.token is not None:
             from burrow.tokens import parse_token, token_proof
@@ -81,7 +96,8 @@ class RelayClient:
 
     @property
     def relay_label(self) -> str:
-        return format_hostport(*self.client_config.relay)
+        """The relay as the user named it (every one of them, when several)."""
+        return ",".join(format_hostport(*relay) for relay in self._candidates)
 
     # --- hooks for subclasses ----------------------------------------------------------------
 
@@ -176,9 +192,77 @@ class RelayClient:
                 self._reconnecting(attempt, delay, str(exc))
                 await asyncio.sleep(delay)
 
+    async def connect_once(self, timeout: float) -> SessionConnection:
+        """One connection (each relay tried once), with no supervision: for node links."""
+        return await self._connect(timeout)
+
     async def _connect(self, timeout: float) -> SessionConnection:
-        host, port = self.client_config.relay
-        label = self.relay_label
+        """Connect to the first relay that answers, starting with ``_first``."""
+        candidates = self._candidates
+        if len(candidates) == 1:
+            return await self._connect_to(candidates[0], timeout)
+        failures: list[BurrowError] = []
+        each = min(timeout, PER_RELAY_TIMEOUT)
+        for offset in range(len(candidates)):
+            index = (self._first + offset) % len(candidates)
+            try:
+                conn = await self._connect_to(candidates[index], each)
+            except (ConnectError, AuthError, TLSVerifyError) as exc:
+                failures.append(exc)
+                if not exc.retryable:
+                    emit(self.on_event, "warning", message=str(exc))
+                continue
+            self._current = index
+            return conn
+        fatal = [exc for exc in failures if not exc.retryable]
+        if len(fatal) == len(failures):
+            raise fatal[0]
+        raise RelayUnavailable(
+            "no relay answered: " + "; ".join(str(exc) for exc in failures if exc.retryable)
+        )
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        """``host``'s addresses in the resolver's order, the one whose session died last."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise ConnectError(
+                f"relay name {host!r} does not resolve; check --to / BURROW_RELAY"
+            ) from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if self._avoid in addresses and len(addresses) > 1:
+            addresses.remove(self._avoid)
+            addresses.append(self._avoid)
+        return addresses
+
+    async def _connect_to(self, relay: tuple[str, int], timeout: float) -> SessionConnection:
+        """Connect to one relay, trying each of its name's addresses in turn."""
+        host, port = relay
+        addresses = await self._addresses(host, port)
+        if len(addresses) == 1:
+            return await self._connect_address(relay, addresses[0], timeout)
+        failure: BurrowError | None = None
+        for address in addresses:
+            try:
+                return await self._connect_address(relay, address, min(timeout, PER_RELAY_TIMEOUT))
+            except RelayUnavailable as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def _connect_address(
+        self, relay: tuple[str, int], address: str, timeout: float
+    ) -> SessionConnection:
+        host, port = relay
+        label = format_hostport(host, port)
         trust = self.client_config.trust
         context: ssl.SSLContext | None = trust.ssl_context() if trust is not None else None
         loop = asyncio.get_running_loop()
@@ -199,7 +283,7 @@ class RelayClient:
             async with asyncio.timeout(timeout):
                 transport, conn = await loop.create_connection(
                     factory,
-                    host,
+                    address,
                     port,
                     ssl=context,
                     server_hostname=host if context is not None else None,
@@ -252,6 +336,8 @@ class RelayClient:
             conn.abort("failed")
             raise
         self.conn = conn
+        self.connected_relay = label
+        self._avoid = address
         emit(
             self.on_event,
             "connected",
@@ -275,7 +361,9 @@ class RelayClient:
             reason = await asyncio.shield(conn.closed)
             if self._closing:
                 return
-            emit(self.on_event, "session_lost", relay=self.relay_label, reason=reason)
+            # Another relay of several first; the address that died last among a name's.
+            self._first = (self._current + 1) % len(self._candidates)
+            emit(self.on_event, "session_lost", relay=self.connected_relay, reason=reason)
             while not self._closing:
                 attempt += 1
                 delay = backoff(attempt)

@@ -61,13 +61,9 @@ class LeaseTable:
         if lease is None or lease.owner == owner:
             return
         if lease.connected:
-            raise TunnelError(f"{describe(port)} is in use by another agent", _in_use(port))
+            raise in_use(port)
         if lease.expires > now:
-            raise TunnelError(
-                f"{describe(port)} is reserved for another agent for {lease.expires - now:.0f} s "
-                "more (its lease survives a reconnect); ask for another or wait",
-                _in_use(port),
-            )
+            raise reserved(port, lease.expires - now)
 
     def take(
         self,
@@ -86,6 +82,20 @@ class LeaseTable:
 
     def leases(self) -> list[Lease]:
         return list(self._by_port.values())
+
+    def put(self, lease: Lease) -> Lease | None:
+        """Store ``lease`` as another store decided it (a mirror of a shared registry);
+        return the one it replaces."""
+        previous = self._by_port.get(lease.port)
+        self._by_port[lease.port] = lease
+        return previous
+
+    def pop(self, port: Hashable) -> Lease | None:
+        """Forget ``port``'s lease and return it (a mirror learning it is gone)."""
+        return self._by_port.pop(port, None)
+
+    def clear(self) -> None:
+        self._by_port.clear()
 
     def release(self, port: Hashable, now: float) -> None:
         """The agent's session ended: keep the port for the grace period."""
@@ -108,6 +118,20 @@ class LeaseTable:
         for port in gone:
             del self._by_port[port]
         return gone
+
+
+def in_use(key: Hashable) -> TunnelError:
+    """The refusal of a key another agent holds now."""
+    return TunnelError(f"{describe(key)} is in use by another agent", _in_use(key))
+
+
+def reserved(key: Hashable, remaining: float) -> TunnelError:
+    """The refusal of a key kept ``remaining`` seconds more for an agent that went away."""
+    return TunnelError(
+        f"{describe(key)} is reserved for another agent for {remaining:.0f} s "
+        "more (its lease survives a reconnect); ask for another or wait",
+        _in_use(key),
+    )
 
 
 def _in_use(key: Hashable) -> str:

@@ -15,7 +15,8 @@ registry shared by several relay nodes (Redis) or by the serverless relay's hand
   ``expires``, unless the same identity claims it back first.
 - **Atomic.** ``claim`` is one compare-and-set per key: it succeeds when the key is free, its
   lease has lapsed, or the claimant is the same identity (which moves the lease to the new
-  session). Redis: a Lua script over the key's hash; DynamoDB: a conditional PutItem
+  session); a name held by a service of another kind is ``name_in_use`` even for the same
+  identity. Redis: a Lua script over the key's hash; DynamoDB: a conditional PutItem
   (``attribute_not_exists(pk) OR identity = :me OR (attribute_not_exists(session) AND
   expires < :now)``). ``release`` (the session ended) and ``drop`` (the agent gave the tunnel
   up) are conditional on the session that holds the lease, so a late release from an old
@@ -27,15 +28,20 @@ registry shared by several relay nodes (Redis) or by the serverless relay's hand
 
 The mutating methods are coroutines because a shared store answers over the network; reads
 (``resolve``, ``find``) are synchronous views a shared registry keeps warm locally.
+
+A registry shared by several nodes (``SharedRegistry``: ``burrow.roles.redis_registry``) also
+has a life of its own: it is opened with this node's record and told what to call when leases
+change elsewhere (``RegistryHooks``), and it lists the nodes of the cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from burrow.roles.leases import Lease, LeaseTable
+from burrow.errors import TunnelError
+from burrow.roles.leases import Lease, LeaseTable, describe
 
 #: How a lease key reads: a port number, or (namespace, name).
 LeaseKey = Hashable
@@ -57,6 +63,54 @@ class Claim:
 
     lease: Lease
     moved_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A relay node as its cluster sees it: where peers dial it, the certificate they pin,
+    its load, and when it last said it was alive (the store's wall clock)."""
+
+    id: str
+    address: str  # HOST:PORT of its control port, as peers dial it
+    fingerprint: str | None = None  # None: plaintext control port (--insecure)
+    sessions: int = 0
+    tunnels: int = 0
+    streams: int = 0
+    seen: float = 0.0
+    started: float = 0.0
+    version: str = ""
+    instance: str = ""  # this run of the node (a restart is a new instance)
+
+
+class RegistryHooks(Protocol):
+    """What a shared registry tells its relay."""
+
+    def lease_changed(self, key: LeaseKey, old: Lease | None, new: Lease | None) -> None:
+        """Another node (or time) changed ``key``: ``new`` None means it is gone."""
+        ...
+
+    def lease_lost(self, lease: Lease) -> None:
+        """A lease of this node's session was taken while the store could not be reached."""
+        ...
+
+    def nodes_changed(self, nodes: Mapping[str, NodeInfo]) -> None:
+        """The live nodes of the cluster (this one included)."""
+        ...
+
+    def registry_state(self, available: bool, reason: str) -> None:
+        """The store became unreachable (``reason``) or reachable again."""
+        ...
+
+    def node_load(self) -> tuple[int, int, int]:
+        """This node's sessions, tunnels held and open streams, for its record."""
+        ...
+
+
+def kind_conflict(key: LeaseKey, held: str, wanted: str) -> TunnelError | None:
+    """A name held by a service of another kind is not this one's to take."""
+    if held and wanted and held != wanted:
+        return TunnelError(f"{describe(key)} is in use by a {held} service", "name_in_use")
+    return None
 
 
 class Registry(Protocol):
@@ -99,6 +153,27 @@ class Registry(Protocol):
     def leases(self) -> list[Lease]: ...
 
 
+@runtime_checkable
+class SharedRegistry(Registry, Protocol):
+    """A registry several relay nodes share."""
+
+    node_id: str
+    available: bool
+
+    async def open(self, node: NodeInfo, hooks: RegistryHooks) -> None:
+        """Connect, announce ``node``, load the leases; raise ``ConfigError`` if the store
+        cannot be reached or another live node has the same id."""
+        ...
+
+    async def close(self) -> None:
+        """Release this node's leases (their grace starts) and leave the cluster."""
+        ...
+
+    def nodes(self) -> Mapping[str, NodeInfo]:
+        """The live nodes, by id."""
+        ...
+
+
 class MemoryRegistry:
     """The registry of one relay node: a lease table in this process."""
 
@@ -115,6 +190,10 @@ class MemoryRegistry:
         table = self._table
         table.check_free(key, holder.identity, now)
         previous = table.get(key)
+        if previous is not None:
+            conflict = kind_conflict(key, previous.kind, kind)
+            if conflict is not None:
+                raise conflict
         moved = previous.session if previous is not None and previous.connected else None
         lease = table.take(
             key,

@@ -6,6 +6,12 @@ Who holds which port or name lives in a ``Registry`` (``burrow.roles.registry``)
 keeps only what a process must (its sessions, its listening sockets). Faces that speak a
 protocol on top, such as the HTTP frontend, are injected as ``Frontend`` objects by whoever
 builds the relay, so this module knows nothing of HTTP.
+
+With a registry shared by several nodes (``SharedRegistry``) the relay is one node of a
+cluster: it listens on every public port any node holds, and a visitor (or a connector's
+stream) for a lease held on another node goes over this node's link to it
+(``burrow.roles.cluster``), where it is joined to the agent's stream. A stream that arrives
+on a link is served only from this node's own sessions, never sent on again.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ from burrow.net.gate import ControlListener, Slot
 from burrow.roles.leases import Lease
 from burrow.roles.limits import Counts, Limits, Quiet, Refused, TokenBucket
 from burrow.roles.names import NAME_PATTERN, readable_name
-from burrow.roles.registry import Holder, LeaseKey, MemoryRegistry, Registry
+from burrow.roles.registry import (
+    Holder,
+    LeaseKey,
+    MemoryRegistry,
+    NodeInfo,
+    Registry,
+    SharedRegistry,
+)
 from burrow.wire.messages import (
     Closed,
     ErrorReply,
@@ -86,6 +99,8 @@ class RelayConfig:
     http_fallback: bool = False
     #: This node's name in a registry shared with other nodes.
     node_id: str = ""
+    #: HOST:PORT other nodes dial to reach this one (default: the control listener's).
+    advertise: str | None = None
     #: Let in clients with neither the secret nor a token. Off by default; a loopback relay
     #: with no secret and no token key lets them in anyway (nobody else can reach it).
     allow_anonymous: bool = False
@@ -120,7 +135,9 @@ class RelayConfig:
 
 @dataclass
 class Route:
-    """Where a name goes: an open session, or ``None`` while its agent is reconnecting."""
+    """Where a name goes: an open session (the agent's, or this node's link to the node that
+    holds the agent: a stream opened on either reaches the agent), or ``None`` while its
+    agent is reconnecting."""
 
     name: str
     conn: SessionConnection | None
@@ -156,8 +173,8 @@ class PortListener:
 
     @property
     def conn(self) -> SessionConnection | None:
-        """The session of the agent holding the port, if it is connected to this node."""
-        return self.relay.session_for(self.lease)
+        """Where a visitor's stream goes: the agent's session, or the link to its node."""
+        return self.relay.target(self.lease)
 
     @property
     def key(self) -> str:
@@ -191,6 +208,9 @@ class Relay:
         self.config = config
         self.on_event = on_event
         self.registry: Registry = registry or MemoryRegistry(config.lease_grace)
+        #: The registry when it is shared with other nodes (a cluster), else None.
+        self.shared = registry if isinstance(registry, SharedRegistry) else None
+        self.links: Any = None  # burrow.roles.cluster.NodeLinks, in a cluster
         self.frontends = frontends
         self.fingerprint: str | None = None
         self.control_address: tuple[str, int] | None = None
@@ -247,6 +267,16 @@ class Relay:
         conn = self._by_session.get(lease.session)
         return conn if conn is not None and conn.is_open else None
 
+    def target(self, lease: Lease | None) -> SessionConnection | None:
+        """Where a stream for ``lease`` is opened: its session on this node, or the link to
+        the node holding it; None while its agent is away (or the link is down)."""
+        if lease is None or not lease.connected:
+            return None
+        if self.links is None or lease.node == self.config.node_id:
+            return self.session_for(lease)
+        conn: SessionConnection | None = self.links.conn(lease.node)
+        return conn
+
     def route(self, kind: str, name: str) -> Route | None:
         """Where a visitor of ``name`` (a name of ``kind``) goes; None if nobody holds it
         (or its holder's token was revoked: the name is closed now)."""
@@ -254,7 +284,7 @@ class Relay:
         lease = self.registry.resolve((namespace, name)) if namespace else None
         if lease is None or lease.kind != kind or self._revoked(lease):
             return None
-        return Route(name, self.session_for(lease))
+        return Route(name, self.target(lease))
 
     def held_names(self, kind: str) -> list[str]:
         return [lease.port[1] for lease in self.registry.leases() if lease.kind == kind]  # type: ignore[index]
@@ -332,6 +362,8 @@ class Relay:
             await self._start_admin(config.admin)
         for frontend in self.frontends:
             await frontend.start(self)
+        if self.shared is not None:
+            await self._join_cluster(self.shared)
         emit(
             self.on_event,
             "relay_ready",
@@ -340,6 +372,136 @@ class Relay:
             tls=self._ssl is not None,
             **({"admin": format_hostport(*self.admin_address)} if self.admin_address else {}),
         )
+
+    async def _join_cluster(self, shared: SharedRegistry) -> None:
+        """Open the shared registry with this node's record; links to peers follow it."""
+        from burrow.roles.cluster import NodeLinks
+        from burrow.version import __version__
+
+        config = self.config
+        if self._token_key() is None:
+            state_dir = self._token_state_dir
+            raise ConfigError(
+                "a cluster node needs the cluster's token key (nodes authenticate to each other "
+                f"with it): create it once with `burrow token init --state-dir {state_dir}` and "
+                "copy token.key into every node's --state-dir"
+            )
+        assert self.control_address is not None
+        advertise = config.advertise
+        if advertise is None:
+            host, port = self.control_address
+            if host in ("0.0.0.0", "::", ""):
+                raise ConfigError(
+                    "a cluster node listening on every address needs --advertise HOST:PORT: "
+                    "the address the other nodes dial"
+                )
+            advertise = format_hostport(host, port)
+        self.links = NodeLinks(config.node_id, token_key=self._token_key, on_event=self.on_event)
+        instance = random.randbytes(6).hex()
+        node = NodeInfo(
+            id=config.node_id,
+            address=advertise,
+            fingerprint=self.fingerprint,
+            started=time.time(),
+            version=__version__,
+            instance=instance,
+        )
+        await shared.open(node, self)
+        emit(
+            self.on_event,
+            "cluster_joined",
+            node=config.node_id,
+            advertise=advertise,
+            nodes=sorted(shared.nodes()),
+            leases=len(shared.leases()),
+        )
+
+    # --- what a shared registry tells this node ------------------------------------------------
+
+    def lease_changed(self, key: LeaseKey, old: Lease | None, new: Lease | None) -> None:
+        """Another node (or time) changed ``key``: listen on a port any node holds, stop
+        when it is gone, and tell a session of this node that lost its tunnel elsewhere."""
+        me = self.config.node_id
+        if isinstance(key, int):
+            if new is not None and key not in self.tunnels and not self._closing:
+                self._spawn(self._listen_for_peer(key))
+            elif new is None and old is not None and old.node != me:
+                listener = self.tunnels.get(key)
+                if listener is not None:
+                    self._stop_listening(listener)
+        if old is None or old.node != me:
+            return
+        if new is None:
+            self._lease_gone(old, expired=not old.connected)
+            return
+        conn = self._by_session.get(old.session)
+        if new.session != old.session and conn is not None and conn.is_open:
+            moved = TunnelMoved(key=old.key, port=key if isinstance(key, int) else None)
+            conn.send_control(to_message(moved))
+        self._count_tunnels()
+
+    def lease_lost(self, lease: Lease) -> None:
+        """A lease of a session here was taken while the registry was away: close it."""
+        emit(
+            self.on_event,
+            "warning",
+            message=f"lost {_show_key(lease.port)} while the registry was unreachable: "
+            "another agent holds it now",
+        )
+        conn = self._by_session.get(lease.session)
+        if conn is not None and conn.is_open:
+            notice = Closed(
+                key=lease.key,
+                code="lost",
+                message="another agent took it while the relay's registry was unreachable",
+            )
+            conn.send_control(to_message(notice))
+        self._count_tunnels()
+
+    def nodes_changed(self, nodes: Mapping[str, NodeInfo]) -> None:
+        if self.links is not None and not self._closing:
+            self.links.update(nodes)
+
+    def registry_state(self, available: bool, reason: str) -> None:
+        if available:
+            emit(self.on_event, "registry_available", node=self.config.node_id)
+        else:
+            emit(self.on_event, "registry_unavailable", node=self.config.node_id, reason=reason)
+
+    def node_load(self) -> tuple[int, int, int]:
+        """Sessions of agents and connectors, tunnels held here, streams open here."""
+        me = self.config.node_id
+        clients = [conn for conn in self.sessions if not _is_node(conn)]
+        tunnels = sum(1 for lease in self.registry.leases() if lease.node == me and lease.connected)
+        streams = sum(conn.session.open_streams for conn in clients)
+        return len(clients), tunnels, streams
+
+    async def _listen_for_peer(self, port: int) -> None:
+        """Listen on a port another node's agent holds, so visitors may come in here too."""
+        if port in self.tunnels:
+            return
+        try:
+            listener = await self._listen(port)
+        except TunnelError as exc:
+            lease = self.registry.resolve(port)
+            holder = lease.node if lease is not None else "another node"
+            emit(
+                self.on_event,
+                "warning",
+                message=f"cannot serve port {port} of a tunnel on node {holder} here: {exc}",
+            )
+            return
+        lease = self.registry.resolve(port)
+        if lease is None or self._closing:
+            self._stop_listening(listener)
+
+    def _stop_listening(self, listener: PortListener) -> None:
+        """Stop taking visitors on a port; those already in finish (their streams end with
+        the tunnel on the node that holds it)."""
+        if self.tunnels.get(listener.port) is listener:
+            del self.tunnels[listener.port]
+        if listener.server is not None:
+            listener.server.close()
 
     def _load_tokens(self) -> None:
         """Tokens signed with the key in the state directory are accepted from the moment the
@@ -482,7 +644,8 @@ class Relay:
             return
         counts: dict[str, int] = {}
         for lease in self.registry.leases():
-            counts[lease.kind] = counts.get(lease.kind, 0) + 1
+            if lease.node == self.config.node_id:  # this node's (all, with one node)
+                counts[lease.kind] = counts.get(lease.kind, 0) + 1
         shown = {kind for kind, _value in self.metrics.tunnels.items()}
         for kind in shown | counts.keys():
             self.metrics.tunnels.labels(kind=kind).set(counts.get(kind, 0))
@@ -492,7 +655,7 @@ class Relay:
             self.metrics.error(kind)
 
     def health(self) -> dict[str, Any]:
-        return {
+        report: dict[str, Any] = {
             "status": "ok",
             "sessions": len(self.sessions),
             "unauthenticated": self._server.pending if self._server is not None else 0,
@@ -504,6 +667,19 @@ class Relay:
                 if self.config.admin_names or route.kind == "http"
             ),
         }
+        shared = self.shared
+        if shared is not None:
+            tunnels = self.node_load()[1]
+            report["cluster"] = {
+                "node": self.config.node_id,
+                "registry": "ok" if shared.available else "unavailable",
+                "nodes": sorted(shared.nodes()),
+                "links": self.links.state() if self.links is not None else {},
+                "held_here": tunnels,
+            }
+            if not shared.available:
+                report["status"] = "degraded"
+        return report
 
     async def close(self) -> None:
         self._closing = True
@@ -515,10 +691,14 @@ class Relay:
             self._close_listener(tunnel)
         for frontend in self.frontends:
             frontend.close()
+        if self.links is not None:
+            await self.links.close()
         for conn in list(self.sessions):
             conn.close("relay shutting down")
         for task in list(self._tasks):
             task.cancel()
+        if self.shared is not None:
+            await self.shared.close()  # this node's leases wait for their agents elsewhere
         if self._admin is not None:
             await self._admin.close()
         for slot in self._slots.values():
@@ -577,6 +757,8 @@ class Relay:
             slot.release()
         self.sessions.add(conn)
         self._by_session[conn.session.session_id] = conn
+        if _is_node(conn):
+            conn.peer = f"node {conn.session.scope.node} ({conn.peer})"
         if self.metrics is not None:
             self.metrics.sessions.set(len(self.sessions))
         emit(self.on_event, "session_opened", peer=conn.peer, session=conn.session.session_id)
@@ -639,7 +821,7 @@ class Relay:
         """A lease ended: close its listener (TCP) and say so."""
         if isinstance(lease.port, int):
             listener = self.tunnels.get(lease.port)
-            if listener is not None:
+            if listener is not None and self.registry.resolve(lease.port) is None:
                 self._close_listener(listener)
             if expired:
                 emit(self.on_event, "lease_expired", port=lease.port)
@@ -804,29 +986,18 @@ class Relay:
                 )
             self._check_expose(conn, wanted)
             try:
-                await self._claim_name(conn, kind, namespace, wanted, key)
+                await self._claim(conn, (namespace, wanted), kind, key)
                 return wanted
-            except TunnelError:
-                if message.exact:
+            except TunnelError as exc:
+                if message.exact or exc.code == "registry_unavailable":
                     raise
         for _ in range(50):
             name = readable_name()
             if self.registry.resolve((namespace, name)) is None:
                 self._check_expose(conn, name)
-                await self._claim_name(conn, kind, namespace, name, key)
+                await self._claim(conn, (namespace, name), kind, key)
                 return name
         raise TunnelError("could not find a free name; pass one with --name", "no_free_name")
-
-    async def _claim_name(
-        self, conn: SessionConnection, kind: str, namespace: str, name: str, key: str
-    ) -> None:
-        lease = self.registry.resolve((namespace, name))
-        if lease is not None and lease.kind != kind:
-            identity = self._holder(conn).identity
-            now = asyncio.get_running_loop().time()
-            self.registry.check_free((namespace, name), identity, now)
-            raise TunnelError(f"name {name!r} is in use by a {lease.kind} service", "name_in_use")
-        await self._claim(conn, (namespace, name), kind, key)
 
     # --- connectors ---------------------------------------------------------------------------
 
@@ -840,6 +1011,9 @@ class Relay:
             opened = parse_open(info)
         except MessageError as exc:
             conn.reset(stream_id, "not_allowed", str(exc))
+            return
+        if _is_node(conn):
+            self._on_node_stream(conn, stream_id, opened)
             return
         name = opened.service
         if not name:
@@ -859,7 +1033,7 @@ class Relay:
         if lease is None or self._revoked(lease):
             conn.reset(stream_id, "no_such_tunnel", f"no service named {quote(name)}")
             return
-        target = self.session_for(lease)
+        target = self.target(lease)
         if target is None:
             conn.reset(stream_id, "unreachable", f"service {name!r} is offline (its agent is away)")
             return
@@ -882,6 +1056,46 @@ class Relay:
         far.open(forward.to_dict())
         join(near, far)
         key = lease.port
+        near.on_done = lambda: self.close_visitor(key)
+
+    def _on_node_stream(self, conn: SessionConnection, stream_id: int, opened: OpenInfo) -> None:
+        """A peer node carries a visitor's (or a connector's) stream for a tunnel held here:
+        join it to the agent's session. The peer checked the connector's token; the name it
+        gives the connector (``peer``) is kept. Served only from this node's own sessions,
+        so a stream never goes round the cluster."""
+        from burrow.net.join import JoinHalf, join
+
+        key: LeaseKey
+        if opened.port is not None:
+            key, kind = opened.port, "tcp"
+        elif opened.http is not None:
+            key, kind = ("http", opened.http[:253]), "http"
+        elif opened.service is not None:
+            key, kind = ("svc", opened.service[:64]), ""
+        else:
+            conn.reset(stream_id, "not_allowed", "a stream names a port, a name or a service")
+            return
+        lease = self.registry.resolve(key)
+        if lease is None or (kind and lease.kind != kind) or self._revoked(lease):
+            conn.reset(stream_id, "no_such_tunnel", f"no tunnel {_show_key(key)} here")
+            return
+        agent = self.session_for(lease) if lease.node == self.config.node_id else None
+        if agent is None:
+            conn.reset(stream_id, "unreachable", f"{_show_key(key)} is not held on this node now")
+            return
+        if not kind and lease.kind != "exit" and opened.target is not None:
+            conn.reset(stream_id, "not_allowed", f"{_show_key(key)!r} is not an exit")
+            return
+        problem = self.open_visitor(key)
+        if problem is not None:
+            conn.reset(stream_id, "limited", problem)
+            return
+        if not kind and lease.kind != "exit":
+            opened.target = None
+        near = JoinHalf(conn, stream_id)
+        far = JoinHalf(agent)
+        far.open(opened.to_dict())
+        join(near, far)
         near.on_done = lambda: self.close_visitor(key)
 
     def _stream_refusal(self, conn: SessionConnection) -> Refused | None:
@@ -935,8 +1149,8 @@ class Relay:
             try:
                 self.registry.check_free(want, identity, loop.time())
                 return await self._take_port(conn, want, key)
-            except TunnelError:
-                if exact:
+            except TunnelError as exc:
+                if exact or exc.code == "registry_unavailable":
                     raise
         for _ in range(RANDOM_PORT_TRIES):
             port = random.randint(config.min_port, config.max_port)
@@ -944,7 +1158,9 @@ class Relay:
                 continue
             try:
                 return await self._take_port(conn, port, key)
-            except TunnelError:
+            except TunnelError as exc:
+                if exc.code == "registry_unavailable":
+                    raise
                 continue
         raise TunnelError(
             f"no free port in the relay's range {config.min_port}-{config.max_port}", "no_free_port"
@@ -958,7 +1174,9 @@ class Relay:
             try:
                 await self._claim(conn, port, "tcp", key)
             except BaseException:
-                self._close_listener(listener, quiet=True)
+                # Unless another node's agent won the port meanwhile: then it is served here.
+                if self.registry.resolve(port) is None:
+                    self._close_listener(listener, quiet=True)
                 raise
             return listener
         await self._claim(conn, port, "tcp", key)
@@ -990,7 +1208,7 @@ class Relay:
 
     def _new_visitor(self, listener: PortListener) -> asyncio.Protocol:
         lease = listener.lease
-        conn = self.session_for(lease)
+        conn = self.target(lease)
         if lease is None or conn is None or self._revoked(lease):
             return _Refuser()
         if self.open_visitor(listener.port) is not None:
@@ -1057,6 +1275,11 @@ def _who(conn: SessionConnection) -> str:
     if scope is not None and getattr(scope, "token_id", None) is not None:
         return str(scope.holder)
     return "secret" if conn.session.secret is not None else "anonymous"
+
+
+def _is_node(conn: SessionConnection) -> bool:
+    """Whether ``conn`` is another node's link (its token carries a ``node`` claim)."""
+    return getattr(conn.session.scope, "node", None) is not None
 
 
 def _show_key(key: LeaseKey) -> str:

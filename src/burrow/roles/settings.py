@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
+from burrow.addresses import parse_relays
 from burrow.errors import ConfigError
 from burrow.roles.client import CONNECT_TIMEOUT, ClientConfig
 
@@ -22,10 +22,12 @@ class ClientSettings:
     """Everything that says how a client reaches and trusts its relay, as the user gave it.
 
     ``relay`` None means an embedded relay on loopback (the faces start it and pass its
-    address to ``build``). ``trust_default`` is what an unpinned client trusts: its own
-    known_relays file (trust on first use, as SSH) or, where nothing persists (Lambda), the
-    system's CAs. ``keep_identity`` keeps an Ed25519 identity in ``state_dir`` so leases
-    (ports, names) survive restarts.
+    address to ``build``); several relays separated by commas are the nodes of a cluster,
+    tried in order (``RelayClient`` moves to another when its session dies).
+    ``trust_default`` is what an unpinned client trusts: its own known_relays file (trust on
+    first use, as SSH) or, where nothing persists (Lambda), the system's CAs.
+    ``keep_identity`` keeps an Ed25519 identity in ``state_dir`` so leases (ports, names)
+    survive restarts.
     """
 
     relay: str | None = None
@@ -57,7 +59,7 @@ class ClientSettings:
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
         if self.relay is not None:
-            parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+            parse_relays(self.relay)
 
     def build(self, kind: type[C], *, relay: tuple[str, int] | None = None, **extra: Any) -> C:
         """The role's config (``ClientConfig`` or a subclass, with ``extra`` fields). An
@@ -67,13 +69,15 @@ class ClientSettings:
 
         self.check()
         embedded = self.relay is None
+        relays: tuple[tuple[str, int], ...] = ()
         if embedded:
             if relay is None:
                 raise ConfigError("no relay: pass --to RELAY (or BURROW_RELAY)")
             address, trust = relay, None
         else:
             assert self.relay is not None
-            address = parse_hostport(self.relay, DEFAULT_RELAY_PORT)
+            relays = tuple(parse_relays(self.relay))
+            address = relays[0]
             trust = None if self.insecure else self._trust(TrustPolicy)
         identity = None
         if self.keep_identity and not embedded:
@@ -94,6 +98,7 @@ class ClientSettings:
             identity_key=identity,
             connect_timeout=self.connect_timeout,
             retry_forever=self.retry_forever,
+            relays=relays if len(relays) > 1 else (),
             **extra,
         )
 
