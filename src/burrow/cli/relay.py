@@ -185,6 +185,24 @@ def limits_from(values: dict[str, float]) -> Any:
     help="HTTP tunnels are NAME.DOMAIN (localhost works in browsers with no DNS).",
 )
 @option(
+    "--registry",
+    envvar="BURROW_REGISTRY",
+    metavar="URL",
+    help="Share leases with other relay nodes in Redis (redis://HOST:PORT/DB, rediss:// for "
+    "TLS): any node then answers for every tunnel, and agents fail over between nodes.",
+)
+@option(
+    "--node-id",
+    envvar="BURROW_NODE_ID",
+    help="This node's name in the --registry [default: the host name].",
+)
+@option(
+    "--advertise",
+    envvar="BURROW_ADVERTISE",
+    metavar="HOST:PORT",
+    help="Control address the other nodes dial [default: the --listen address].",
+)
+@option(
     "--admin-names",
     is_flag=True,
     envvar="BURROW_ADMIN_NAMES",
@@ -216,6 +234,9 @@ def relay(
     http_listen: str | None,
     https_listen: str | None,
     domain: str,
+    registry: str | None,
+    node_id: str | None,
+    advertise: str | None,
     admin_names: bool,
     as_json: bool,
     verbose: int,
@@ -232,6 +253,7 @@ def relay(
 
     setup_logging(verbose)
     reporter = Reporter(as_json=as_json)
+    shared: Any = None
     try:
         secret = secret_from(secret, secret_file, "--secret")
         if secret == "":
@@ -262,7 +284,11 @@ def relay(
             admin_names=admin_names,
             limits=limits_from(limits),
         )
-        server = Relay(config, on_event=reporter.event)
+        if registry is not None:
+            shared = cluster_registry(config, registry, node_id, advertise, reporter)
+        elif node_id is not None or advertise is not None:
+            raise ConfigError("--node-id and --advertise are for a cluster: give --registry too")
+        server = Relay(config, on_event=cluster_events(reporter), registry=shared)
     except BurrowError as exc:
         fail(reporter, exc)
 
@@ -283,6 +309,72 @@ def relay(
         run(serve)
     except BurrowError as exc:
         fail(reporter, exc)
+
+
+def cluster_registry(
+    config: Any, url: str, node_id: str | None, advertise: str | None, reporter: Reporter
+) -> Any:
+    """The Redis registry for ``--registry``, with this node's id and address checked."""
+    import socket
+
+    from burrow.roles.redis_registry import RedisRegistry, is_plaintext_remote, shown_url
+    from burrow.tokens import NODE_ID_RE
+
+    if node_id is None:
+        node_id = socket.gethostname().split(".")[0][:64] or "relay"
+    if not NODE_ID_RE.fullmatch(node_id):
+        raise ConfigError(
+            f"invalid --node-id {node_id[:70]!r}: use letters, digits, '.', '_' and '-' "
+            "(64 at most)"
+        )
+    if advertise is not None:
+        host, port = parse_hostport(advertise, config.listen_port or DEFAULT_RELAY_PORT)
+        advertise = format_hostport(host, port)
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError("--registry needs redis-py: pip install 'burrow[cluster]'") from None
+    if is_plaintext_remote(url):
+        reporter.event(
+            {
+                "event": "warning",
+                "message": f"--registry {shown_url(url)} is plaintext to another machine; "
+                "use rediss:// (TLS) so leases and node records do not cross in clear",
+            }
+        )
+    config.node_id = node_id
+    config.advertise = advertise
+    return RedisRegistry(url, grace=config.lease_grace, node_id=node_id)
+
+
+#: Human lines for the events of a cluster node (``Reporter`` shows only the ones it knows).
+_CLUSTER_LINES = {
+    "cluster_joined": "node {node} joined the cluster as {advertise} (nodes: {nodes}; "
+    "{leases} leases)",
+    "node_link_up": "linked to node {node} at {address}",
+    "node_link_down": "link to node {node} lost: {reason}",
+    "registry_unavailable": "warning: the registry is unreachable ({reason}): serving the "
+    "tunnels held, refusing new ones until it is back",
+    "registry_available": "the registry is reachable again",
+}
+
+
+def cluster_events(reporter: Reporter) -> Callable[[dict[str, Any]], None]:
+    """``reporter.event``, with lines for the cluster's events in human mode."""
+
+    def on_event(record: dict[str, Any]) -> None:
+        template = _CLUSTER_LINES.get(str(record.get("event")))
+        if template is None or reporter.as_json:
+            reporter.event(record)
+            return
+        try:
+            line = template.format(**record)
+        except KeyError:
+            line = " ".join(f"{k}={v}" for k, v in record.items())
+        reporter.stream.write(line + "\n")
+        reporter.stream.flush()
+
+    return on_event
 
 
 def _no_relay_options(ctx: click.Context) -> None:

@@ -7,8 +7,9 @@ owner identity, tunnel key, kind, session, node, token, ``connected``, ``expires
 ``grace``. A held lease's ``expires`` is when its node's renewals run out; once they do, the
 lease is kept ``grace`` seconds more for its identity, as a released one is. The key's TTL
 ends with the lease, so Redis forgets it without anyone's help. Every change takes a number
-from ``burrow:rev`` and is PUBLISHed on ``burrow:events``: a node's mirror applies a change only
-if its number is newer than what it has, so a reply, a message and a reload can cross.
+from ``burrow:rev`` and is PUBLISHed on ``burrow:events:<db>``: a node's mirror applies a
+change only if its number is newer than what it has, so a reply, a message and a reload can
+cross.
 
 The scripts read Redis's own clock (``TIME``), never a node's: nodes' clocks may disagree, and
 the mirror converts Redis's times to the node's monotonic clock by the difference.
@@ -30,7 +31,7 @@ log = logging.getLogger("burrow.registry")
 
 PREFIX = "burrow:"
 REV_KEY = PREFIX + "rev"
-CHANNEL = PREFIX + "events"
+CHANNEL = PREFIX + "events"  # + ":<database>" (pub/sub spans a Redis's databases)
 LEASE_PREFIX = PREFIX + "lease:"
 NODE_PREFIX = PREFIX + "node:"
 
@@ -265,7 +266,10 @@ def text(value: object) -> str:
 
 
 def number(value: object) -> float:
-    result = float(text(value))
+    """A finite number from Redis (bytes), a JSON number or a string; ``ValueError`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a number")
+    result = float(value) if isinstance(value, int | float) else float(text(value))
     if result != result or result in (float("inf"), float("-inf")):
         raise ValueError("not a finite number")
     return result

@@ -84,6 +84,18 @@ def check_url(url: str) -> str:
     return url
 
 
+def database(url: str) -> int:
+    """The database number a Redis URL selects (0 unless the path or ``?db=`` says)."""
+    from urllib.parse import parse_qs
+
+    parts = urlsplit(url)
+    path = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if path.isdigit():
+        return int(path)
+    given = parse_qs(parts.query).get("db", ["0"])[0]
+    return int(given) if given.isdigit() else 0
+
+
 def is_plaintext_remote(url: str) -> bool:
     """A ``redis://`` URL to another machine: the registry's traffic would cross in clear."""
     import ipaddress
@@ -139,6 +151,9 @@ class RedisRegistry:
         clock_skew: float = 0.0,
     ) -> None:
         self.url = check_url(url)
+        #: Pub/sub is not per database: the channel carries the database's number, so clusters
+        #: in two databases of one Redis never hear each other.
+        self.channel = f"{rl.CHANNEL}:{database(url)}"
         self.grace = grace
         self.node_id = node_id
         self.lease_ttl = lease_ttl
@@ -215,7 +230,9 @@ class RedisRegistry:
                     for session in {held.holder.session for held in self._held.values()}:
                         await self.release(session, 0.0)
                     await self._client.delete(rl.node_key(self.node_id))
-                    await self._client.publish(rl.CHANNEL, f'{{"op":"node","id":"{self.node_id}"}}')
+                    await self._client.publish(
+                        self.channel, f'{{"op":"node","id":"{self.node_id}"}}'
+                    )
         self.available = False
         await self._disconnect()
 
@@ -237,7 +254,7 @@ class RedisRegistry:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(rl.CHANNEL)
+        await self._pubsub.subscribe(self.channel)
         await self._announce()
         await self._flush_pending()
         await self._reassert()
@@ -507,7 +524,7 @@ class RedisRegistry:
         try:
             async with asyncio.timeout(OP_TIMEOUT):
                 return await self._scripts[script](
-                    keys=keys, args=[self.clock_skew, rl.CHANNEL, *args]
+                    keys=keys, args=[self.clock_skew, self.channel, *args]
                 )
         except _redis_errors() as exc:
             self._down(exc)
@@ -534,7 +551,7 @@ class RedisRegistry:
             keys=[rl.REV_KEY, rl.node_key(self.node_id)],
             args=[
                 self.clock_skew,
-                rl.CHANNEL,
+                self.channel,
                 node.instance,
                 node.address,
                 NODE_TTL,

@@ -207,7 +207,9 @@ class Relay:
         config.validate()
         self.config = config
         self.on_event = on_event
-        self.registry: Registry = registry or MemoryRegistry(config.lease_grace)
+        self.registry: Registry = (
+            registry if registry is not None else MemoryRegistry(config.lease_grace)
+        )
         #: The registry when it is shared with other nodes (a cluster), else None.
         self.shared = registry if isinstance(registry, SharedRegistry) else None
         self.links: Any = None  # burrow.roles.cluster.NodeLinks, in a cluster
