@@ -168,6 +168,7 @@ class RedisRegistry:
         self._pending_drops: list[tuple[Hashable, str]] = []
         self._unconfirmed: dict[Hashable, float] = {}  # key -> local deadline
         self._nodes: dict[str, NodeInfo] = {}
+        self._seen_at: dict[str, float] = {}  # node id -> when a listing last had it
         self._node: NodeInfo | None = None
         self._hooks: RegistryHooks | None = None
         self._client: Any = None
@@ -656,6 +657,8 @@ class RedisRegistry:
         """Held leases of other live nodes missing from a reload: kept a few seconds for their
         nodes to claim them again (a Redis that restarted empty), not dropped at once."""
         present = {record.key for record in records}
+        for key in [key for key in self._unconfirmed if key in present]:
+            del self._unconfirmed[key]
         keep = []
         for lease in self.mirror.table.leases():
             if lease.port in present or not lease.connected or lease.node == self.node_id:
@@ -678,6 +681,9 @@ class RedisRegistry:
             if node.id:
                 nodes[node.id] = node
         self._nodes_stale = False
+        local = asyncio.get_running_loop().time()
+        for node_id in nodes:
+            self._seen_at[node_id] = local
         if nodes != self._nodes:
             self._nodes = nodes
             if self._hooks is not None:
@@ -713,7 +719,7 @@ class RedisRegistry:
             self._changed(*change)
 
     def _sweep(self, now: float) -> None:
-        live = set(self._nodes) | {self.node_id} if self.available and self._nodes else None
+        live = self._live_nodes(now) if self.available else None
         for change in self.mirror.sweep(now, live, self.lease_ttl):
             self._changed(*change)
         for key, deadline in list(self._unconfirmed.items()):
@@ -723,6 +729,14 @@ class RedisRegistry:
                 if lease is not None and self.mirror.revs.get(key, 0) <= self.mirror.floor:
                     self.mirror.table.pop(key)
                     self._changed(key, lease, None)
+
+    def _live_nodes(self, now: float) -> set[str]:
+        """Nodes listed lately: one missing from the last listing or two (a Redis that came
+        back empty, before every node wrote its record again) is not taken for dead yet."""
+        for node_id, seen in list(self._seen_at.items()):
+            if now - seen > UNCONFIRMED_FOR:
+                del self._seen_at[node_id]
+        return {*self._seen_at, self.node_id}
 
     def _changed(self, key: Hashable, old: Lease | None, new: Lease | None) -> None:
         held = self._held.get(key)

@@ -496,6 +496,8 @@ class Relay:
         lease = self.registry.resolve(port)
         if lease is None or self._closing:
             self._stop_listening(listener)
+            return
+        emit(self.on_event, "peer_port_open", port=port, node=lease.node)
 
     def _stop_listening(self, listener: PortListener) -> None:
         """Stop taking visitors on a port; those already in finish (their streams end with

@@ -1,0 +1,441 @@
+"""Several relay nodes sharing their leases in Redis (issue 14): any node answers for every
+tunnel, a name is never held twice, a killed node's services come back through another node
+while other transfers go on, and a Redis that goes away and comes back stops nothing that runs.
+
+Three ``burrow relay`` processes on 127.0.0.1, .2 and .3 share Redis database 15 (emptied per
+test); the Redis outage uses a throwaway ``redis-server`` on a free port, since the system
+Redis is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from burrow.errors import TunnelError
+from burrow.net.tls import TrustPolicy
+from burrow.node import Relay
+from burrow.roles.agent import Agent, AgentConfig, TcpTunnelSpec
+from burrow.roles.client import ClientConfig, RelayClient
+from burrow.roles.redis_registry import RedisRegistry
+from burrow.tokens import TokenKey
+from burrow.wire.messages import Register, to_message
+from cluster_support import (
+    REDIS_URL,
+    SECRET,
+    Download,
+    Node,
+    Proc,
+    agent_up,
+    cluster,
+    connector,
+    download_server,
+    echo_server,
+    echo_through,
+    eventually,
+    flush_redis,
+    get_through,
+    http_server,
+)
+from helpers import SCALE, Events, free_port, relay_config
+
+pytest.importorskip("redis")
+
+TUNNELS = """
+[[tunnel]]
+kind = "tcp"
+local = "127.0.0.1:{echo}"
+name = "echo"
+
+[[tunnel]]
+kind = "http"
+local = "127.0.0.1:{web}"
+name = "web"
+
+[[tunnel]]
+kind = "private"
+local = "127.0.0.1:{echo}"
+name = "db"
+"""
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[Node]]:
+    flush_redis()
+    with cluster(tmp_path) as running:
+        yield running
+
+
+def public_port(agent: Proc, count: int = 1) -> int:
+    ready = agent.wait("tunnel_ready", count=count, kind="tcp")
+    return int(ready["public"].rpartition(":")[2])
+
+
+def registry_status() -> dict[str, object]:
+    """``burrow relay status --registry ... --json``."""
+    from burrow.cli import main
+
+    result = CliRunner().invoke(main, ["relay", "status", "--registry", REDIS_URL, "--json"])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.output))
+
+
+def test_any_node_answers_for_an_agent_on_node_1(nodes: list[Node], tmp_path: Path) -> None:
+    n1, n2, n3 = nodes
+    body = os.urandom(300 * 1024)
+    with echo_server() as echo, http_server(body) as web:
+        agent = agent_up(tmp_path, nodes, TUNNELS.format(echo=echo, web=web))
+        try:
+            assert agent.wait("connected")["relay"] == n1.address
+            port = public_port(agent)
+            agent.wait("tunnel_ready", kind="http", name="web")
+            agent.wait("tunnel_ready", kind="private", name="db")
+            connectors = [connector(node, "db") for node in (n2, n3)]
+            deadline = time.monotonic() + 10 * SCALE
+            for node, (_, local) in zip((n2, n3), connectors, strict=True):
+                node.wait("peer_port_open", port=port, node="n1")
+                echo_through((node.host, port), 1024 * 1024)
+                assert eventually(lambda n=node: get_through(n.http, "web"), deadline) == body
+                echo_through(local, 1024 * 1024)
+            # The agent's node carried each of them over its links: visitors came from n2, n3.
+            report = registry_status()
+            nodes_seen = {n["id"]: n for n in report["nodes"]}  # type: ignore[attr-defined]
+            assert sorted(nodes_seen) == ["n1", "n2", "n3"]
+            assert nodes_seen["n1"]["address"] == n1.address
+            assert nodes_seen["n1"]["fingerprint"] == n1.fingerprint
+            held = {x["key"]: x for x in report["leases"]}  # type: ignore[attr-defined]
+            assert {held[k]["node"] for k in (f"port:{port}", "http:web", "svc:db")} == {"n1"}
+            assert all(held[k]["state"] == "held" for k in held)
+            for proc, _ in connectors:
+                proc.stop()
+        finally:
+            agent.stop()
+
+
+async def test_fifty_races_for_a_name_on_two_nodes_have_one_winner_each(
+    nodes: list[Node],
+) -> None:
+    """Two agents (two identities) on two nodes ask for the same new name at the same time,
+    fifty times: exactly one gets it, every time; the other is told it is in use."""
+    clients = []
+    for node in nodes[:2]:
+        client = RelayClient(
+            ClientConfig(
+                relay=node.control,
+                secret=SECRET,
+                trust=TrustPolicy(fingerprint=node.fingerprint),
+                identity_key=Ed25519PrivateKey.generate(),
+            )
+        )
+        await client.start()
+        clients.append(client)
+    try:
+        for race in range(50):
+            ask = to_message(Register(kind="private", key="svc", name=f"race-{race}", exact=True))
+            replies = await asyncio.gather(
+                *(client.request(client.conn, dict(ask)) for client in clients)  # type: ignore[arg-type]
+            )
+            ops = sorted(reply["op"] for reply in replies)
+            assert ops == ["error", "registered"], replies
+            loser = next(reply for reply in replies if reply["op"] == "error")
+            assert loser["code"] == "name_in_use", loser
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_node_s_services_answer_through_the_others_and_other_transfers_go_on(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    n1, n2, n3 = nodes
+    body = os.urandom(200 * 1024)
+    payload = os.urandom(16 * 1024 * 1024)
+    with (
+        echo_server() as echo,
+        http_server(body) as web,
+        download_server(payload) as files,
+    ):
+        # Another agent's service, held on node 2 and downloaded through node 3.
+        other = Proc("tcp", str(files), "--to", n2.address, "--secret", SECRET, "--json")
+        agent = agent_up(tmp_path, nodes, TUNNELS.format(echo=echo, web=web))
+        connectors = []
+        try:
+            files_port = public_port(other)
+            port = public_port(agent)
+            agent.wait("tunnel_ready", kind="private", name="db")
+            n3.wait("peer_port_open", port=files_port, node="n2")
+            for node in (n2, n3):
+                node.wait("peer_port_open", port=port, node="n1")
+            connectors = [connector(node, "db") for node in (n2, n3)]
+            echo_through((n3.host, port))
+
+            download = Download((n3.host, files_port), payload)
+            thread = download.start()
+            assert download.started.wait(30 * SCALE) and download.error is None
+
+            n1.kill()
+            killed = time.monotonic()
+            deadline = killed + 10 * SCALE
+            reconnected = agent.wait("connected", count=2, timeout=10)
+            assert reconnected["relay"] in (n2.address, n3.address)
+            for node in (n2, n3):
+                eventually(lambda n=node: echo_through((n.host, port)), deadline)
+                assert eventually(lambda n=node: get_through(n.http, "web"), deadline) == body
+            for _, local in connectors:
+                eventually(lambda a=local: echo_through(a), deadline)
+            assert time.monotonic() < deadline  # the services answered again within 10 s
+
+            thread.join(60 * SCALE)
+            assert download.error is None, download.error
+            assert len(download.received) == len(payload)
+            assert hashlib.sha256(download.received).digest() == hashlib.sha256(payload).digest()
+            held = {x["key"]: x["node"] for x in registry_status()["leases"]}  # type: ignore[attr-defined]
+            new_home = "n2" if reconnected["relay"] == n2.address else "n3"
+            assert held[f"port:{port}"] == held["http:web"] == held["svc:db"] == new_home
+            assert held[f"port:{files_port}"] == "n2"
+        finally:
+            for proc, _ in connectors:
+                proc.stop()
+            agent.stop()
+            other.stop()
+
+
+# --- Redis going away ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server(port: int, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A throwaway redis-server on ``port`` that keeps nothing on disk."""
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10 * SCALE
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def node(tmp: Path, index: int, url: str, events: Events) -> AsyncIterator[Relay]:
+    state = tmp / f"n{index}"
+    if not (state / "token.key").exists():
+        state.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp / "n1" / "token.key", state / "token.key")
+    config = relay_config(
+        tmp,
+        listen_host=f"127.0.0.{index}",
+        state_dir=state,
+        secret=SECRET,
+        node_id=f"n{index}",
+        min_port=43000,
+        max_port=43999,
+    )
+    relay = Relay(
+        config, on_event=events, registry=RedisRegistry(url, grace=30, node_id=f"n{index}")
+    )
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.close()
+
+
+def tcp_agent(relay: Relay, local: int) -> Agent:
+    return Agent(
+        AgentConfig(
+            relay=relay.control_address,  # type: ignore[arg-type]
+            secret=SECRET,
+            trust=TrustPolicy(fingerprint=relay.fingerprint),
+            tunnels=[TcpTunnelSpec(local=("127.0.0.1", local))],
+        )
+    )
+
+
+async def round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    data = os.urandom(64 * 1024)
+    writer.write(data)
+    await writer.drain()
+    async with asyncio.timeout(10 * SCALE):
+        assert await reader.readexactly(len(data)) == data
+
+
+async def echo_once(address: tuple[str, int]) -> None:
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        await round_trip(reader, writer)
+    finally:
+        writer.close()
+
+
+@pytest.mark.timeout(90)
+async def test_redis_away_for_a_while_stops_no_tunnel_and_refuses_new_ones_meanwhile(
+    tmp_path: Path,
+) -> None:
+    import redis
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    TokenKey.create(tmp_path / "n1")
+    a_events, b_events = Events(), Events()
+    with redis_server(port, tmp_path) as server:
+        async with (
+            node(tmp_path, 1, url, a_events) as a,
+            node(tmp_path, 2, url, b_events) as b,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            await a_events.wait_for("node_link_up")
+            await b_events.wait_for("node_link_up")
+            echo = await stack.enter_async_context(_echo_server())
+            first = tcp_agent(a, echo)
+            await first.start()
+            stack.push_async_callback(first.close)
+            public = first.tunnels[0].port
+            assert public is not None
+            await b_events.wait_for("peer_port_open")
+            reader, writer = await asyncio.open_connection(b.config.listen_host, public)
+            stack.callback(writer.close)
+            await round_trip(reader, writer)
+
+            server.terminate()
+            server.wait(10)
+            reason = (await a_events.wait_for("registry_unavailable"))["reason"]
+            await b_events.wait_for("registry_unavailable")
+            # Tunnels keep working from every node's mirror: the open connection, new ones.
+            loop = asyncio.get_running_loop()
+            outage = loop.time() + 2.0  # Redis stays away a while; traffic goes on meanwhile
+            while loop.time() < outage:
+                await round_trip(reader, writer)
+            await echo_once((b.config.listen_host, public))
+            await echo_once((a.config.listen_host, public))
+            assert b.health()["status"] == "degraded"
+            # A new registration is refused, saying why and what to do.
+            second = tcp_agent(a, echo)
+            with pytest.raises(TunnelError) as refused:
+                await second.start()
+            assert refused.value.code == "registry_unavailable"
+            assert f"registry unavailable: {reason}; try again" in str(refused.value)
+            await second.close()
+
+            with redis_server(port, tmp_path):  # back, and empty: it kept nothing
+                await a_events.wait_for("registry_available", count=2, timeout=15)
+                await b_events.wait_for("registry_available", count=2, timeout=15)
+                await round_trip(reader, writer)
+                await echo_once((b.config.listen_host, public))
+                third = tcp_agent(a, echo)
+                await third.start()
+                stack.push_async_callback(third.close)
+                await b_events.wait_for("peer_port_open", count=2)
+                await echo_once((b.config.listen_host, third.tunnels[0].port))  # type: ignore[arg-type]
+                # Node a claimed its agent's port again in the new Redis.
+                client = redis.Redis.from_url(url)
+                try:
+                    held = client.hgetall(f"burrow:lease:port:{public}")
+                finally:
+                    client.close()
+                assert held[b"node"] == b"n1" and held[b"connected"] == b"1"
+                # Node b never stopped serving the first port (it did not forget it meanwhile).
+                opened = [e for e in b_events.named("peer_port_open") if e["port"] == public]
+                assert len(opened) == 1 and public in b.tunnels
+
+
+@contextlib.asynccontextmanager
+async def _echo_server() -> AsyncIterator[int]:
+    from helpers import echo_server as async_echo
+
+    async with async_echo() as port:
+        yield port
+
+
+# --- clients with several relays; the CLI's words ----------------------------------------------
+
+
+async def test_a_client_given_several_relays_uses_the_first_that_answers_and_moves_on(
+    tmp_path: Path,
+) -> None:
+    """No cluster needed: a dead address is skipped, and when the relay in use goes away the
+    agent moves to the next one (each relay gives it a port of its own here)."""
+    from helpers import echo_server as async_echo
+    from helpers import running_relay
+
+    async with (
+        async_echo() as echo,
+        running_relay(tmp_path / "a", insecure=True) as a,
+        running_relay(tmp_path / "b", insecure=True) as b,
+    ):
+        dead = ("127.0.0.1", free_port())
+        events = Events()
+        agent = Agent(
+            AgentConfig(
+                relay=dead,
+                relays=(dead, a.control_address, b.control_address),  # type: ignore[arg-type]
+                tunnels=[TcpTunnelSpec(local=("127.0.0.1", echo))],
+            ),
+            on_event=events,
+        )
+        await agent.start()
+        try:
+            assert agent.connected_relay == "{}:{}".format(*a.control_address)  # type: ignore[str-format]
+            await a.close()
+            moved = await events.wait_for("connected", count=2)
+            assert moved["relay"] == "{}:{}".format(*b.control_address)  # type: ignore[str-format]
+            await events.wait_for("tunnel_ready", count=2)
+            await echo_once(("127.0.0.1", agent.tunnels[0].port))  # type: ignore[arg-type]
+        finally:
+            await agent.close()
+
+
+def test_cluster_flags_are_checked_before_anything_starts() -> None:
+    from burrow.cli import main
+
+    runner = CliRunner()
+    cases = {
+        ("relay", "--registry", "http://x"): "is not a Redis URL",
+        ("relay", "--registry", "redis://127.0.0.1/15", "--node-id", "a b"): "invalid --node-id",
+        ("relay", "--node-id", "n1"): "give --registry too",
+        ("tcp", "5432", "--to", "a:7835,,b:7835"): "invalid relay list",
+    }
+    for args, words in cases.items():
+        result = runner.invoke(main, list(args))
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.output, (args, result.output)
+        assert "Traceback" not in result.output
