@@ -816,7 +816,10 @@ class Relay:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for lease in await self.registry.expire(now):
-            self._lease_gone(lease, expired=True)
+            if self.links is not None and lease.node != self.config.node_id:
+                self.lease_changed(lease.port, lease, None)  # another node's: quietly
+            else:
+                self._lease_gone(lease, expired=True)
         waiting = [lease.expires for lease in self.registry.leases() if not lease.connected]
         if waiting and not self._closing:
             self._schedule_sweep(max(0.0, min(waiting) - now))
