@@ -357,8 +357,8 @@ async def test_redis_away_for_a_while_stops_no_tunnel_and_refuses_new_ones_meanw
             await second.close()
 
             with redis_server(port, tmp_path):  # back, and empty: it kept nothing
-                await a_events.wait_for("registry_available", count=2, timeout=15)
-                await b_events.wait_for("registry_available", count=2, timeout=15)
+                await a_events.wait_for("registry_available", timeout=15)
+                await b_events.wait_for("registry_available", timeout=15)
                 await round_trip(reader, writer)
                 await echo_once((b.config.listen_host, public))
                 third = tcp_agent(a, echo)
@@ -420,6 +420,49 @@ async def test_a_client_given_several_relays_uses_the_first_that_answers_and_mov
             assert moved["relay"] == "{}:{}".format(*b.control_address)  # type: ignore[str-format]
             await events.wait_for("tunnel_ready", count=2)
             await echo_once(("127.0.0.1", agent.tunnels[0].port))  # type: ignore[arg-type]
+        finally:
+            await agent.close()
+
+
+async def test_a_relay_name_with_several_addresses_is_tried_address_by_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--to relays.example:PORT`` resolving to several addresses: a dead one is skipped,
+    and when the relay in use goes away the agent tries the others first."""
+    from helpers import echo_server as async_echo
+    from helpers import running_relay
+
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    order = ["127.0.0.3", "127.0.0.2"]
+
+    async def resolve(host: str, port: int, **kwargs: object) -> list[tuple[object, ...]]:
+        if host != "relays.example":
+            return await real(host, port, **kwargs)  # type: ignore[arg-type]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in order]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    port = free_port()
+    async with async_echo() as echo:
+        events = Events()
+        async with running_relay(
+            tmp_path / "a", insecure=True, listen_host="127.0.0.2", listen_port=port
+        ):
+            agent = Agent(
+                AgentConfig(
+                    relay=("relays.example", port),
+                    tunnels=[TcpTunnelSpec(local=("127.0.0.1", echo))],
+                ),
+                on_event=events,
+            )
+            await agent.start()  # 127.0.0.3 refused: 127.0.0.2 answered
+        try:
+            async with running_relay(
+                tmp_path / "b", insecure=True, listen_host="127.0.0.3", listen_port=port
+            ) as b:
+                await events.wait_for("tunnel_ready", count=2)
+                await echo_once((b.config.listen_host, agent.tunnels[0].port))  # type: ignore[arg-type]
+                assert agent.connected_relay == f"relays.example:{port}"
         finally:
             await agent.close()
 

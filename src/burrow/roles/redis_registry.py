@@ -265,7 +265,7 @@ class RedisRegistry:
         if not self.available:
             self.available = True
             self.down_reason = ""
-            if self._hooks is not None:
+            if self._hooks is not None and self._runner is not None:  # back, not the start
                 self._hooks.registry_state(True, "")
 
     def _down(self, exc: BaseException | str) -> None:
