@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -384,6 +385,82 @@ async def _echo_server() -> AsyncIterator[int]:
 
     async with async_echo() as port:
         yield port
+
+
+class _WhoAsks:
+    """A private service that notes who the relay says opened each stream, then refuses it."""
+
+    kind = "private"
+    name = "who"
+    key = "private:who"
+
+    def __init__(self) -> None:
+        self.peers: list[str | None] = []
+        self.asked = asyncio.Event()
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
+    def registered(self, tunnel: object) -> None:
+        pass
+
+    def serve(self, stream: Any) -> None:
+        self.peers.append(stream.opened.peer)
+        stream.conn.reset(stream.stream_id, "refused", "noted")
+        self.asked.set()
+
+
+async def test_an_exit_and_the_connector_s_name_cross_a_node_link(tmp_path: Path) -> None:
+    """A connector on node 2 reaches an exit on node 1's agent (the target travels with the
+    stream), and the agent hears the connector's own name (its token's subject), not the
+    node's."""
+    from burrow.allowlist import AllowList
+    from burrow.roles.agent import ExitSpec
+    from burrow.roles.connector import Connector, ConnectorConfig
+    from burrow.tokens import mint
+
+    flush_redis()
+    key, _ = TokenKey.create(tmp_path / "n1")
+    events = [Events(), Events()]
+    who = _WhoAsks()
+    async with (
+        _echo_server() as echo,
+        node(tmp_path, 1, REDIS_URL, events[0]) as a,
+        node(tmp_path, 2, REDIS_URL, events[1]) as b,
+    ):
+        await events[1].wait_for("node_link_up")
+        agent = Agent(
+            AgentConfig(
+                relay=a.control_address,  # type: ignore[arg-type]
+                secret=SECRET,
+                trust=TrustPolicy(fingerprint=a.fingerprint),
+                tunnels=[ExitSpec("vpc", AllowList.parse([f"127.0.0.1/32:{echo}"])), who],  # type: ignore[list-item]
+            )
+        )
+        token = mint(key, (), ("vpc", "who"), 600, time.time(), subject="alice")
+        connector = Connector(
+            ConnectorConfig(
+                relay=b.control_address,  # type: ignore[arg-type]
+                token=token,
+                trust=TrustPolicy(fingerprint=b.fingerprint),
+            )
+        )
+        await agent.start()
+        await connector.start()
+        try:
+            channel = connector.open_channel("vpc", target=f"127.0.0.1:{echo}")
+            async with asyncio.timeout(10 * SCALE):
+                await channel.wait_accepted()
+                channel.write(b"through two nodes")
+                assert await channel.readexactly(17) == b"through two nodes"
+            channel.reset("cancelled", "done")
+            connector.open_channel("who")
+            async with asyncio.timeout(10 * SCALE):
+                await who.asked.wait()
+            assert who.peers == ["token:alice"]
+        finally:
+            await connector.close()
+            await agent.close()
 
 
 # --- clients with several relays; the CLI's words ----------------------------------------------
