@@ -56,6 +56,7 @@ class WsClient:
         self.closed = False
         self.opened_at = time.monotonic()
         self.last_active = self.opened_at
+        self.last_sent = self.opened_at  # API Gateway's idle limit counts what clients send
         self._parser = wsframes.FrameParser(masked=False, max_frame=AWS_MAX_MESSAGE)
         self._assembler = wsframes.Assembler(AWS_MAX_MESSAGE)
         self._messages: deque[str] = deque()
@@ -105,7 +106,7 @@ class WsClient:
         except OSError as exc:
             self.closed = True
             raise WsClosed(1006, str(exc)) from None
-        self.last_active = time.monotonic()
+        self.last_active = self.last_sent = time.monotonic()
 
     # --- receiving --------------------------------------------------------------------------
 
