@@ -116,3 +116,8 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
             )
         raise bad
     return host, port
+
+
+def is_websocket_url(text: str | None) -> bool:
+    """Whether a relay address is a WebSocket URL (the serverless relay: ``wss://...``)."""
+    return bool(text) and str(text).lower().startswith(("ws://", "wss://"))

@@ -28,6 +28,8 @@ _HUMAN: dict[str, str] = {
     "stream_refused": "refused a stream from {peer} to {service}: {reason}",
     "tokens_required": "no --secret: agents need a token ({hint}); key {key}",
     "connection_refused": "{service}: connection refused by the relay: {reason} ({count} so far)",
+    "emulator_ready": "serverless relay emulator: agents --to {ws}, visitors at {http}; "
+    "mint tokens with `burrow token issue --state-dir {state_dir}`",
 }
 _TUNNEL_READY: dict[str, str] = {
     "tcp": "forwarding {public} -> {local}",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
+from burrow.addresses import DEFAULT_RELAY_PORT, is_websocket_url, parse_hostport
 from burrow.errors import ConfigError
 from burrow.roles.client import CONNECT_TIMEOUT, ClientConfig
 
@@ -56,7 +56,7 @@ class ClientSettings:
             raise ConfigError("--insecure turns TLS off; it cannot go with --fingerprint or --ca")
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
-        if self.relay is not None:
+        if self.relay is not None and not is_websocket_url(self.relay):
             parse_hostport(self.relay, DEFAULT_RELAY_PORT)
 
     def build(self, kind: type[C], *, relay: tuple[str, int] | None = None, **extra: Any) -> C:

@@ -49,10 +49,6 @@ BACKOFF_CAP = 30.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def is_websocket_url(text: str | None) -> bool:
-    return bool(text) and str(text).lower().startswith(("ws://", "wss://"))
-
-
 def check_url(url: str) -> str:
     """A relay URL the agent may dial: wss://, or ws:// to this machine (the emulator)."""
     parts = urlsplit(url)
