@@ -316,8 +316,10 @@ class Emulator:
             aws_access_key_id="emulator", aws_secret_access_key="emulator", region_name=REGION
         )
         self.session = session
-        self.table = "burrow-relay"
-        self.bucket = "burrow-answers" if self.use_bucket else ""
+        # moto keeps its state per process: names of their own let emulators share it.
+        suffix = secrets.token_hex(4)
+        self.table = f"burrow-relay-{suffix}"
+        self.bucket = f"burrow-answers-{suffix}" if self.use_bucket else ""
         db = session.client("dynamodb", endpoint_url=self.moto_url)
         db.create_table(
             TableName=self.table,

@@ -56,6 +56,10 @@ _S3_OVERRIDES = {
 }
 
 
+class _NotDelivered(Exception):
+    """The request's first message found the agent's connection gone (410)."""
+
+
 class Failure(Exception):
     """An answer the gateway makes itself: status, title, message."""
 
@@ -147,7 +151,20 @@ class Gateway:
     def _relay(
         self, event: dict[str, Any], name: str, target: str, deadline: float, context: Any
     ) -> dict[str, Any]:
-        agent = self._agent_for(name)
+        try:
+            return self._exchange(event, name, target, deadline, self._agent_for(name))
+        except _NotDelivered:
+            # The name moved (its agent replaced its connection) after we cached it: the
+            # request never left, so ask the table and try once more.
+            self._cache.pop(name, None)
+            try:
+                return self._exchange(event, name, target, deadline, self._agent_for(name))
+            except _NotDelivered:
+                raise Failure(502, "Tunnel offline", offline_message(name)) from None
+
+    def _exchange(
+        self, event: dict[str, Any], name: str, target: str, deadline: float, agent: str
+    ) -> dict[str, Any]:
         self._ensure_ws()
         assert self.ws is not None
         stream = secrets.token_hex(8)
@@ -220,7 +237,7 @@ class Gateway:
             ws.close()
             self.ws = None
         host = urlsplit(self.config.ws_url).netloc
-        timestamp = int(self.clock())
+        timestamp = int(time.time())
         proof = protocol.gateway_proof(self.gateway_key, host, timestamp, secrets.token_hex(16))
         try:
             ws = WsClient(self.config.ws_url, {"Authorization": proof}, timeout=5.0)
@@ -337,7 +354,9 @@ class _Exchange:
             raise Failure(502, "Relay error", f"Cannot reach the tunnel's agent: {exc}") from None
         if not ok:
             self.gateway.forget(self.name, self.agent)
-            raise Failure(502, "Tunnel offline", offline_message(self.name))
+            if message["t"] == "open":
+                raise _NotDelivered
+            raise Failure(502, "Tunnel offline", gone_message(self.name))
 
     def send_first(self, opening: dict[str, Any]) -> None:
         room = min(protocol.data_room(opening), self.credit)

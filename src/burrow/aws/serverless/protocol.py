@@ -123,8 +123,9 @@ def b64(data: bytes) -> str:
 
 
 def data_room(envelope: dict[str, Any], limit: int = SEND_MESSAGE) -> int:
-    """How many raw bytes fit in ``envelope``'s ``d`` without passing ``limit``."""
-    used = len(encode({**envelope, "d": ""}, limit))
+    """How many raw bytes fit in ``envelope``'s ``d`` (with its ``fin`` flag) without passing
+    ``limit``."""
+    used = len(encode({**envelope, "d": "", "fin": False}, limit))
     return max(0, (limit - used - 8) // 4 * 3)
 
 

@@ -4,7 +4,6 @@ is the simple and cheap choice; the framing is ``wsframes``)."""
 
 from __future__ import annotations
 
-import select
 import socket
 import ssl
 import time
@@ -139,15 +138,13 @@ class WsClient:
         if self.closed:
             return False
         try:
-            pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-            while pending or select.select([self.sock], [], [], 0)[0]:
-                self.sock.settimeout(0)
+            self.sock.settimeout(0)
+            for _ in range(64):  # bounded: what arrived while frozen is a few frames at most
                 data = self.sock.recv(READ)
                 if not data:
                     self.closed = True
                     return False
                 self._feed(data)
-                pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
         except (BlockingIOError, ssl.SSLWantReadError):
             pass
         except (OSError, WsClosed):
