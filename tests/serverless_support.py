@@ -26,7 +26,7 @@ def payload(n: int, kind: str = "bin", seed: int = 7) -> bytes:
     """``n`` deterministic bytes: any byte value (bin) or printable ASCII lines (text)."""
     rng = random.Random(seed)
     if kind == "text":
-        line = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz0123456789 \"\\") for _ in range(99))
+        line = bytes(rng.choice(b'abcdefghijklmnopqrstuvwxyz0123456789 "\\') for _ in range(99))
         line += b"\n"
         return (line * (n // len(line) + 1))[:n]
     return rng.randbytes(n)
@@ -60,10 +60,14 @@ class App(BaseHTTPRequestHandler):
         path = parts.path
         if path == "/bytes":
             data = payload(int(query["n"]), query.get("kind", "bin"), int(query.get("seed", 7)))
-            kind = "text/plain; charset=utf-8" if query.get("kind") == "text" else (
-                "application/octet-stream")
-            self._send(200, data, [("Content-Type", kind),
-                                   ("X-Sha256", hashlib.sha256(data).hexdigest())])
+            kind = (
+                "text/plain; charset=utf-8"
+                if query.get("kind") == "text"
+                else ("application/octet-stream")
+            )
+            self._send(
+                200, data, [("Content-Type", kind), ("X-Sha256", hashlib.sha256(data).hexdigest())]
+            )
         elif path == "/chunked":
             pieces = int(query.get("pieces", "20"))
             size = int(query.get("size", "50000"))
@@ -79,13 +83,17 @@ class App(BaseHTTPRequestHandler):
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
         elif path == "/cookies":
-            self._send(200, b"cookies", [
-                ("Content-Type", "text/plain"),
-                ("Set-Cookie", "a=1; Path=/; HttpOnly"),
-                ("Set-Cookie", "b=2; Path=/; Secure"),
-                ("X-Multi", "one"),
-                ("X-Multi", "two"),
-            ])
+            self._send(
+                200,
+                b"cookies",
+                [
+                    ("Content-Type", "text/plain"),
+                    ("Set-Cookie", "a=1; Path=/; HttpOnly"),
+                    ("Set-Cookie", "b=2; Path=/; Secure"),
+                    ("X-Multi", "one"),
+                    ("X-Multi", "two"),
+                ],
+            )
         elif path == "/slow":
             time.sleep(float(query.get("s", "1")))
             self._send(200, b"slow", [("Content-Type", "text/plain")])
@@ -134,8 +142,13 @@ def token(emulator: Emulator, expose: list[str], ttl: int = 3600) -> str:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    emulator: Emulator, port: int, name: str | None, *, events: Any = None,
-    token_text: str | None = None, **options: Any
+    emulator: Emulator,
+    port: int,
+    name: str | None,
+    *,
+    events: Any = None,
+    token_text: str | None = None,
+    **options: Any,
 ) -> AsyncIterator[ServerlessAgent]:
     spec = http_service(str(port), name=name, **options.pop("http", {}))
     config = ServerlessConfig(
@@ -169,15 +182,20 @@ class Answer:
 
 
 async def visit(
-    url: str, method: str = "GET", path: str = "/", *, host: str | None = None,
-    body: bytes = b"", headers: list[tuple[str, str]] | None = None, timeout: float = 60.0,
+    url: str,
+    method: str = "GET",
+    path: str = "/",
+    *,
+    host: str | None = None,
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+    timeout: float = 60.0,
 ) -> Answer:
     """One HTTP/1.1 request on its own connection (asyncio, Content-Length bodies only)."""
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
     try:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host or parts.netloc}",
-                 "Connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host or parts.netloc}", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in headers or []]
         if body or method in ("POST", "PUT"):
             lines.append(f"Content-Length: {len(body)}")
@@ -190,8 +208,9 @@ async def visit(
                 (k.strip(), v.strip())
                 for k, _, v in (line.partition(":") for line in header_lines if line)
             ]
-            length = next((int(v) for k, v in answer_headers if k.lower() == "content-length"),
-                          None)
+            length = next(
+                (int(v) for k, v in answer_headers if k.lower() == "content-length"), None
+            )
             if method == "HEAD":
                 data = b""
             elif length is not None:
@@ -209,8 +228,11 @@ async def follow(answer: Answer) -> Answer:
     location = answer.header("location")
     assert location is not None
     parts = urlsplit(location)
-    return await visit(f"{parts.scheme}://{parts.netloc}", "GET",
-                       parts.path + ("?" + parts.query if parts.query else ""))
+    return await visit(
+        f"{parts.scheme}://{parts.netloc}",
+        "GET",
+        parts.path + ("?" + parts.query if parts.query else ""),
+    )
 
 
 def sha(data: bytes) -> str:

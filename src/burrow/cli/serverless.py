@@ -20,31 +20,57 @@ def serverless() -> None:
 
 
 @serverless.command()
-@option("--domain", envvar="BURROW_SERVERLESS_DOMAIN",
-        help="Serve tunnels as NAME.DOMAIN (needs a wildcard certificate).")
-@option("--certificate-arn", envvar="BURROW_SERVERLESS_CERTIFICATE_ARN",
-        help="ACM certificate for *.DOMAIN (same region).")
-@option("--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml",
-        show_default=True, envvar="BURROW_SERVERLESS_FORMAT", help="Template syntax.")
-@option("--no-bucket", is_flag=True, envvar="BURROW_SERVERLESS_NO_BUCKET",
-        help="No S3 bucket: answers larger than a Lambda response fail with 502.")
-def template(domain: str | None, certificate_arn: str | None, output_format: str,
-             no_bucket: bool) -> None:
+@option(
+    "--domain",
+    envvar="BURROW_SERVERLESS_DOMAIN",
+    help="Serve tunnels as NAME.DOMAIN (needs a wildcard certificate).",
+)
+@option(
+    "--certificate-arn",
+    envvar="BURROW_SERVERLESS_CERTIFICATE_ARN",
+    help="ACM certificate for *.DOMAIN (same region).",
+)
+@option(
+    "--format",
+    "output_format",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    envvar="BURROW_SERVERLESS_FORMAT",
+    help="Template syntax.",
+)
+@option(
+    "--no-bucket",
+    is_flag=True,
+    envvar="BURROW_SERVERLESS_NO_BUCKET",
+    help="No S3 bucket: answers larger than a Lambda response fail with 502.",
+)
+def template(
+    domain: str | None, certificate_arn: str | None, output_format: str, no_bucket: bool
+) -> None:
     """Print the CloudFormation template (deploy it with `aws cloudformation deploy`)."""
     from burrow.aws.serverless.template import build_template, dump
 
     reporter = Reporter(as_json=False)
     try:
-        document = build_template(domain=domain, certificate_arn=certificate_arn,
-                                  bucket=not no_bucket)
+        document = build_template(
+            domain=domain, certificate_arn=certificate_arn, bucket=not no_bucket
+        )
     except BurrowError as exc:
         fail(reporter, exc)
     sys.stdout.write(dump(document, output_format))
 
 
 @serverless.command()
-@option("-o", "--output", type=click.Path(path_type=Path), default="build", show_default=True,
-        envvar="BURROW_SERVERLESS_OUTPUT", help="Directory for the zip.")
+@option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default="build",
+    show_default=True,
+    envvar="BURROW_SERVERLESS_OUTPUT",
+    help="Directory for the zip.",
+)
 def package(output: Path) -> None:
     """Build the handlers' zip the template names (upload it to the CodeBucket)."""
     from burrow.aws.serverless.package import build_package
@@ -67,25 +93,66 @@ def _listen(text: str, flag: str) -> tuple[str, int]:
 
 
 @serverless.command()
-@option("--ws-listen", default="127.0.0.1:8001", show_default=True,
-        envvar="BURROW_EMULATOR_WS", help="The WebSocket API (agents use --to ws://...).")
-@option("--http-listen", default="127.0.0.1:8000", show_default=True,
-        envvar="BURROW_EMULATOR_HTTP", help="The HTTP API (visitors).")
-@option("--manage-listen", default="127.0.0.1:0", show_default=True,
-        envvar="BURROW_EMULATOR_MANAGE", help="The @connections API.")
-@option("--domain", default="", envvar="BURROW_EMULATOR_DOMAIN",
-        help="Route NAME.DOMAIN by Host (else /t/NAME/ only).")
-@option("--state-dir", type=click.Path(path_type=Path), envvar="BURROW_STATE_DIR",
-        help="Where the token key lives [default: ~/.local/state/burrow/serverless].")
-@option("--speed", type=float, default=1.0, show_default=True, envvar="BURROW_EMULATOR_SPEED",
-        help="Run the emulated clock this many times faster (idle and 2-hour limits).")
-@option("--no-bucket", is_flag=True, envvar="BURROW_EMULATOR_NO_BUCKET",
-        help="No S3 bucket for large answers.")
+@option(
+    "--ws-listen",
+    default="127.0.0.1:8001",
+    show_default=True,
+    envvar="BURROW_EMULATOR_WS",
+    help="The WebSocket API (agents use --to ws://...).",
+)
+@option(
+    "--http-listen",
+    default="127.0.0.1:8000",
+    show_default=True,
+    envvar="BURROW_EMULATOR_HTTP",
+    help="The HTTP API (visitors).",
+)
+@option(
+    "--manage-listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    envvar="BURROW_EMULATOR_MANAGE",
+    help="The @connections API.",
+)
+@option(
+    "--domain",
+    default="",
+    envvar="BURROW_EMULATOR_DOMAIN",
+    help="Route NAME.DOMAIN by Host (else /t/NAME/ only).",
+)
+@option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="BURROW_STATE_DIR",
+    help="Where the token key lives [default: ~/.local/state/burrow/serverless].",
+)
+@option(
+    "--speed",
+    type=float,
+    default=1.0,
+    show_default=True,
+    envvar="BURROW_EMULATOR_SPEED",
+    help="Run the emulated clock this many times faster (idle and 2-hour limits).",
+)
+@option(
+    "--no-bucket",
+    is_flag=True,
+    envvar="BURROW_EMULATOR_NO_BUCKET",
+    help="No S3 bucket for large answers.",
+)
 @json_option
 @verbose_option
-def emulate(ws_listen: str, http_listen: str, manage_listen: str, domain: str,
-            state_dir: Path | None, speed: float, no_bucket: bool, as_json: bool,
-            verbose: int) -> None:
+def emulate(
+    ws_listen: str,
+    http_listen: str,
+    manage_listen: str,
+    domain: str,
+    state_dir: Path | None,
+    speed: float,
+    no_bucket: bool,
+    as_json: bool,
+    verbose: int,
+) -> None:
     """Run the serverless relay locally: the real handlers behind a fake API Gateway, with
     DynamoDB and S3 from moto. Mint tokens with `burrow token issue --state-dir DIR`."""
     from burrow.cli.common import run, setup_logging
@@ -116,13 +183,15 @@ def emulate(ws_listen: str, http_listen: str, manage_listen: str, domain: str,
         emulator = Emulator(state_dir=directory, **options)
         try:
             await emulator.start()
-            reporter.event({
-                "event": "emulator_ready",
-                "ws": emulator.ws_url,
-                "http": emulator.http_url,
-                "manage": emulator.management_url,
-                "state_dir": str(directory),
-            })
+            reporter.event(
+                {
+                    "event": "emulator_ready",
+                    "ws": emulator.ws_url,
+                    "http": emulator.http_url,
+                    "manage": emulator.management_url,
+                    "state_dir": str(directory),
+                }
+            )
             await stopper.event.wait()
         finally:
             await emulator.close()

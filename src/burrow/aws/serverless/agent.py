@@ -33,8 +33,14 @@ from urllib.parse import urlsplit
 from burrow.aws.serverless import protocol
 from burrow.aws.serverless.gateway import is_text
 from burrow.aws.serverless.response import BodySize, DecodeError, Head, ResponseDecoder
-from burrow.errors import AuthError, BurrowError, ConfigError, ConnectError, RelayUnavailable
-from burrow.errors import TunnelError
+from burrow.errors import (
+    AuthError,
+    BurrowError,
+    ConfigError,
+    ConnectError,
+    RelayUnavailable,
+    TunnelError,
+)
 from burrow.events import EventSink, emit
 from burrow.roles.services import ActiveTunnel, Service
 
@@ -54,8 +60,10 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ConfigError(f"invalid --to {url!r}: expected wss://HOST/STAGE")
-    if parts.scheme == "ws" and parts.hostname not in _LOOPBACK and not parts.hostname.startswith(
-        "127."
+    if (
+        parts.scheme == "ws"
+        and parts.hostname not in _LOOPBACK
+        and not parts.hostname.startswith("127.")
     ):
         raise ConfigError(
             f"--to {url!r} is plaintext to another machine; use wss:// (ws:// is for the local "
@@ -242,7 +250,7 @@ class ServerlessAgent:
             pass
         return secrets.token_hex(32)
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.failed = asyncio.get_running_loop().create_future()
@@ -291,10 +299,16 @@ class ServerlessAgent:
             self.failed.set_result(exc)
 
     def _reconnecting(self, attempt: int, delay: float, reason: str) -> None:
-        emit(self.on_event, "reconnecting", relay=self.relay_label, attempt=attempt,
-             delay=round(delay, 2), reason=reason)
+        emit(
+            self.on_event,
+            "reconnecting",
+            relay=self.relay_label,
+            attempt=attempt,
+            delay=round(delay, 2),
+            reason=reason,
+        )
 
-    # --- connecting ----------------------------------------------------------------------------
+    # --- connecting -----------------------------------------------------------------------------
 
     async def _open(self, timeout: float) -> _Link:
         """A new connection with its names held (``hello`` answered by ``welcome``)."""
@@ -317,8 +331,9 @@ class ServerlessAgent:
         try:
             ws = await connect(
                 self.config.url,
-                additional_headers={"Authorization": protocol.agent_proof(claims, mac, stamp,
-                                                                          nonce)},
+                additional_headers={
+                    "Authorization": protocol.agent_proof(claims, mac, stamp, nonce)
+                },
                 compression=None,
                 max_size=protocol.AWS_MAX_MESSAGE,
                 ping_interval=None,
@@ -329,11 +344,10 @@ class ServerlessAgent:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            text = _refusal(exc.response.body)
+            text = _refusal(bytes(exc.response.body or b""))
             if status in (401, 403):
                 raise AuthError(f"serverless relay {label} refused this agent: {text}") from None
-            raise RelayUnavailable(f"serverless relay {label} answered {status}: {text}"
-                                   ) from None
+            raise RelayUnavailable(f"serverless relay {label} answered {status}: {text}") from None
         except ssl.SSLCertVerificationError as exc:
             from burrow.errors import TLSVerifyError
 
@@ -371,8 +385,13 @@ class ServerlessAgent:
         self.inline_limit = int(welcome.get("inline", self.inline_limit))
         interval = self.config.heartbeat or float(welcome.get("hb", protocol.HEARTBEAT))
         link.tasks.append(asyncio.get_running_loop().create_task(link.heartbeat(interval)))
-        emit(self.on_event, "connected", relay=label, session=link.conn_id,
-             tls=self.config.url.startswith("wss://"))
+        emit(
+            self.on_event,
+            "connected",
+            relay=label,
+            session=link.conn_id,
+            tls=self.config.url.startswith("wss://"),
+        )
         held = welcome.get("tunnels", [])
         for tunnel, given in zip(self.tunnels, held, strict=False):
             tunnel.name = given["n"]
@@ -385,8 +404,15 @@ class ServerlessAgent:
         for tunnel in self.tunnels:
             tunnel.spec.registered(tunnel)
             if first or old is None:
-                emit(self.on_event, "tunnel_ready", kind="http", name=tunnel.name,
-                     url=tunnel.public, public=tunnel.public, **tunnel.spec.describe())
+                emit(
+                    self.on_event,
+                    "tunnel_ready",
+                    kind="http",
+                    name=tunnel.name,
+                    url=tunnel.public,
+                    public=tunnel.public,
+                    **tunnel.spec.describe(),
+                )
         if old is not None and old is not link:
             self._retire(old)
 
@@ -443,7 +469,7 @@ class ServerlessAgent:
                 attempt = 0
                 break
 
-    # --- messages ------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------
 
     def _dispatch(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["t"]
@@ -451,8 +477,9 @@ class ServerlessAgent:
             if not link.welcome.done():
                 link.welcome.set_result(message)
         elif kind == "error":
-            error = TunnelError(f"serverless relay {self.relay_label}: {message['msg']}",
-                                message["code"])
+            error = TunnelError(
+                f"serverless relay {self.relay_label}: {message['msg']}", message["code"]
+            )
             if not link.welcome.done():
                 link.welcome.set_exception(error)
                 link.welcome.exception()
@@ -480,8 +507,14 @@ class ServerlessAgent:
                 self._send_reset(link, message, "closed", "no such stream")
 
     def _send_reset(self, link: _Link, message: dict[str, Any], code: str, why: str) -> None:
-        reply = {"t": "reset", "s": message["s"], "code": code, "why": why,
-                 "to": message["from"], "mac": message["mac"]}
+        reply = {
+            "t": "reset",
+            "s": message["s"],
+            "code": code,
+            "why": why,
+            "to": message["from"],
+            "mac": message["mac"],
+        }
         asyncio.get_running_loop().create_task(_quietly(link.send(reply)))
 
     def _forget(self, stream: _HttpStream) -> None:
@@ -505,7 +538,9 @@ def _refusal(body: bytes | None) -> str:
 class _Spool:
     """An answer's body while it waits: in memory, then on disk."""
 
-    file: Any = field(default_factory=lambda: tempfile.SpooledTemporaryFile(SPOOL_MEMORY))
+    file: Any = field(
+        default_factory=lambda: tempfile.SpooledTemporaryFile(SPOOL_MEMORY)  # noqa: SIM115
+    )
     size: int = 0
 
     def write(self, data: bytes) -> None:
@@ -522,8 +557,9 @@ class _Spool:
 class _HttpStream:
     """One visitor request: a reader and writer for ``serve_http`` on a stream."""
 
-    def __init__(self, agent: ServerlessAgent, link: _Link, tunnel: ActiveTunnel,
-                 message: dict[str, Any]) -> None:
+    def __init__(
+        self, agent: ServerlessAgent, link: _Link, tunnel: ActiveTunnel, message: dict[str, Any]
+    ) -> None:
         self.agent = agent
         self.link = link
         self.tunnel = tunnel
@@ -560,7 +596,7 @@ class _HttpStream:
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
-    # --- from the relay ------------------------------------------------------------------------
+    # --- from the relay -------------------------------------------------------------------------
 
     def on_message(self, message: dict[str, Any]) -> None:
         kind = message["t"]
@@ -590,7 +626,7 @@ class _HttpStream:
             self.cancel(str(exc))
         self._readable.set()
 
-    # --- the reader serve_http reads the request from --------------------------------------------
+    # --- the reader serve_http reads the request from -------------------------------------------
 
     async def read(self, n: int = -1) -> bytes:
         while not self._inbox:
@@ -608,7 +644,7 @@ class _HttpStream:
             await self._send({"t": "credit", "s": self.sid, "n": grant})
         return data
 
-    # --- the writer serve_http writes the response to ---------------------------------------------
+    # --- the writer serve_http writes the response to -------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.complete:
@@ -626,8 +662,9 @@ class _HttpStream:
         for event in events:
             if isinstance(event, Head):
                 self.head = event
-                text_headers = [(k.decode("latin-1"), v.decode("latin-1"))
-                                for k, v in event.headers]
+                text_headers = [
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+                ]
                 self.size = BodySize(is_text(text_headers))
             elif isinstance(event, bytes):
                 assert self.size is not None
@@ -658,7 +695,7 @@ class _HttpStream:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
 
-    # --- the exchange -----------------------------------------------------------------------------
+    # --- the exchange ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
         from burrow.http.proxy import serve_http
@@ -676,12 +713,21 @@ class _HttpStream:
             await self._answer()
         except asyncio.CancelledError:
             if self.reset_by_peer is None:
-                await _quietly(self._send({"t": "reset", "s": self.sid, "code": "cancelled",
-                                           "why": "the agent is stopping"}))
+                await _quietly(
+                    self._send(
+                        {
+                            "t": "reset",
+                            "s": self.sid,
+                            "code": "cancelled",
+                            "why": "the agent is stopping",
+                        }
+                    )
+                )
         except Exception as exc:
             log.warning("request %s failed: %s", self.sid, exc)
-            await _quietly(self._send({"t": "reset", "s": self.sid, "code": "error",
-                                       "why": str(exc)[:200]}))
+            await _quietly(
+                self._send({"t": "reset", "s": self.sid, "code": "error", "why": str(exc)[:200]})
+            )
         finally:
             self.body.file.close()
             self.tunnel.open_connections -= 1
@@ -704,14 +750,26 @@ class _HttpStream:
         elif self.put:
             await self._upload(head.status, headers)
         else:
-            await self._send({
-                "t": "reset", "s": self.sid, "code": "too_large",
-                "why": f"the answer is {self.body.size} bytes, more than a Lambda response "
-                "holds, and the relay has no bucket for large answers"})
+            await self._send(
+                {
+                    "t": "reset",
+                    "s": self.sid,
+                    "code": "too_large",
+                    "why": f"the answer is {self.body.size} bytes, more than a Lambda response "
+                    "holds, and the relay has no bucket for large answers",
+                }
+            )
 
     async def _inline(self, status: int, headers: list[list[str]]) -> None:
-        opening: dict[str, Any] = {"t": "head", "s": self.sid, "q": 0, "st": status,
-                                   "h": headers, "to": self.peer, "mac": self.mac}
+        opening: dict[str, Any] = {
+            "t": "head",
+            "s": self.sid,
+            "q": 0,
+            "st": status,
+            "h": headers,
+            "to": self.peer,
+            "mac": self.mac,
+        }
         room = protocol.data_room(opening)
         total = self.body.size
         sent = 0
@@ -734,10 +792,12 @@ class _HttpStream:
     async def _upload(self, status: int, headers: list[list[str]]) -> None:
         assert self.put is not None
         await put_object(self.put, self.body)
-        await self._send({"t": "head", "s": self.sid, "q": 0, "st": status, "h": headers,
-                          "big": True})
-        await self._send({"t": "stored", "s": self.sid, "q": 1, "size": self.body.size,
-                          "fin": True})
+        await self._send(
+            {"t": "head", "s": self.sid, "q": 0, "st": status, "h": headers, "big": True}
+        )
+        await self._send(
+            {"t": "stored", "s": self.sid, "q": 1, "size": self.body.size, "fin": True}
+        )
 
 
 async def put_object(url: str, body: _Spool) -> None:

@@ -110,7 +110,7 @@ class Config:
         if service == "apigatewaymanagementapi":
             options["endpoint_url"] = self.management_url
         options["config"] = BotoConfig(
-            retries=retries,  # type: ignore[arg-type]
+            retries=retries,
             connect_timeout=5,
             read_timeout=10,
             max_pool_connections=64,

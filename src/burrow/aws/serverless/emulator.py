@@ -175,8 +175,9 @@ class Stats:
 class _WsConnection:
     """One client of the emulated WebSocket API."""
 
-    def __init__(self, emulator: Emulator, writer: asyncio.StreamWriter, conn_id: str,
-                 source: str) -> None:
+    def __init__(
+        self, emulator: Emulator, writer: asyncio.StreamWriter, conn_id: str, source: str
+    ) -> None:
         self.emulator = emulator
         self.writer = writer
         self.id = conn_id
@@ -209,8 +210,9 @@ class _WsConnection:
         self.close_code = code
         with contextlib.suppress(Exception):
             self.writer.write(
-                wsframes.encode_frame(wsframes.CLOSE, wsframes.close_payload(code, reason),
-                                      masked=False)
+                wsframes.encode_frame(
+                    wsframes.CLOSE, wsframes.close_payload(code, reason), masked=False
+                )
             )
             await self.writer.drain()
         self.writer.close()
@@ -255,7 +257,7 @@ class Emulator:
         self.config: Config | None = None
         self.functions: dict[str, LambdaFunction] = {}
 
-    # --- start and stop --------------------------------------------------------------------------
+    # --- start and stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
         from burrow.tokens import TokenKey
@@ -276,8 +278,11 @@ class Emulator:
         def relay_factory() -> Callable[[dict[str, Any], Any], Any]:
             assert self.config is not None
             relay = Relay(self.config, clock=self.clock.now)
-            routes = {"$connect": relay.connect, "$disconnect": relay.disconnect,
-                      "$default": relay.default}
+            routes = {
+                "$connect": relay.connect,
+                "$disconnect": relay.disconnect,
+                "$default": relay.default,
+            }
             return lambda event, context: routes[event["requestContext"]["routeKey"]](
                 event, context
             )
@@ -293,7 +298,11 @@ class Emulator:
             ("http", gateway_factory, HTTP_TIMEOUT),
         ):
             self.functions[name] = LambdaFunction(
-                name, factory, timeout=timeout, clock=self.clock, executor=self._executor,
+                name,
+                factory,
+                timeout=timeout,
+                clock=self.clock,
+                executor=self._executor,
                 concurrency=self.concurrency,
             )
 
@@ -394,14 +403,18 @@ class Emulator:
                 elif now - conn.last_active >= IDLE_LIMIT:
                     await conn.close(wsframes.GOING_AWAY, "idle timeout")
 
-    # --- the WebSocket API -------------------------------------------------------------------------
+    # --- the WebSocket API ----------------------------------------------------------------------
 
     async def _on_ws(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("127.0.0.1", 0)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
             writer.close()
             return
         if len(head) > MAX_HEAD:
@@ -436,7 +449,8 @@ class Emulator:
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                + data
             )
             with contextlib.suppress(Exception):
                 await writer.drain()
@@ -460,8 +474,7 @@ class Emulator:
                 await self.functions["disconnect"].invoke(event)
             writer.close()
 
-    async def _ws_loop(self, conn: _WsConnection, reader: asyncio.StreamReader, host: str
-                       ) -> None:
+    async def _ws_loop(self, conn: _WsConnection, reader: asyncio.StreamReader, host: str) -> None:
         parser = wsframes.FrameParser(masked=True, max_frame=AWS_MAX_FRAME)
         assembler = wsframes.Assembler(AWS_MAX_MESSAGE)
         while not conn.closed:
@@ -507,8 +520,7 @@ class Emulator:
         except Exception as exc:
             log.warning("$default failed: %s", exc)
 
-    def _ws_event(self, conn: _WsConnection, route: str, kind: str, host: str
-                  ) -> dict[str, Any]:
+    def _ws_event(self, conn: _WsConnection, route: str, kind: str, host: str) -> dict[str, Any]:
         now = self.clock.now()
         return {
             "requestContext": {
@@ -528,14 +540,14 @@ class Emulator:
             "isBase64Encoded": False,
         }
 
-    # --- @connections ------------------------------------------------------------------------------
+    # --- @connections ---------------------------------------------------------------------------
 
-    async def _on_manage(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                         ) -> None:
+    async def _on_manage(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_h11(reader, writer, self._manage, max_body=AWS_MAX_MESSAGE * 2)
 
-    async def _manage(self, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes, peer: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _manage(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, peer: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         path = urlsplit(target).path
         if path.startswith("/_emulator/"):
             return self._control(method, target)
@@ -549,8 +561,7 @@ class Emulator:
             return _json(410, {"message": None}, error="GoneException")
         if method == "POST":
             if len(body) > AWS_MAX_MESSAGE:
-                return _json(413, {"message": "Message too long"},
-                             error="PayloadTooLargeException")
+                return _json(413, {"message": "Message too long"}, error="PayloadTooLargeException")
             try:
                 await conn.send_message(body)
             except (ConnectionError, OSError):
@@ -559,11 +570,14 @@ class Emulator:
             self.stats.add("ws.out_messages")
             return 200, [], b""
         if method == "GET":
-            return _json(200, {
-                "connectedAt": _iso(conn.connected_at),
-                "lastActiveAt": _iso(conn.last_active),
-                "identity": {"sourceIp": conn.source, "userAgent": conn.user_agent},
-            })
+            return _json(
+                200,
+                {
+                    "connectedAt": _iso(conn.connected_at),
+                    "lastActiveAt": _iso(conn.last_active),
+                    "identity": {"sourceIp": conn.source, "userAgent": conn.user_agent},
+                },
+            )
         if method == "DELETE":
             await conn.close(wsframes.NORMAL, "deleted")
             return 204, [], b""
@@ -583,13 +597,14 @@ class Emulator:
             return _json(200, {"now": self.clock.now()})
         return _json(404, {"message": "Not Found"})
 
-    # --- the HTTP API ------------------------------------------------------------------------------
+    # --- the HTTP API ---------------------------------------------------------------------------
 
     async def _on_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_h11(reader, writer, self._http, max_body=HTTP_MAX_BODY)
 
-    async def _http(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
-                    peer: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    async def _http(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, peer: str
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         self.stats.add("http.requests")
         event = self.http_event(method, target, headers, body, peer)
         if len(json.dumps(event)) > LAMBDA_MAX_PAYLOAD:
@@ -605,8 +620,9 @@ class Emulator:
             return _json(500, {"message": "Internal Server Error"})
         return self.http_answer(result)
 
-    def http_event(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
-                   peer: str) -> dict[str, Any]:
+    def http_event(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, peer: str
+    ) -> dict[str, Any]:
         """A payload format 2.0 event, as the HTTP API builds it."""
         parts = urlsplit(target)
         merged: dict[str, str] = {}
@@ -625,8 +641,12 @@ class Emulator:
         query: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             query[key] = f"{query[key]},{value}" if key in query else value
-        text = is_text([("content-type", merged.get("content-type", "")),
-                        ("content-encoding", merged.get("content-encoding", ""))])
+        text = is_text(
+            [
+                ("content-type", merged.get("content-type", "")),
+                ("content-encoding", merged.get("content-encoding", "")),
+            ]
+        )
         encoded = bool(body) and not text
         if not encoded:
             try:
@@ -695,7 +715,7 @@ class _EndpointSession:
         return self.session.client(service, **options)
 
 
-# --- a small HTTP/1.1 server ---------------------------------------------------------------------
+# --- a small HTTP/1.1 server -------------------------------------------------------------------
 
 Handler = Callable[
     [str, str, list[tuple[str, str]], bytes, str],
@@ -703,8 +723,9 @@ Handler = Callable[
 ]
 
 
-async def _serve_h11(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     handle: Handler, *, max_body: int) -> None:
+async def _serve_h11(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, *, max_body: int
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     peer = str((writer.get_extra_info("peername") or ("127.0.0.1", 0))[0])
     try:
@@ -725,12 +746,17 @@ async def _serve_h11(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     break
                 else:
                     return
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers.raw_items()]
+            headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers.raw_items()
+            ]
             if too_big:
                 status, out_headers, data = _json(413, {"message": "Request Entity Too Large"})
             else:
                 status, out_headers, data = await handle(
-                    event.method.decode(), event.target.decode("latin-1"), headers, bytes(body),
+                    event.method.decode(),
+                    event.target.decode("latin-1"),
+                    headers,
+                    bytes(body),
                     peer,
                 )
             response_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
@@ -743,8 +769,12 @@ async def _serve_h11(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             if conn.our_state is h11.MUST_CLOSE or too_big:
                 return
             conn.start_next_cycle()
-    except (h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError,
-            asyncio.CancelledError):
+    except (
+        h11.ProtocolError,
+        ConnectionError,
+        asyncio.IncompleteReadError,
+        asyncio.CancelledError,
+    ):
         return
     finally:
         writer.close()
@@ -786,7 +816,7 @@ def _hostport(address: tuple[Any, ...]) -> str:
     return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
 
 
-# --- running it in a thread (tests, the bench) ----------------------------------------------------
+# --- running it in a thread (tests, the bench) -------------------------------------------------
 
 
 class EmulatorThread:
@@ -799,6 +829,7 @@ class EmulatorThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._main, daemon=True, name="emulator")
 
     def __enter__(self) -> Emulator:
@@ -831,5 +862,4 @@ class EmulatorThread:
             finally:
                 await self.emulator.close()
 
-        self._stop: asyncio.Event | None = None
         asyncio.run(run())

@@ -40,8 +40,17 @@ CACHE_SECONDS = 5.0
 IDLE_REPLACE = 540.0
 #: Request headers the gateway sets or that API Gateway's event format makes meaningless.
 _DROPPED_REQUEST = frozenset(
-    {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "expect",
-     "te", "trailer", "proxy-connection"}
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "expect",
+        "te",
+        "trailer",
+        "proxy-connection",
+    }
 )
 _DROPPED_RESPONSE = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "trailer", "upgrade"}
@@ -82,8 +91,14 @@ def is_text(headers: list[list[str]] | list[tuple[str, str]]) -> bool:
             kind = value.split(";", 1)[0].strip().lower()
     return (
         kind.startswith("text/")
-        or kind in ("application/json", "application/javascript", "application/xml",
-                    "application/x-www-form-urlencoded", "image/svg+xml")
+        or kind
+        in (
+            "application/json",
+            "application/javascript",
+            "application/xml",
+            "application/x-www-form-urlencoded",
+            "image/svg+xml",
+        )
         or kind.endswith(("+json", "+xml"))
     )
 
@@ -330,8 +345,9 @@ class _Exchange:
     """One request on its stream: the request out (as the agent's credit allows), the answer
     in (reassembled in order), the agent watched while it is silent."""
 
-    def __init__(self, gateway: Gateway, name: str, agent: str, stream: str, request: bytes
-                 ) -> None:
+    def __init__(
+        self, gateway: Gateway, name: str, agent: str, stream: str, request: bytes
+    ) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self.name = name
@@ -397,8 +413,7 @@ class _Exchange:
                 raise Failure(
                     504,
                     "Gateway Timeout",
-                    f"The tunnel {self.name!r} did not answer within "
-                    f"{self.config.deadline:g} s.",
+                    f"The tunnel {self.name!r} did not answer within {self.config.deadline:g} s.",
                 )
             wait = min(deadline - now, quiet_since + probe_after - now, 1.0)
             try:
@@ -437,8 +452,11 @@ class _Exchange:
             why = message.get("why") or message["code"]
             if message["code"] == "too_large":
                 raise Failure(502, "Response too large", why)
-            raise Failure(502, "Tunnel offline" if message["code"] == "gone" else "Bad Gateway",
-                          f"The tunnel {self.name!r} could not answer: {why}")
+            raise Failure(
+                502,
+                "Tunnel offline" if message["code"] == "gone" else "Bad Gateway",
+                f"The tunnel {self.name!r} could not answer: {why}",
+            )
         if kind not in protocol.SEQUENCED:
             return
         try:
@@ -473,8 +491,14 @@ class _Exchange:
         ):
             return
         text = protocol.encode(
-            {"t": "reset", "s": message["s"], "code": "cancelled", "why": "no one waits for it",
-             "from": self.gateway.conn, "mac": mac}
+            {
+                "t": "reset",
+                "s": message["s"],
+                "code": "cancelled",
+                "why": "no one waits for it",
+                "from": self.gateway.conn,
+                "mac": mac,
+            }
         )
         try:
             post(self.config, sender, text)
@@ -483,18 +507,27 @@ class _Exchange:
 
     def _reset(self, code: str, why: str) -> None:
         try:
-            post(self.config, self.agent, protocol.encode(
-                {"t": "reset", "s": self.stream, "code": code, "why": why,
-                 "from": self.gateway.conn, "mac": self.mac}))
+            post(
+                self.config,
+                self.agent,
+                protocol.encode(
+                    {
+                        "t": "reset",
+                        "s": self.stream,
+                        "code": code,
+                        "why": why,
+                        "from": self.gateway.conn,
+                        "mac": self.mac,
+                    }
+                ),
+            )
         except Exception:
             pass
 
     def _probe(self) -> None:
         """Is the agent still connected? (GET @connections: a 410 ends the wait with 502.)"""
         try:
-            self.config.client("apigatewaymanagementapi").get_connection(
-                ConnectionId=self.agent
-            )
+            self.config.client("apigatewaymanagementapi").get_connection(ConnectionId=self.agent)
         except Exception as exc:
             if _gone(exc):
                 self.gateway.forget(self.name, self.agent)
@@ -508,7 +541,7 @@ def _raw_request(event: dict[str, Any], target: str) -> bytes:
     body_text = event.get("body") or ""
     if event.get("isBase64Encoded"):
         try:
-            body = base64.b64decode(body_text)
+            body = base64.b64decode(body_text, validate=True)
         except (binascii.Error, ValueError):
             raise Failure(400, "Bad Request", "The request body is not base64.") from None
     else:

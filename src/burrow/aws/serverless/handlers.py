@@ -38,7 +38,7 @@ def _gone(exc: Exception) -> bool:
     response = getattr(exc, "response", None) or {}
     code = response.get("Error", {}).get("Code")
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code == "GoneException" or status == 410
+    return bool(code == "GoneException" or status == 410)
 
 
 class Relay:
@@ -178,8 +178,10 @@ class Relay:
                     _error("not_allowed", f"this token may not expose {what} (it may: {patterns})"),
                 )
                 return
-            name = next((n for n in allowed if self.store.claim(f"{namespace}#{n}", sender,
-                                                                owner, now)), None)
+            name = next(
+                (n for n in allowed if self.store.claim(f"{namespace}#{n}", sender, owner, now)),
+                None,
+            )
             if name is None:
                 self.post(
                     sender,
@@ -215,8 +217,9 @@ class Relay:
             to = protocol.check_route(self.route_key, message, sender)
         except protocol.ProtocolError as exc:
             if message["t"] != "reset":
-                self.post(sender, {"t": "reset", "s": stream, "code": "not_allowed",
-                                   "why": str(exc)})
+                self.post(
+                    sender, {"t": "reset", "s": stream, "code": "not_allowed", "why": str(exc)}
+                )
             return
         message.pop("to", None)
         message["from"] = sender
@@ -269,7 +272,7 @@ def _random_name() -> str:
     return readable_name()
 
 
-# --- the entry points Lambda calls ---------------------------------------------------------------
+# --- the entry points Lambda calls -------------------------------------------------------------
 
 _relay: Relay | None = None
 _gateway: Gateway | None = None

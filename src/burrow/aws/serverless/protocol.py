@@ -102,7 +102,7 @@ class ProtocolError(ValueError):
     """A message broke the protocol: not JSON, too large, a field missing or out of range."""
 
 
-# --- encoding -----------------------------------------------------------------------------------
+# --- encoding ----------------------------------------------------------------------------------
 
 
 def encode(message: dict[str, Any], limit: int = SEND_MESSAGE) -> str:
@@ -136,7 +136,7 @@ def chunks(data: bytes, first_room: int = CHUNK) -> Iterator[bytes]:
         yield data[i : i + CHUNK]
 
 
-# --- decoding -----------------------------------------------------------------------------------
+# --- decoding ----------------------------------------------------------------------------------
 
 
 def decode(text: str | bytes, limit: int = AWS_MAX_MESSAGE) -> dict[str, Any]:
@@ -156,13 +156,20 @@ def decode(text: str | bytes, limit: int = AWS_MAX_MESSAGE) -> dict[str, Any]:
     return message
 
 
-def _str(message: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None,
-         limit: int = MAX_TEXT, required: bool = True) -> None:
+def _str(
+    message: dict[str, Any],
+    key: str,
+    pattern: re.Pattern[str] | None = None,
+    limit: int = MAX_TEXT,
+    required: bool = True,
+) -> None:
     value = message.get(key)
     if value is None and not required:
         return
-    if not isinstance(value, str) or len(value) > limit or (
-        pattern is not None and not pattern.fullmatch(value)
+    if (
+        not isinstance(value, str)
+        or len(value) > limit
+        or (pattern is not None and not pattern.fullmatch(value))
     ):
         raise ProtocolError(f"{message['t']}: bad {key!r}")
 
@@ -255,7 +262,7 @@ def payload(message: dict[str, Any]) -> bytes:
         raise ProtocolError(f"{message['t']}: 'd' is not base64") from None
 
 
-# --- routing and proofs ---------------------------------------------------------------------------
+# --- routing and proofs ------------------------------------------------------------------------
 
 
 def derive(secret: bytes, purpose: str) -> bytes:
@@ -297,7 +304,8 @@ class Proof:
 
 
 _PROOF_RE: Final = re.compile(
-    r"Burrow-(Token|Gateway) (?:([A-Za-z0-9_-]{1,8192})\.)?([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})"
+    r"Burrow-(Token|Gateway) (?:([A-Za-z0-9_-]{1,8192})\.)?"
+    r"([0-9]{1,12})\.([0-9a-f]{32})\.([0-9a-f]{64})"
 )
 
 
@@ -328,7 +336,7 @@ def check_gateway_proof(key: bytes, proof: Proof, host: str) -> bool:
     return hmac.compare_digest(expected, proof.mac)
 
 
-# --- in-order delivery --------------------------------------------------------------------------
+# --- in-order delivery -------------------------------------------------------------------------
 
 
 @dataclass
@@ -360,7 +368,7 @@ class Reorder:
         return ready
 
 
-# --- HTTP heads on the wire ------------------------------------------------------------------------
+# --- HTTP heads on the wire --------------------------------------------------------------------
 
 
 def check_headers(headers: list[tuple[bytes, bytes]]) -> list[list[str]]:

@@ -158,7 +158,7 @@ class ResponseDecoder:
             self._state = "close"
 
 
-# --- the size of a body in a Lambda response --------------------------------------------------------
+# --- the size of a body in a Lambda response ---------------------------------------------------
 
 # Byte classes for the JSON string size of UTF-8 text, escaped as ASCII (the worst the runtime
 # may do): 1 plain, 2 short escapes, 6 \u00XX, 0 continuation bytes, 6 or 12 per character.

@@ -30,7 +30,7 @@ class Store:
         self.db = client
         self.table = table
 
-    # --- connections -----------------------------------------------------------------------
+    # --- connections ----------------------------------------------------------------------------
 
     def put_connection(self, conn: str, role: str, scope: dict[str, Any], now: float) -> None:
         item: dict[str, Any] = {
@@ -84,7 +84,7 @@ class Store:
             raise
         return True
 
-    # --- names ------------------------------------------------------------------------------
+    # --- names ----------------------------------------------------------------------------------
 
     def claim(self, key: str, conn: str, owner: str, now: float) -> bool:
         """Hold name ``key`` (``NS#NAME``) for ``conn``: if free, expired, or already ours."""

@@ -50,8 +50,9 @@ def _arn(name: str) -> dict[str, Any]:
     return {"Fn::GetAtt": [name, "Arn"]}
 
 
-def build_template(*, domain: str | None = None, certificate_arn: str | None = None,
-                   bucket: bool = True) -> dict[str, Any]:
+def build_template(
+    *, domain: str | None = None, certificate_arn: str | None = None, bucket: bool = True
+) -> dict[str, Any]:
     if bool(domain) != bool(certificate_arn):
         raise ConfigError(
             "--domain and --certificate-arn go together: the custom domain needs an ACM "
@@ -177,8 +178,14 @@ def build_template(*, domain: str | None = None, certificate_arn: str | None = N
             "UpdateReplacePolicy": "Delete",
             "Properties": {
                 "LifecycleConfiguration": {
-                    "Rules": [{"Id": "expire-answers", "Status": "Enabled",
-                               "ExpirationInDays": 1, "Prefix": "r/"}]
+                    "Rules": [
+                        {
+                            "Id": "expire-answers",
+                            "Status": "Enabled",
+                            "ExpirationInDays": 1,
+                            "Prefix": "r/",
+                        }
+                    ]
                 },
                 "PublicAccessBlockConfiguration": {
                     "BlockPublicAcls": True,
@@ -273,11 +280,13 @@ def build_template(*, domain: str | None = None, certificate_arn: str | None = N
             "Type": "AWS::ApiGatewayV2::DomainName",
             "Properties": {
                 "DomainName": f"*.{domain}",
-                "DomainNameConfigurations": [{
-                    "CertificateArn": certificate_arn,
-                    "EndpointType": "REGIONAL",
-                    "SecurityPolicy": "TLS_1_2",
-                }],
+                "DomainNameConfigurations": [
+                    {
+                        "CertificateArn": certificate_arn,
+                        "EndpointType": "REGIONAL",
+                        "SecurityPolicy": "TLS_1_2",
+                    }
+                ],
             },
         }
         resources["HttpMapping"] = {
@@ -322,44 +331,55 @@ def _role(name: str, bucket: bool) -> dict[str, Any]:
             "Resource": _arn(f"{name}Logs"),
         },
         {"Effect": "Allow", "Action": _TABLE_ACTIONS[name], "Resource": _arn("Table")},
-        {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
-         "Resource": _ref("TokenKey")},
+        {
+            "Effect": "Allow",
+            "Action": ["secretsmanager:GetSecretValue"],
+            "Resource": _ref("TokenKey"),
+        },
     ]
     if name in ("Default", "Http"):
-        statements.append({
-            "Effect": "Allow",
-            "Action": ["execute-api:ManageConnections"],
-            "Resource": _sub(
-                "arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:"
-                f"${{WsApi}}/{STAGE}/*/@connections/*"
-            ),
-        })
+        statements.append(
+            {
+                "Effect": "Allow",
+                "Action": ["execute-api:ManageConnections"],
+                "Resource": _sub(
+                    "arn:${AWS::Partition}:execute-api:${AWS::Region}:${AWS::AccountId}:"
+                    f"${{WsApi}}/{STAGE}/*/@connections/*"
+                ),
+            }
+        )
     if name == "Http" and bucket:
-        statements.append({
-            "Effect": "Allow",
-            "Action": ["s3:PutObject", "s3:GetObject"],
-            "Resource": _sub("${Answers.Arn}/r/*"),
-        })
+        statements.append(
+            {
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:GetObject"],
+                "Resource": _sub("${Answers.Arn}/r/*"),
+            }
+        )
     return {
         "Type": "AWS::IAM::Role",
         "Properties": {
             "AssumeRolePolicyDocument": {
                 "Version": "2012-10-17",
-                "Statement": [{
-                    "Effect": "Allow",
-                    "Principal": {"Service": "lambda.amazonaws.com"},
-                    "Action": "sts:AssumeRole",
-                }],
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"Service": "lambda.amazonaws.com"},
+                        "Action": "sts:AssumeRole",
+                    }
+                ],
             },
-            "Policies": [{
-                "PolicyName": "burrow-relay",
-                "PolicyDocument": {"Version": "2012-10-17", "Statement": statements},
-            }],
+            "Policies": [
+                {
+                    "PolicyName": "burrow-relay",
+                    "PolicyDocument": {"Version": "2012-10-17", "Statement": statements},
+                }
+            ],
         },
     }
 
 
-# --- output -------------------------------------------------------------------------------------
+# --- output ------------------------------------------------------------------------------------
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_:.-]+")
 

@@ -84,7 +84,7 @@ class WsClient:
         if rest:
             self._feed(rest)
 
-    # --- sending ----------------------------------------------------------------------------
+    # --- sending --------------------------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
         """One message, fragmented into frames of at most ``SEND_FRAME`` bytes."""
@@ -107,7 +107,7 @@ class WsClient:
             raise WsClosed(1006, str(exc)) from None
         self.last_active = self.last_sent = time.monotonic()
 
-    # --- receiving --------------------------------------------------------------------------
+    # --- receiving ------------------------------------------------------------------------------
 
     def recv(self, timeout: float) -> str | None:
         """The next text message, or None if none came within ``timeout`` seconds."""

@@ -184,7 +184,7 @@ class Assembler:
         return message
 
 
-# --- the opening handshake -------------------------------------------------------------------------
+# --- the opening handshake ---------------------------------------------------------------------
 
 
 def new_key() -> str:
