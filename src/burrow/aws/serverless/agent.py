@@ -107,9 +107,10 @@ class ServerlessConfig:
                 )
         from burrow.tokens import parse_token
 
+        url = check_url(settings.relay)
         parse_token(settings.token)
         return cls(
-            url=check_url(settings.relay),
+            url=url,
             token=settings.token,
             services=services,
             state_dir=settings.state_dir,
