@@ -177,11 +177,71 @@ async def test_policies_and_inspector_run_on_the_agent(emulator: Emulator, app: 
 
 
 async def test_deadline_gives_a_504_naming_the_tunnel(tmp_path: Path, app: int) -> None:
-    with EmulatorThread(state_dir=tmp_path, domain=DOMAIN, deadline=1.0) as emulator:
+    with EmulatorThread(state_dir=tmp_path, domain=DOMAIN, deadline=1.0, concurrency=1
+                        ) as emulator:
         async with running_agent(emulator, app, "sleepy"):
-            answer = await visit(emulator.http_url, "GET", "/slow?s=3", host=host("sleepy"))
+            answer = await visit(emulator.http_url, "GET", "/slow?s=1.5", host=host("sleepy"))
             assert answer.status == 504
             assert b"sleepy" in answer.body and b"did not answer within 1 s" in answer.body
+            # The late answer reaches the same container during the next request: it is
+            # told to stop, and the next visitor gets its own answer.
+            answer = await visit(emulator.http_url, "GET", "/slow?s=0.8", host=host("sleepy"))
+            assert answer.status == 200 and answer.body == b"slow"
+
+
+async def test_heartbeat_renews_names_and_measures_the_round_trip(tmp_path: Path, app: int
+                                                                  ) -> None:
+    with EmulatorThread(state_dir=tmp_path, domain=DOMAIN) as emulator:
+        async with running_agent(emulator, app, "beating", heartbeat=0.1) as agent:
+            assert agent.conn is not None
+            async with asyncio.timeout(10 * SCALE):
+                while agent.conn.rtt is None or emulator.stats.counts["ws.in_messages"] < 5:
+                    await asyncio.sleep(0.05)
+            assert agent.conn.is_open and agent.relay_label.endswith("/local")
+            from burrow.aws.serverless.store import Store
+
+            store = Store(emulator.config.client("dynamodb"), emulator.table)  # type: ignore[union-attr]
+            # The lease runs 15 minutes from the last heartbeat: 14 minutes on, still held.
+            emulator.clock.advance(840)
+            await asyncio.sleep(0.5)
+            held, conn = store.lookup("http#beating", emulator.clock.now())
+            assert held and conn == agent.conn.conn_id
+
+
+def test_settings_for_a_serverless_relay() -> None:
+    from burrow.aws.serverless.agent import ServerlessConfig, check_url
+    from burrow.errors import ConfigError
+    from burrow.kinds import http_service, tcp_service
+    from burrow.roles.settings import ClientSettings
+
+    assert check_url("wss://api.example/relay") == "wss://api.example/relay"
+    assert check_url("ws://127.0.0.1:9/x") == "ws://127.0.0.1:9/x"
+    for bad in ("https://api.example", "ws://api.example/x", "wss:///x"):
+        with pytest.raises(ConfigError):
+            check_url(bad)
+    text = token_for_settings()
+    settings = ClientSettings(relay="wss://api.example/relay", token=text)
+    settings.check()
+    config = ServerlessConfig.from_settings(settings, [http_service("3000", name="a")])
+    assert config.url == "wss://api.example/relay" and config.token == text
+    for changes, words in [
+        ({"secret": "s"}, "takes tokens"),
+        ({"token": None}, "needs --token"),
+        ({"fingerprint": "sha256:00"}, "--fingerprint"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            ServerlessConfig.from_settings(
+                ClientSettings(**{"relay": "wss://a/b", "token": text, **changes}),
+                [http_service("3000")],
+            )
+    with pytest.raises(ConfigError, match="carries HTTP tunnels"):
+        ServerlessConfig.from_settings(settings, [tcp_service("3000")])
+
+
+def token_for_settings() -> str:
+    from burrow.tokens import TokenKey, mint
+
+    return mint(TokenKey.from_secret(b"s" * 32), ["*"], [], 60, time.time())
 
 
 async def test_tokens_and_names_are_checked(emulator: Emulator, app: int) -> None:
