@@ -30,9 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serverless_support import local_app, running_agent, visit  # noqa: E402
-
 from burrow.aws.serverless.emulator import EmulatorThread  # noqa: E402
+from serverless_support import local_app, running_agent, visit  # noqa: E402
 
 DOMAIN = "bench.test"
 
@@ -66,8 +65,10 @@ async def latency(emulator: Any, port: int, requests: int) -> dict[str, Any]:
     def per(key: str) -> float:
         return (after.get(key, 0) - start_stats.get(key, 0)) / requests
 
-    dynamodb = sum(after.get(k, 0) - start_stats.get(k, 0) for k in after
-                   if k.startswith("dynamodb.")) / requests
+    dynamodb = (
+        sum(after.get(k, 0) - start_stats.get(k, 0) for k in after if k.startswith("dynamodb."))
+        / requests
+    )
     added = [t - d for t, d in zip(tunneled, direct, strict=True)]
     return {
         "requests": requests,
@@ -80,14 +81,15 @@ async def latency(emulator: Any, port: int, requests: int) -> dict[str, Any]:
         "ws_messages_per_request": per("ws.in_messages") + per("ws.out_messages"),
         "ws_billed_units_per_request": per("ws.in") + per("ws.out"),
         "dynamodb_ops_per_request": dynamodb,
-        "lambda_invocations_per_request": sum(
-            after_inv[n] - start_inv[n] for n in after_inv) / requests,
+        "lambda_invocations_per_request": sum(after_inv[n] - start_inv[n] for n in after_inv)
+        / requests,
         "management_calls_per_request": per("manage.POST") + per("manage.GET"),
     }
 
 
-async def crowd(emulator: Any, port: int, agents: int, per_agent: int, rounds: int
-                ) -> dict[str, Any]:
+async def crowd(
+    emulator: Any, port: int, agents: int, per_agent: int, rounds: int
+) -> dict[str, Any]:
     import contextlib
 
     names = [f"c{i}" for i in range(agents)]
@@ -99,8 +101,9 @@ async def crowd(emulator: Any, port: int, agents: int, per_agent: int, rounds: i
 
         async def one(name: str, i: int) -> float:
             t = time.perf_counter()
-            answer = await visit(emulator.http_url, "GET", f"/echo?i={i}", host=f"{name}.{DOMAIN}",
-                                 timeout=120)
+            answer = await visit(
+                emulator.http_url, "GET", f"/echo?i={i}", host=f"{name}.{DOMAIN}", timeout=120
+            )
             assert answer.status == 200 and answer.json()["path"] == f"/echo?i={i}"
             return time.perf_counter() - t
 
@@ -131,8 +134,12 @@ async def big(emulator: Any, port: int) -> dict[str, Any]:
         for label, query in (("text_5mb_inline", "kind=text"), ("binary_5mb_s3", "kind=bin")):
             before = emulator.stats.snapshot()
             started = time.perf_counter()
-            answer = await visit(emulator.http_url, "GET", f"/bytes?n={5 * 1024 * 1024}&{query}",
-                                 host=f"big.{DOMAIN}")
+            answer = await visit(
+                emulator.http_url,
+                "GET",
+                f"/bytes?n={5 * 1024 * 1024}&{query}",
+                host=f"big.{DOMAIN}",
+            )
             if answer.status == 307:
                 from serverless_support import follow
 
@@ -141,11 +148,18 @@ async def big(emulator: Any, port: int) -> dict[str, Any]:
             after = emulator.stats.snapshot()
             out[label] = {
                 "seconds": elapsed,
-                "ws_messages": (after.get("ws.in_messages", 0) - before.get("ws.in_messages", 0)
-                                + after.get("ws.out_messages", 0)
-                                - before.get("ws.out_messages", 0)),
-                "ws_billed_units": (after.get("ws.in", 0) - before.get("ws.in", 0)
-                                    + after.get("ws.out", 0) - before.get("ws.out", 0)),
+                "ws_messages": (
+                    after.get("ws.in_messages", 0)
+                    - before.get("ws.in_messages", 0)
+                    + after.get("ws.out_messages", 0)
+                    - before.get("ws.out_messages", 0)
+                ),
+                "ws_billed_units": (
+                    after.get("ws.in", 0)
+                    - before.get("ws.in", 0)
+                    + after.get("ws.out", 0)
+                    - before.get("ws.out", 0)
+                ),
                 "bytes": len(answer.body),
             }
     return out
@@ -163,25 +177,47 @@ def import_time() -> dict[str, Any]:
         boto = []
         for _ in range(5):
             result = subprocess.run(
-                [sys.executable, "-I", "-X", "importtime", "-c",
-                 f"import sys; sys.path.insert(0, {tmp!r}); import burrow.aws.serverless.handlers"],
-                capture_output=True, text=True, check=True)
-            line = [x for x in result.stderr.splitlines() if x.rstrip().endswith(
-                "burrow.aws.serverless.handlers")][-1]
+                [
+                    sys.executable,
+                    "-I",
+                    "-X",
+                    "importtime",
+                    "-c",
+                    f"import sys; sys.path.insert(0, {tmp!r}); import burrow.aws.serverless.handlers",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            line = [
+                x
+                for x in result.stderr.splitlines()
+                if x.rstrip().endswith("burrow.aws.serverless.handlers")
+            ][-1]
             samples.append(int(line.split("|")[1]) / 1000)
-            result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import boto3"],
-                                    capture_output=True, text=True, check=True)
+            result = subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", "import boto3"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             line = [x for x in result.stderr.splitlines() if x.rstrip().endswith(" boto3")][-1]
             boto.append(int(line.split("|")[1]) / 1000)
         cold = []
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-I", "-c",
-                            f"import sys; sys.path.insert(0, {tmp!r}); "
-                            "import burrow.aws.serverless.handlers, boto3; "
-                            "boto3.session.Session().client('apigatewaymanagementapi', "
-                            "region_name='us-east-1', endpoint_url='https://x/y')"],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-I",
+                    "-c",
+                    f"import sys; sys.path.insert(0, {tmp!r}); "
+                    "import burrow.aws.serverless.handlers, boto3; "
+                    "boto3.session.Session().client('apigatewaymanagementapi', "
+                    "region_name='us-east-1', endpoint_url='https://x/y')",
+                ],
+                check=True,
+            )
             cold.append(time.perf_counter() - started)
         return {
             "handlers_import_ms": statistics.median(samples),
@@ -201,19 +237,18 @@ async def first_request(tmp: Path, port: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
-                                           "loadavg": os.getloadavg()}}
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp, local_app() as port:
         results["cold_first_request_ms"] = await first_request(Path(tmp), port)
-        with EmulatorThread(state_dir=Path(tmp) / "emu", domain=DOMAIN,
-                            concurrency=args.concurrency) as emulator:
+        with EmulatorThread(
+            state_dir=Path(tmp) / "emu", domain=DOMAIN, concurrency=args.concurrency
+        ) as emulator:
             print("latency...", file=sys.stderr)
             results["latency"] = await latency(emulator, port, args.requests)
             print("large answers...", file=sys.stderr)
             results["large"] = await big(emulator, port)
             print(f"{args.agents} agents...", file=sys.stderr)
-            results["crowd"] = await crowd(emulator, port, args.agents, args.per_agent,
-                                           args.rounds)
+            results["crowd"] = await crowd(emulator, port, args.agents, args.per_agent, args.rounds)
     results["import"] = import_time()
     return results
 
@@ -240,8 +275,10 @@ def report(results: dict[str, Any]) -> str:
         f"{results['cold_first_request_ms']:.0f} ms",
     ]
     for label, item in results["large"].items():
-        lines.append(f"  {label}: {item['seconds']:.2f} s, {item['ws_messages']} messages, "
-                     f"{item['ws_billed_units']} billed units")
+        lines.append(
+            f"  {label}: {item['seconds']:.2f} s, {item['ws_messages']} messages, "
+            f"{item['ws_billed_units']} billed units"
+        )
     lines.append(
         f"  handlers import (cold interpreter, -X importtime): {imp['handlers_import_ms']:.1f} ms;"
         f" boto3 import {imp['boto3_import_ms']:.0f} ms; interpreter + handlers + boto3 client "

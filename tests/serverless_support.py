@@ -242,3 +242,46 @@ def sha(data: bytes) -> str:
 def write_state(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class EmulatorProcess:
+    """``burrow serverless emulate`` in its own process (its own core and GIL), for load:
+    the same ``ws_url``/``http_url``/``state_dir`` as an ``Emulator``, and ``stats()``."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        self.state_dir = state_dir
+        self.extra = extra
+        self.proc: Any = None
+        self.ws_url = self.http_url = self.management_url = ""
+
+    def __enter__(self) -> EmulatorProcess:
+        from helpers import burrow_cli, read_event
+
+        self.proc = burrow_cli(
+            "serverless",
+            "emulate",
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(self.state_dir),
+            "--json",
+            *self.extra,
+        )
+        ready = read_event(self.proc, "emulator_ready", timeout=60)
+        self.ws_url, self.http_url = ready["ws"], ready["http"]
+        self.management_url = ready["manage"]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from helpers import stop
+
+        stop(self.proc)
+
+    def stats(self) -> dict[str, int]:
+        import urllib.request
+
+        base = self.management_url.rsplit("/", 1)[0]
+        with urllib.request.urlopen(f"{base}/_emulator/stats", timeout=10) as answer:
+            return dict(json.loads(answer.read()))

@@ -114,8 +114,15 @@ def test_handshake_keys() -> None:
 def test_limits_fit_aws() -> None:
     assert protocol.SEND_FRAME <= protocol.AWS_MAX_FRAME
     assert protocol.SEND_MESSAGE <= protocol.AWS_MAX_MESSAGE
-    message = {"t": "data", "s": "a" * 128, "q": 1 << 40, "to": "c" * 128, "mac": "f" * 32,
-               "fin": False, "d": protocol.b64(bytes(protocol.CHUNK))}
+    message = {
+        "t": "data",
+        "s": "a" * 128,
+        "q": 1 << 40,
+        "to": "c" * 128,
+        "mac": "f" * 32,
+        "fin": False,
+        "d": protocol.b64(bytes(protocol.CHUNK)),
+    }
     assert len(protocol.encode(message)) <= protocol.SEND_MESSAGE
     assert all(len(f) <= protocol.SEND_FRAME for f in protocol.frames("x" * 300_000))
     assert protocol.frames("") == [""]
@@ -124,8 +131,15 @@ def test_limits_fit_aws() -> None:
 def test_data_room_fills_a_message_exactly_below_the_limit() -> None:
     rng = random.Random(1)
     for _ in range(50):
-        envelope = {"t": "open", "s": "s" * rng.randint(1, 128), "k": "http", "n": "shop",
-                    "w": 1, "q": 0, "put": "u" * rng.randint(0, 4000)}
+        envelope = {
+            "t": "open",
+            "s": "s" * rng.randint(1, 128),
+            "k": "http",
+            "n": "shop",
+            "w": 1,
+            "q": 0,
+            "put": "u" * rng.randint(0, 4000),
+        }
         room = protocol.data_room(envelope)
         full = {**envelope, "d": protocol.b64(bytes(room)), "fin": False}
         assert len(protocol.encode(full)) <= protocol.SEND_MESSAGE
@@ -203,8 +217,12 @@ def test_connect_proofs() -> None:
     assert not protocol.check_gateway_proof(key, proof, "other.example")
     agent = protocol.parse_proof(protocol.agent_proof("Y2xhaW1z", "c" * 64, 5, "d" * 32))
     assert agent.role == "agent" and agent.claims == "Y2xhaW1z"
-    for bad in ("Bearer x", "Burrow-Gateway Y2xh.5." + "d" * 32 + "." + "c" * 64,
-                "Burrow-Token 5." + "d" * 32 + "." + "c" * 64, "x" * 10000):
+    for bad in (
+        "Bearer x",
+        "Burrow-Gateway Y2xh.5." + "d" * 32 + "." + "c" * 64,
+        "Burrow-Token 5." + "d" * 32 + "." + "c" * 64,
+        "x" * 10000,
+    ):
         with pytest.raises(protocol.ProtocolError):
             protocol.parse_proof(bad)
 
@@ -252,8 +270,10 @@ def test_decoder_framings() -> None:
     head, body, done = _decode(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: y\r\n\r\nhello")
     assert (head.status, body, done) == (200, b"hello", True)
     assert (b"X", b"y") in head.headers
-    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n"
+    )
     assert _decode(chunked)[1:] == (b"hello world", True)
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
     assert _decode(interim)[0].status == 204 and _decode(interim)[2]
@@ -284,8 +304,9 @@ def test_decoder_bounds_and_early_ends() -> None:
     with pytest.raises(DecodeError, match="64 KiB"):
         ResponseDecoder().feed(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000)
     with pytest.raises(DecodeError, match="too long"):
-        ResponseDecoder().feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
-                               b"1" * 2000)
+        ResponseDecoder().feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000
+        )
     cut = ResponseDecoder()
     cut.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     with pytest.raises(DecodeError, match="ended early"):
@@ -293,7 +314,7 @@ def test_decoder_bounds_and_early_ends() -> None:
 
 
 def test_body_size_matches_what_json_makes_of_it() -> None:
-    text = "plain \"quoted\" back\\slash\nnew\ttab \x01 é 漢 🙂".encode()
+    text = 'plain "quoted" back\\slash\nnew\ttab \x01 é 漢 🙂'.encode()
     size = BodySize(text=True)
     size.add(text[:20])
     size.add(text[20:])  # split inside nothing in particular
@@ -326,8 +347,12 @@ def test_is_text() -> None:
 def test_raw_request_from_an_event() -> None:
     event = {
         "requestContext": {"http": {"method": "POST"}},
-        "headers": {"host": "shop.example", "content-length": "3", "x-a": "1,2",
-                    "connection": "keep-alive"},
+        "headers": {
+            "host": "shop.example",
+            "content-length": "3",
+            "x-a": "1,2",
+            "connection": "keep-alive",
+        },
         "cookies": ["a=1", "b=2"],
         "body": base64.b64encode(b"\x00\x01\x02").decode(),
         "isBase64Encoded": True,
@@ -347,13 +372,23 @@ def test_raw_request_from_an_event() -> None:
 def test_answers_as_lambda_responses() -> None:
     answer = _Answer()
     answer.status = 201
-    answer.headers = [["Content-Type", "text/plain"], ["Set-Cookie", "a=1"],
-                      ["Set-Cookie", "b=2"], ["X-M", "1"], ["X-M", "2"], ["Content-Length", "2"]]
+    answer.headers = [
+        ["Content-Type", "text/plain"],
+        ["Set-Cookie", "a=1"],
+        ["Set-Cookie", "b=2"],
+        ["X-M", "1"],
+        ["X-M", "2"],
+        ["Content-Length", "2"],
+    ]
     answer.parts = [b"h", b"i"]
     response = answer.response(1 << 20)
-    assert response == {"statusCode": 201, "headers": {"content-type": "text/plain",
-                                                       "x-m": "1, 2"},
-                        "body": "hi", "isBase64Encoded": False, "cookies": ["a=1", "b=2"]}
+    assert response == {
+        "statusCode": 201,
+        "headers": {"content-type": "text/plain", "x-m": "1, 2"},
+        "body": "hi",
+        "isBase64Encoded": False,
+        "cookies": ["a=1", "b=2"],
+    }
     answer.headers = [["Content-Type", "text/plain"]]
     answer.parts = [b"\xff"]
     assert answer.response(1 << 20)["isBase64Encoded"] is True
@@ -365,12 +400,18 @@ def test_answers_as_lambda_responses() -> None:
 def test_routing_by_host_and_path() -> None:
     from burrow.aws.serverless.config import Config
 
-    gateway = Gateway(Config(table="t", key=b"k" * 32, ws_url="ws://x/s",
-                             management_url="http://x/s", domain="example.net"))
+    gateway = Gateway(
+        Config(
+            table="t",
+            key=b"k" * 32,
+            ws_url="ws://x/s",
+            management_url="http://x/s",
+            domain="example.net",
+        )
+    )
 
     def route(host: str, path: str, query: str = "") -> tuple[str, str]:
-        return gateway._route({"headers": {"host": host}, "rawPath": path,
-                               "rawQueryString": query})
+        return gateway._route({"headers": {"host": host}, "rawPath": path, "rawQueryString": query})
 
     assert route("shop.example.net", "/a", "b=1") == ("shop", "/a?b=1")
     assert route("api.example", "/t/shop/x/y") == ("shop", "/x/y")

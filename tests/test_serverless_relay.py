@@ -35,12 +35,12 @@ def host_of(emulator: Emulator) -> str:
     return emulator.ws_url.split("/")[2]
 
 
-def gateway_header(emulator: Emulator, stamp: int | None = None, key: bytes | None = None
-                   ) -> str:
+def gateway_header(emulator: Emulator, stamp: int | None = None, key: bytes | None = None) -> str:
     assert emulator.config is not None
     secret = protocol.derive(key or emulator.config.key, "gateway")
-    return protocol.gateway_proof(secret, host_of(emulator), stamp or int(time.time()),
-                                  secrets.token_hex(16))
+    return protocol.gateway_proof(
+        secret, host_of(emulator), stamp or int(time.time()), secrets.token_hex(16)
+    )
 
 
 def agent_header(emulator: Emulator, text: str) -> str:
@@ -65,8 +65,7 @@ def test_connect_refusals(emulator: Emulator) -> None:
         ({}, 401),
         ({"Authorization": gateway_header(emulator, stamp=int(time.time()) - 3600)}, 401),
         ({"Authorization": gateway_header(emulator, key=b"z" * 32)}, 403),
-        ({"Authorization": agent_header(emulator, token(emulator, ["x"], ttl=1)[:-2] + "AA")},
-         403),
+        ({"Authorization": agent_header(emulator, token(emulator, ["x"], ttl=1)[:-2] + "AA")}, 403),
     ]
     for headers, status in cases:
         with pytest.raises(WsRefused) as caught:
@@ -111,8 +110,11 @@ def test_agent_hello_checks(emulator: Emulator) -> None:
     try:
         ws.send_text('{"t":"hello","v":1,"role":"agent"}')
         assert receive(ws, "error")["code"] == "bad_message"
-        ws.send_text('{"t":"hello","v":1,"role":"agent","lease":"' + "b" * 64 +
-                     '","tunnels":[{"k":"http","n":"Not_A_Label"}]}')
+        ws.send_text(
+            '{"t":"hello","v":1,"role":"agent","lease":"'
+            + "b" * 64
+            + '","tunnels":[{"k":"http","n":"Not_A_Label"}]}'
+        )
         assert receive(ws, "error")["code"] == "bad_name"
     finally:
         ws.close()
@@ -126,8 +128,9 @@ async def test_frame_and_message_limits_close_like_api_gateway(emulator: Emulato
 
     async def closed_with(send: Any) -> int:
         headers["Authorization"] = agent_header(emulator, token(emulator, ["*"]))
-        async with connect(emulator.ws_url, additional_headers=headers, compression=None,
-                           max_size=None) as ws:
+        async with connect(
+            emulator.ws_url, additional_headers=headers, compression=None, max_size=None
+        ) as ws:
             await send(ws)
             with pytest.raises(ConnectionClosed):
                 async with asyncio.timeout(10):
@@ -181,24 +184,37 @@ def test_connections_api(emulator: Emulator) -> None:
         ws.recv(5)
     assert _call("GET", base + quoted)[0] == 410
     assert _call("GET", emulator.management_url + "/elsewhere")[0] == 404
-    status, body = _call("POST", emulator.management_url.rsplit("/", 1)[0] +
-                         "/_emulator/advance?seconds=1")
+    status, body = _call(
+        "POST", emulator.management_url.rsplit("/", 1)[0] + "/_emulator/advance?seconds=1"
+    )
     assert status == 200 and "now" in json.loads(body)
     status, body = _call("GET", emulator.management_url.rsplit("/", 1)[0] + "/_emulator/stats")
     assert json.loads(body)["lambda.connect"] >= 1
 
 
 async def test_http_api_limits_and_response_shapes(emulator: Emulator) -> None:
-    over_lambda = await visit(emulator.http_url, "POST", "/t/x/", body=b"a" * (6_400_000),
-                              headers=[("Content-Type", "text/plain")])
+    over_lambda = await visit(
+        emulator.http_url,
+        "POST",
+        "/t/x/",
+        body=b"a" * (6_400_000),
+        headers=[("Content-Type", "text/plain")],
+    )
     assert over_lambda.status == 413
     over_api = await visit(emulator.http_url, "POST", "/t/x/", body=b"a" * (10 * 1024 * 1024 + 1))
     assert over_api.status == 413
-    assert Emulator.http_answer({"ok": True}) == (200, [("content-type", "application/json")],
-                                                  b'{"ok": true}')
-    event = emulator.http_event("GET", "/p?a=1&a=2&b", [("Host", "h"), ("X-A", "1"),
-                                                         ("X-A", "2"), ("Cookie", "c=1; d=2")],
-                                b"\x00", "10.0.0.1")
+    assert Emulator.http_answer({"ok": True}) == (
+        200,
+        [("content-type", "application/json")],
+        b'{"ok": true}',
+    )
+    event = emulator.http_event(
+        "GET",
+        "/p?a=1&a=2&b",
+        [("Host", "h"), ("X-A", "1"), ("X-A", "2"), ("Cookie", "c=1; d=2")],
+        b"\x00",
+        "10.0.0.1",
+    )
     assert event["headers"]["x-a"] == "1,2" and event["cookies"] == ["c=1", "d=2"]
     assert event["queryStringParameters"] == {"a": "1,2", "b": ""}
     assert event["isBase64Encoded"] and event["body"] == "AA=="
@@ -208,11 +224,21 @@ async def test_http_api_limits_and_response_shapes(emulator: Emulator) -> None:
 def test_config_from_env(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="BURROW_TABLE"):
         Config.from_env({})
-    base = {"BURROW_TABLE": "t", "BURROW_WS_URL": "wss://a/s", "BURROW_MANAGEMENT_URL": "https://a/s"}
+    base = {
+        "BURROW_TABLE": "t",
+        "BURROW_WS_URL": "wss://a/s",
+        "BURROW_MANAGEMENT_URL": "https://a/s",
+    }
     key_file = tmp_path / "key"
     key_file.write_text("ab" * 32 + "\n")
-    config = Config.from_env({**base, "BURROW_TOKEN_KEY_FILE": str(key_file),
-                              "BURROW_TOKEN_DENY": "a,b c", "BURROW_DOMAIN": "Example.NET."})
+    config = Config.from_env(
+        {
+            **base,
+            "BURROW_TOKEN_KEY_FILE": str(key_file),
+            "BURROW_TOKEN_DENY": "a,b c",
+            "BURROW_DOMAIN": "Example.NET.",
+        }
+    )
     assert config.key == bytes.fromhex("ab" * 32)
     assert config.deny == frozenset({"a", "b", "c"}) and config.domain == "example.net"
     with pytest.raises(ConfigError, match="64 hex"):
@@ -227,8 +253,9 @@ def test_module_entry_points(emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     assert emulator.config is not None
     session = emulator.session
     secrets_client = session.client("secretsmanager", endpoint_url=emulator.moto_url)
-    arn = secrets_client.create_secret(Name=f"key-{secrets.token_hex(3)}",
-                                       SecretString=emulator.config.key.hex())["ARN"]
+    arn = secrets_client.create_secret(
+        Name=f"key-{secrets.token_hex(3)}", SecretString=emulator.config.key.hex()
+    )["ARN"]
     for name, value in {
         "BURROW_TABLE": emulator.table,
         "BURROW_TOKEN_KEY_SECRET": arn,
@@ -245,8 +272,7 @@ def test_module_entry_points(emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(handlers, "_gateway", None)
     context = {"requestContext": {"connectionId": "NoSuchConn=", "domainName": "h"}}
     assert handlers.connect({**context, "headers": {}}, None)["statusCode"] == 401
-    assert handlers.default({**context, "body": '{"t":"ping","n":1}'}, None) == {
-        "statusCode": 200}
+    assert handlers.default({**context, "body": '{"t":"ping","n":1}'}, None) == {"statusCode": 200}
     assert handlers.disconnect(context, None) == {"statusCode": 200}
     response = handlers.http({"headers": {"host": "h"}, "rawPath": "/t/nobody/"}, None)
     assert response["statusCode"] == 404

@@ -140,6 +140,14 @@ def _listen(text: str, flag: str) -> tuple[str, int]:
     envvar="BURROW_EMULATOR_NO_BUCKET",
     help="No S3 bucket for large answers.",
 )
+@option(
+    "--concurrency",
+    type=int,
+    default=1000,
+    show_default=True,
+    envvar="BURROW_EMULATOR_CONCURRENCY",
+    help="Lambda containers per function (more requests wait for one).",
+)
 @json_option
 @verbose_option
 def emulate(
@@ -150,6 +158,7 @@ def emulate(
     state_dir: Path | None,
     speed: float,
     no_bucket: bool,
+    concurrency: int,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -162,6 +171,8 @@ def emulate(
     try:
         if speed <= 0:
             raise ConfigError("--speed must be positive")
+        if not 1 <= concurrency <= 10000:
+            raise ConfigError("--concurrency must be from 1 to 10000")
         options: dict[str, Any] = {
             "ws_listen": _listen(ws_listen, "--ws-listen"),
             "http_listen": _listen(http_listen, "--http-listen"),
@@ -169,6 +180,7 @@ def emulate(
             "domain": domain,
             "speed": speed,
             "bucket": not no_bucket,
+            "concurrency": concurrency,
         }
     except BurrowError as exc:
         fail(reporter, exc)

@@ -252,6 +252,7 @@ class Emulator:
         self.ws_url = self.http_url = self.management_url = ""
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ws_tasks: set[asyncio.Task[Any]] = set()
         self._moto: Any = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency + 64)
         self.config: Config | None = None
@@ -373,7 +374,9 @@ class Emulator:
             server.close()
         for conn in list(self.connections.values()):
             await conn.close(wsframes.GOING_AWAY, "emulator stopping")
-        for task in list(self._tasks):
+        if self._ws_tasks:  # let each connection's $disconnect run while moto is up
+            await asyncio.wait(list(self._ws_tasks), timeout=5)
+        for task in [*self._tasks, *self._ws_tasks]:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._moto is not None:
@@ -406,6 +409,17 @@ class Emulator:
     # --- the WebSocket API ----------------------------------------------------------------------
 
     async def _on_ws(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._ws_tasks.add(task)
+        try:
+            await self._ws_session(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+        finally:
+            self._ws_tasks.discard(task)
+
+    async def _ws_session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("127.0.0.1", 0)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -600,7 +614,8 @@ class Emulator:
     # --- the HTTP API ---------------------------------------------------------------------------
 
     async def _on_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_h11(reader, writer, self._http, max_body=HTTP_MAX_BODY)
+        with contextlib.suppress(asyncio.CancelledError):
+            await _serve_h11(reader, writer, self._http, max_body=HTTP_MAX_BODY)
 
     async def _http(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, peer: str

@@ -33,8 +33,10 @@ from burrow.aws.serverless.store import Store
 from burrow.aws.serverless.wsclient import WsClient, WsClosed, WsRefused
 from burrow.http.relaypage import gone_message, not_found_message, offline_message, page
 
-#: Seconds a name's connection is reused without a read.
-CACHE_SECONDS = 5.0
+#: Seconds a name's connection is reused without a read. A name that moved meanwhile is
+#: safe: the old connection answers 410 to the request's first message, which is then sent
+#: again after a fresh read (``_NotDelivered``).
+CACHE_SECONDS = 60.0
 #: A gateway connection is replaced once it has sent nothing for this long (the idle limit is
 #: 10 minutes) or is this old (the limit is 2 hours).
 IDLE_REPLACE = 540.0
