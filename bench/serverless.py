@@ -183,7 +183,8 @@ def import_time() -> dict[str, Any]:
                     "-X",
                     "importtime",
                     "-c",
-                    f"import sys; sys.path.insert(0, {tmp!r}); import burrow.aws.serverless.handlers",
+                    f"import sys; sys.path.insert(0, {tmp!r}); "
+                    "import burrow.aws.serverless.handlers",
                 ],
                 capture_output=True,
                 text=True,
