@@ -30,10 +30,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from burrow.aws.serverless.emulator import EmulatorThread  # noqa: E402
-from serverless_support import local_app, running_agent, visit  # noqa: E402
+from serverless_support import (  # noqa: E402
+    EmulatorProcess,
+    local_app,
+    running_agent,
+    visit,
+)
 
 DOMAIN = "bench.test"
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -44,12 +53,9 @@ def percentile(values: list[float], p: float) -> float:
 async def latency(emulator: Any, port: int, requests: int) -> dict[str, Any]:
     direct: list[float] = []
     tunneled: list[float] = []
-    before = emulator.stats.snapshot()
-    invocations = {n: f.invocations for n, f in emulator.functions.items()}
     async with running_agent(emulator, port, "lat"):
         await visit(emulator.http_url, "GET", "/echo", host=f"lat.{DOMAIN}")  # warm a container
-        start_stats = emulator.stats.snapshot()
-        start_inv = {n: f.invocations for n, f in emulator.functions.items()}
+        start_stats = emulator.stats()
         for _ in range(requests):
             started = time.perf_counter()
             await visit(f"http://127.0.0.1:{port}", "GET", "/echo")
@@ -58,9 +64,7 @@ async def latency(emulator: Any, port: int, requests: int) -> dict[str, Any]:
             answer = await visit(emulator.http_url, "GET", "/echo", host=f"lat.{DOMAIN}")
             tunneled.append(time.perf_counter() - started)
             assert answer.status == 200
-        after = emulator.stats.snapshot()
-        after_inv = {n: f.invocations for n, f in emulator.functions.items()}
-    del before, invocations
+        after = emulator.stats()
 
     def per(key: str) -> float:
         return (after.get(key, 0) - start_stats.get(key, 0)) / requests
@@ -81,7 +85,11 @@ async def latency(emulator: Any, port: int, requests: int) -> dict[str, Any]:
         "ws_messages_per_request": per("ws.in_messages") + per("ws.out_messages"),
         "ws_billed_units_per_request": per("ws.in") + per("ws.out"),
         "dynamodb_ops_per_request": dynamodb,
-        "lambda_invocations_per_request": sum(after_inv[n] - start_inv[n] for n in after_inv)
+        "lambda_invocations_per_request": sum(
+            after[k] - start_stats.get(k, 0)
+            for k in after
+            if k.startswith("lambda.") and not k.endswith(".cold")
+        )
         / requests,
         "management_calls_per_request": per("manage.POST") + per("manage.GET"),
     }
@@ -109,12 +117,14 @@ async def crowd(
 
         await asyncio.gather(*(one(n, 0) for n in names))  # warm the containers
         cpu = time.process_time()
+        emulator_cpu = _cpu(emulator.proc.pid)
         started = time.perf_counter()
         times: list[float] = []
         for _ in range(rounds):
             times += await asyncio.gather(*(one(n, i) for n in names for i in range(per_agent)))
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu
+        emulator_cpu = _cpu(emulator.proc.pid) - emulator_cpu
     total = len(times)
     return {
         "agents": agents,
@@ -123,7 +133,8 @@ async def crowd(
         "requests_per_s": total / elapsed,
         "p50_ms": statistics.median(times) * 1000,
         "p95_ms": percentile(times, 0.95) * 1000,
-        "cpu_ms_per_request": cpu / total * 1000,
+        "agent_side_cpu_ms_per_request": cpu / total * 1000,
+        "emulator_cpu_ms_per_request": emulator_cpu / total * 1000,
         "agents_connect_s": connect_s,
     }
 
@@ -132,7 +143,7 @@ async def big(emulator: Any, port: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with running_agent(emulator, port, "big"):
         for label, query in (("text_5mb_inline", "kind=text"), ("binary_5mb_s3", "kind=bin")):
-            before = emulator.stats.snapshot()
+            before = emulator.stats()
             started = time.perf_counter()
             answer = await visit(
                 emulator.http_url,
@@ -145,7 +156,7 @@ async def big(emulator: Any, port: int) -> dict[str, Any]:
 
                 answer = await follow(answer)
             elapsed = time.perf_counter() - started
-            after = emulator.stats.snapshot()
+            after = emulator.stats()
             out[label] = {
                 "seconds": elapsed,
                 "ws_messages": (
@@ -229,7 +240,7 @@ def import_time() -> dict[str, Any]:
 
 
 async def first_request(tmp: Path, port: int) -> float:
-    with EmulatorThread(state_dir=tmp / "cold", domain=DOMAIN) as emulator:
+    with EmulatorProcess(tmp / "cold", "--domain", DOMAIN) as emulator:
         async with running_agent(emulator, port, "cold"):
             started = time.perf_counter()
             answer = await visit(emulator.http_url, "GET", "/echo", host=f"cold.{DOMAIN}")
@@ -241,8 +252,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp, local_app() as port:
         results["cold_first_request_ms"] = await first_request(Path(tmp), port)
-        with EmulatorThread(
-            state_dir=Path(tmp) / "emu", domain=DOMAIN, concurrency=args.concurrency
+        with EmulatorProcess(
+            Path(tmp) / "emu", "--domain", DOMAIN, "--concurrency", str(args.concurrency)
         ) as emulator:
             print("latency...", file=sys.stderr)
             results["latency"] = await latency(emulator, port, args.requests)
@@ -270,8 +281,9 @@ def report(results: dict[str, Any]) -> str:
         f"  {crowd_['agents']} agents x {crowd_['concurrent_per_agent']} concurrent: "
         f"{crowd_['requests_per_s']:.0f} requests/s over {crowd_['requests']} requests "
         f"(p50 {crowd_['p50_ms']:.0f} ms, p95 {crowd_['p95_ms']:.0f} ms, "
-        f"{crowd_['cpu_ms_per_request']:.1f} ms CPU/request, both sides); agents connected in "
-        f"{crowd_['agents_connect_s']:.1f} s",
+        f"CPU/request: {crowd_['agent_side_cpu_ms_per_request']:.1f} ms agents+visitors+app, "
+        f"{crowd_['emulator_cpu_ms_per_request']:.1f} ms emulator+handlers+moto); "
+        f"agents connected in {crowd_['agents_connect_s']:.1f} s",
         f"  first request on a cold emulator (gateway connects): "
         f"{results['cold_first_request_ms']:.0f} ms",
     ]

@@ -56,9 +56,10 @@ async def test_get_by_host_and_by_path_with_headers_and_cookies(
     events = Events()
     async with running_agent(emulator, app, "shop", events=events) as agent:
         ready = events.named("tunnel_ready")[0]
-        assert ready["url"] == f"https://shop.{DOMAIN}"
+        port = emulator.http_url.rsplit(":", 1)[1]
+        assert ready["url"] == f"http://shop.{DOMAIN}:{port}"
         assert ready["name"] == "shop" and ready["kind"] == "http"
-        assert agent.tunnels[0].public == f"https://shop.{DOMAIN}"
+        assert agent.tunnels[0].public == ready["url"]
         answer = await visit(
             emulator.http_url,
             "GET",
@@ -75,8 +76,10 @@ async def test_get_by_host_and_by_path_with_headers_and_cookies(
         assert seen["host"] == host("shop")
         # The visitor's own X-Forwarded-For is not believed; the relay's view of it is.
         assert seen["x-forwarded-for"] == "127.0.0.1"
-        by_path = await visit(emulator.http_url, "GET", "/t/shop/echo?y=3")
+        by_path = await visit(emulator.http_url, "GET", "/t/shop/echo?y=3",
+                              headers=[("X-Forwarded-Prefix", "/evil")])
         assert by_path.status == 200 and by_path.json()["path"] == "/echo?y=3"
+        assert dict(by_path.json()["headers"])["x-forwarded-prefix"] == "/t/shop"
         cookies = await visit(emulator.http_url, "GET", "/cookies", host=host("shop"))
         assert cookies.all("set-cookie") == ["a=1; Path=/; HttpOnly", "b=2; Path=/; Secure"]
         assert cookies.header("x-multi") == "one, two"
@@ -307,7 +310,7 @@ async def test_agent_killed_mid_request_gives_502(tmp_path: Path, app: int) -> N
         )
         try:
             ready = read_event(proc, "tunnel_ready", timeout=30)
-            assert ready["url"] == f"https://doomed.{DOMAIN}"
+            assert ready["url"].startswith(f"http://doomed.{DOMAIN}:")
             request = asyncio.create_task(
                 visit(emulator.http_url, "GET", "/hang", host=host("doomed"))
             )

@@ -117,6 +117,7 @@ class Gateway:
         self.conn = ""
         self._store: Store | None = None
         self._cache: dict[str, tuple[float, bool, str | None]] = {}
+        self._prefix = ""
 
     @property
     def store(self) -> Store:
@@ -144,7 +145,9 @@ class Gateway:
         return max(0.5, budget)
 
     def _route(self, event: dict[str, Any]) -> tuple[str, str]:
-        """The tunnel's name, and the target to ask the agent for."""
+        """The tunnel's name, and the target to ask the agent for (a path prefix stripped
+        is remembered for ``X-Forwarded-Prefix``)."""
+        self._prefix = ""
         headers = event.get("headers") or {}
         host = str(headers.get("host", "")).lower().split(":")[0]
         path = event.get("rawPath") or "/"
@@ -156,6 +159,7 @@ class Gateway:
         elif path.startswith("/t/"):
             name, _, rest = path[3:].partition("/")
             target = "/" + rest
+            self._prefix = f"/t/{name}"
         else:
             where = f"NAME.{domain} or " if domain else ""
             raise Failure(404, "Not found", f"Nothing here: ask for {where}/t/NAME/.")
@@ -185,7 +189,7 @@ class Gateway:
         self._ensure_ws()
         assert self.ws is not None
         stream = secrets.token_hex(8)
-        request = _raw_request(event, target)
+        request = _raw_request(event, target, self._prefix)
         method = event.get("requestContext", {}).get("http", {}).get("method", "GET")
         source = event.get("requestContext", {}).get("http", {}).get("sourceIp", "")
         headers = event.get("headers") or {}
@@ -536,7 +540,7 @@ class _Exchange:
                 raise Failure(502, "Tunnel offline", gone_message(self.name)) from None
 
 
-def _raw_request(event: dict[str, Any], target: str) -> bytes:
+def _raw_request(event: dict[str, Any], target: str, prefix: str = "") -> bytes:
     """The visitor's request as HTTP/1.1 bytes, as the agent's proxy reads them."""
     http = event.get("requestContext", {}).get("http", {})
     method = str(http.get("method", "GET")).upper()
@@ -551,12 +555,14 @@ def _raw_request(event: dict[str, Any], target: str) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     for name, value in (event.get("headers") or {}).items():
         lower = str(name).lower()
-        if lower in _DROPPED_REQUEST or lower == "cookie":
+        if lower in _DROPPED_REQUEST or lower in ("cookie", "x-forwarded-prefix"):
             continue
         lines.append(f"{lower}: {value}")
     cookies = event.get("cookies") or []
     if cookies:
         lines.append("cookie: " + "; ".join(cookies))
+    if prefix:
+        lines.append(f"x-forwarded-prefix: {prefix}")
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"content-length: {len(body)}")
     lines.append("connection: close")

@@ -208,7 +208,12 @@ class Relay:
         if kind != "http":
             return name
         if self.config.domain:
-            return f"https://{name}.{self.config.domain}"
+            # The HTTP API's scheme and port (the emulator's is http on a port of its own).
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.config.http_url or "https://x")
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{name}.{self.config.domain}{port}"
         return f"{self.config.http_url}/t/{name}/"
 
     def _forward(self, sender: str, message: dict[str, Any]) -> None:

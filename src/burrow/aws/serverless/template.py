@@ -28,7 +28,7 @@ _LAMBDA_HANDLERS = {
     "Connect": ("connect", 10, 256),
     "Disconnect": ("disconnect", 10, 256),
     "Default": ("default", 10, 256),
-    "Http": ("http", 30, 512),
+    "Http": ("http", 30, 256),
 }
 _TABLE_ACTIONS = {
     "Connect": ["dynamodb:PutItem"],
