@@ -76,8 +76,9 @@ async def test_get_by_host_and_by_path_with_headers_and_cookies(
         assert seen["host"] == host("shop")
         # The visitor's own X-Forwarded-For is not believed; the relay's view of it is.
         assert seen["x-forwarded-for"] == "127.0.0.1"
-        by_path = await visit(emulator.http_url, "GET", "/t/shop/echo?y=3",
-                              headers=[("X-Forwarded-Prefix", "/evil")])
+        by_path = await visit(
+            emulator.http_url, "GET", "/t/shop/echo?y=3", headers=[("X-Forwarded-Prefix", "/evil")]
+        )
         assert by_path.status == 200 and by_path.json()["path"] == "/echo?y=3"
         assert dict(by_path.json()["headers"])["x-forwarded-prefix"] == "/t/shop"
         cookies = await visit(emulator.http_url, "GET", "/cookies", host=host("shop"))
