@@ -276,3 +276,17 @@ def test_module_entry_points(emulator: Emulator, monkeypatch: pytest.MonkeyPatch
     assert handlers.disconnect(context, None) == {"statusCode": 200}
     response = handlers.http({"headers": {"host": "h"}, "rawPath": "/t/nobody/"}, None)
     assert response["statusCode"] == 404
+
+
+async def test_too_large_without_a_bucket_is_a_502_that_says_so(emulator: Emulator) -> None:
+    """With no bucket, an answer over a Lambda response is refused early (the agent stops
+    reading the local service) with a page that names the limit."""
+    from serverless_support import local_app, running_agent
+
+    with local_app() as port:
+        async with running_agent(emulator, port, "huge"):
+            answer = await visit(emulator.http_url, "GET", f"/t/huge/bytes?n={7 * 1024 * 1024}")
+            assert answer.status == 502
+            assert b"no bucket for large answers" in answer.body
+            small = await visit(emulator.http_url, "GET", "/t/huge/bytes?n=1000")
+            assert small.status == 200 and len(small.body) == 1000

@@ -577,6 +577,8 @@ class _HttpStream:
         self._eof = False
         self._readable = asyncio.Event()
         self._unacked = 0
+        self._buffered = 0
+        self.too_large = ""
         self._window_open = asyncio.Event()
         self._window_open.set()
         self.decoder = ResponseDecoder(self.method)
@@ -619,6 +621,9 @@ class _HttpStream:
                 data = protocol.payload(item)
                 if data:
                     self._inbox.append(data)
+                    self._buffered += len(data)
+                    if self._buffered > 2 * protocol.INITIAL_WINDOW:
+                        raise protocol.ProtocolError("the relay sent beyond the window")
                 if item.get("fin"):
                     self._eof = True
         except protocol.ProtocolError as exc:
@@ -639,6 +644,7 @@ class _HttpStream:
         if 0 <= n < len(data):
             self._inbox.appendleft(data[n:])
             data = data[:n]
+        self._buffered -= len(data)
         self._unacked += len(data)
         if self._unacked >= protocol.INITIAL_WINDOW // 4 and not self._eof:
             grant, self._unacked = self._unacked, 0
@@ -670,9 +676,17 @@ class _HttpStream:
             elif isinstance(event, bytes):
                 assert self.size is not None
                 if self.body.size + len(event) > MAX_LARGE:
-                    raise ConnectionError("the answer is over 5 GB")
+                    self.too_large = f"the answer is over {MAX_LARGE} bytes"
+                    raise ConnectionError(self.too_large)
                 self.body.write(event)
                 self.size.add(event)
+                if not self.put and self.size.raw > self.agent.inline_limit:
+                    # Nowhere to put it: stop reading the local service now, not at 5 GB.
+                    self.too_large = (
+                        f"the answer is over {self.agent.inline_limit} bytes, more than a Lambda "
+                        "response holds, and the relay has no bucket for large answers"
+                    )
+                    raise ConnectionError(self.too_large)
             else:
                 self.complete = True
 
@@ -740,6 +754,11 @@ class _HttpStream:
         await self.link.send(message)
 
     async def _answer(self) -> None:
+        if self.too_large:
+            await self._send(
+                {"t": "reset", "s": self.sid, "code": "too_large", "why": self.too_large}
+            )
+            return
         head, size = self.head, self.size
         if head is None or size is None or not self.complete:
             raise ConnectionError("the proxy wrote no complete answer")
