@@ -427,3 +427,154 @@ class contextlib_stack:
 
     async def enter(self, manager: Any) -> Any:
         return await self.stack.enter_async_context(manager)
+
+
+async def test_private_tcp_streams_through_the_serverless_relay(emulator: Emulator) -> None:
+    """Issue 12's groundwork: an agent offers a private TCP service, a connector reaches it
+    as a local port; 3 MB each way arrive byte for byte (out-of-order delivery, credit both
+    ways), and a real PostgreSQL client works through it."""
+    from burrow.aws.serverless.agent import ServerlessConfig, ServerlessConnector
+    from burrow.kinds import tcp_service
+    from burrow.roles.connector import ListenSpec
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # until the connector half-closes
+        writer.write(data[::-1])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    events = Events()
+    agent_config = ServerlessConfig(
+        url=emulator.ws_url,
+        token=token(emulator, ["echo", "pg"]),
+        services=[
+            tcp_service(str(port), name="echo", private=True),
+            tcp_service("5432", name="pg", private=True),
+        ],
+    )
+    from burrow.aws.serverless.agent import ServerlessAgent
+
+    agent = ServerlessAgent(agent_config, on_event=events)
+    await agent.start()
+    from burrow.tokens import TokenKey, mint
+
+    connect_token = mint(
+        TokenKey.load(emulator.state_dir), [], ["echo", "pg", "ghost"], 600, time.time()
+    )
+    connector = ServerlessConnector(
+        ServerlessConfig(
+            url=emulator.ws_url,
+            token=connect_token,
+            services=[],
+            listen=[ListenSpec(n) for n in ("echo", "pg", "nothing", "ghost")],
+        ),
+        on_event=events,
+    )
+    await connector.start()
+    try:
+        ready = {(e["kind"], e["name"]) for e in events.named("tunnel_ready")}
+        assert {("private", "echo"), ("private", "pg"), ("connect", "echo")} <= ready
+        host, local_port = connector.listeners["echo"].rsplit(":", 1)
+        blob = payload(3 * 1024 * 1024, seed=12)
+        reader, writer = await asyncio.open_connection(host, int(local_port))
+        writer.write(blob)
+        await writer.drain()
+        writer.write_eof()
+        back = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert back == blob[::-1]
+
+        import psycopg
+
+        pg_host, pg_port = connector.listeners["pg"].rsplit(":", 1)
+
+        def query() -> Any:
+            with psycopg.connect(
+                host=pg_host, port=int(pg_port), dbname="test", user="postgres", connect_timeout=20
+            ) as conn:
+                return conn.execute("select repeat('x', 100000), 42").fetchone()
+
+        text, number = await asyncio.to_thread(query)
+        assert number == 42 and text == "x" * 100000
+
+        # A name the token does not allow, and one nobody offers: refused, and said so.
+        for name, count, words in (
+            ("nothing", 1, "may not connect to 'nothing'"),
+            ("ghost", 2, "no such service"),
+        ):
+            host, nothing_port = connector.listeners[name].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(nothing_port))
+            assert await asyncio.wait_for(reader.read(), 20) == b""
+            refused = await events.wait_for("connection_refused", count)
+            assert refused["service"] == name and words in refused["reason"]
+    finally:
+        await connector.close()
+        await agent.close()
+        server.close()
+
+
+async def test_psql_through_burrow_connect_and_burrow_tcp_private(tmp_path: Path) -> None:
+    """The commands a user types: `burrow tcp 5432 --private --name pg --to ws://...` and
+    `burrow connect pg=PORT --to ws://...`, then psql through them."""
+    import subprocess
+
+    from helpers import burrow_cli, free_port, read_event, stop
+
+    with EmulatorThread(state_dir=tmp_path / "emu", domain=DOMAIN) as emulator:
+        from burrow.tokens import TokenKey, mint
+
+        key = TokenKey.load(emulator.state_dir)
+        agent = burrow_cli(
+            "tcp",
+            "5432",
+            "--private",
+            "--name",
+            "pgdb",
+            "--to",
+            emulator.ws_url,
+            "--json",
+            "--state-dir",
+            str(tmp_path / "agent"),
+            env={"BURROW_TOKEN": mint(key, ["pgdb"], [], 600, time.time())},
+        )
+        port = free_port()
+        connector = burrow_cli(
+            "connect",
+            f"pgdb={port}",
+            "--to",
+            emulator.ws_url,
+            "--json",
+            env={"BURROW_TOKEN": mint(key, [], ["pgdb"], 600, time.time())},
+        )
+        try:
+            assert read_event(agent, "tunnel_ready", timeout=30)["kind"] == "private"
+            assert read_event(connector, "tunnel_ready", timeout=30)["local"].endswith(str(port))
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    "psql",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-Atc",
+                    "select md5(string_agg(g::text, ',')) from generate_series(1, 50000) g",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr
+            expected = ",".join(str(i) for i in range(1, 50001))
+            import hashlib
+
+            assert result.stdout.strip() == hashlib.md5(expected.encode()).hexdigest()
+        finally:
+            stop(connector)
+            stop(agent)

@@ -25,6 +25,7 @@ import ssl
 import tempfile
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,12 @@ class ServerlessConfig:
     ca: Path | None = None
     heartbeat: float | None = None  # seconds; None: what the relay says
     max_age: float | None = None  # seconds before a connection is replaced
+    listen: list[Any] = field(default_factory=list)  # a connector's ListenSpecs
 
     @classmethod
-    def from_settings(cls, settings: Any, services: list[Service]) -> ServerlessConfig:
+    def from_settings(
+        cls, settings: Any, services: list[Service], listen: list[Any] | None = None
+    ) -> ServerlessConfig:
         """From the CLI's ``ClientSettings``, refusing what a serverless relay cannot use."""
         if settings.secret:
             raise ConfigError(
@@ -100,10 +104,10 @@ class ServerlessConfig:
                 "checked against the system's CAs (or --ca)"
             )
         for service in services:
-            if service.kind != "http":
+            if service.kind not in ("http", "private") or getattr(service, "proxy_protocol", None):
                 raise ConfigError(
-                    f"the serverless relay carries HTTP tunnels; {service.kind} tunnels need a "
-                    "burrow relay (--to HOST:PORT)"
+                    f"the serverless relay carries HTTP tunnels and private services; "
+                    f"{service.kind} tunnels need a burrow relay (--to HOST:PORT)"
                 )
         from burrow.tokens import parse_token
 
@@ -117,6 +121,7 @@ class ServerlessConfig:
             connect_timeout=settings.connect_timeout,
             retry_forever=settings.retry_forever,
             ca=settings.ca,
+            listen=list(listen or []),
         )
 
 
@@ -207,7 +212,7 @@ class ServerlessAgent:
     role_name = "agent"
 
     def __init__(self, config: ServerlessConfig, *, on_event: EventSink | None = None) -> None:
-        if not config.services:
+        if not config.services and self.role_name == "agent":
             raise ConfigError("no tunnels to open")
         self.config = config
         self.on_event = on_event
@@ -217,8 +222,10 @@ class ServerlessAgent:
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._retired: set[_Link] = set()
-        self._streams: dict[tuple[str, str], _HttpStream] = {}
-        self._by_name: dict[str, ActiveTunnel] = {}
+        self._streams: dict[tuple[str, str], Any] = {}
+        self._own: dict[str, Any] = {}  # streams this side opened (a connector's)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._by_name: dict[tuple[str, str], ActiveTunnel] = {}
         self.lease = self._lease()
         self.inline_limit = 6 * 1024 * 1024 - 16 * 1024
         parts = urlsplit(config.url)
@@ -282,8 +289,13 @@ class ServerlessAgent:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._supervisor
-        for stream in list(self._streams.values()):
-            stream.cancel("the agent is stopping")
+        for stream in [*self._streams.values(), *self._own.values()]:
+            if isinstance(stream, _HttpStream):
+                stream.cancel("the agent is stopping")
+            else:
+                stream.abort("stopping")
+        for task in list(self._tasks):
+            task.cancel()
         for link in [self.link, *self._retired]:
             if link is not None:
                 for task in link.tasks:
@@ -360,18 +372,7 @@ class ServerlessAgent:
         link = _Link(self, ws)
         link.tasks.append(asyncio.get_running_loop().create_task(link.read()))
         try:
-            await link.send(
-                {
-                    "t": "hello",
-                    "v": protocol.VERSION,
-                    "role": "agent",
-                    "lease": self.lease,
-                    "tunnels": [
-                        {"k": "http", **({"n": t.spec.name} if t.spec.name else {})}
-                        for t in self.tunnels
-                    ],
-                }
-            )
+            await link.send(self._hello())
             async with asyncio.timeout(timeout):
                 welcome = await link.welcome
         except BaseException as exc:
@@ -399,12 +400,26 @@ class ServerlessAgent:
             tunnel.public = given.get("url") or given["n"]
         return link
 
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "t": "hello",
+            "v": protocol.VERSION,
+            "role": "agent",
+            "lease": self.lease,
+            "tunnels": [
+                {"k": _wire_kind(t.spec), **({"n": t.spec.name} if t.spec.name else {})}
+                for t in self.tunnels
+            ],
+        }
+
     def _adopt(self, link: _Link, *, first: bool = False) -> None:
         old, self.link = self.link, link
-        self._by_name = {t.name or "": t for t in self.tunnels}
+        self._by_name = {(_wire_kind(t.spec), t.name or ""): t for t in self.tunnels}
         for tunnel in self.tunnels:
             tunnel.spec.registered(tunnel)
-            if first or old is None:
+            if not (first or old is None):
+                continue
+            if tunnel.spec.kind == "http":
                 emit(
                     self.on_event,
                     "tunnel_ready",
@@ -412,6 +427,15 @@ class ServerlessAgent:
                     name=tunnel.name,
                     url=tunnel.public,
                     public=tunnel.public,
+                    **tunnel.spec.describe(),
+                )
+            else:
+                emit(
+                    self.on_event,
+                    "tunnel_ready",
+                    kind="private",
+                    name=tunnel.name,
+                    public=tunnel.name,
                     **tunnel.spec.describe(),
                 )
         if old is not None and old is not link:
@@ -489,23 +513,68 @@ class ServerlessAgent:
         elif kind == "pong":
             link.pong(message["n"])
         elif kind in protocol.STREAM_TYPES:
+            own = self._own.get(message["s"])
+            if own is not None:  # a stream this side opened (the relay's refusals have no from)
+                own.on_message(message)
+                return
             sender = message.get("from")
             if not isinstance(sender, str) or not isinstance(message.get("mac"), str):
                 return
             key = (sender, message["s"])
             stream = self._streams.get(key)
             if stream is None and kind == "open":
-                tunnel = self._by_name.get(message["n"])
-                if tunnel is None or message["k"] != "http":
+                tunnel = self._by_name.get((message["k"], message["n"]))
+                if tunnel is None:
                     self._send_reset(link, message, "no_such_tunnel", "no such tunnel here")
                     return
-                stream = _HttpStream(self, link, tunnel, message)
-                self._streams[key] = stream
-                stream.start()
+                if message["k"] == "http":
+                    stream = _HttpStream(self, link, tunnel, message)
+                    self._streams[key] = stream
+                    stream.start()
+                else:
+                    self._serve_tcp(link, tunnel, message)
+                    return
             if stream is not None:
                 stream.on_message(message)
             elif kind not in ("reset", "credit"):
                 self._send_reset(link, message, "closed", "no such stream")
+
+    def _serve_tcp(self, link: _Link, tunnel: ActiveTunnel, message: dict[str, Any]) -> None:
+        """A connector opened a stream to a private service: dial it, accept, join."""
+        from burrow.aws.serverless.streams import TcpStream
+
+        sender, sid = message["from"], message["s"]
+        stream = TcpStream(sid, _sender(link, sender, message["mac"]), on_done=self._forget_tcp)
+        stream.peer, stream.mac = sender, message["mac"]
+        self._streams[(sender, sid)] = stream
+        stream.on_message(message)  # its first bytes, if any, wait in the stream
+        tunnel.connections += 1
+        tunnel.open_connections += 1
+        local = getattr(tunnel.spec, "local", ("127.0.0.1", 0))
+
+        async def dial() -> None:
+            try:
+                async with asyncio.timeout(10):
+                    reader, writer = await asyncio.open_connection(*local)
+            except (OSError, TimeoutError) as exc:
+                tunnel.open_connections -= 1
+                await stream.reset("refused", f"the private service refused: {exc}")
+                self._streams.pop((sender, sid), None)
+                return
+            await stream.send({"t": "accept", "s": sid})
+            stream.join(reader, writer)
+
+        task = asyncio.get_running_loop().create_task(dial())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _forget_tcp(self, stream: Any) -> None:
+        if self._streams.pop((stream.peer, stream.sid), None) is not None:
+            for tunnel in self.tunnels:
+                if tunnel.spec.kind == "private" and tunnel.open_connections > 0:
+                    tunnel.open_connections -= 1
+                    break
+        self._own.pop(stream.sid, None)
 
     def _send_reset(self, link: _Link, message: dict[str, Any], code: str, why: str) -> None:
         reply = {
@@ -521,6 +590,123 @@ class ServerlessAgent:
     def _forget(self, stream: _HttpStream) -> None:
         self._streams.pop((stream.peer, stream.sid), None)
         stream.link.streams.discard(stream)
+
+
+def _wire_kind(spec: Any) -> str:
+    """How a service is named in the protocol: ``http``, or ``tcp`` for a private service."""
+    return "http" if spec.kind == "http" else "tcp"
+
+
+def _sender(link: _Link, peer: str | None, mac: str | None) -> Any:
+    async def send(message: dict[str, Any]) -> None:
+        if peer is not None:
+            message = {**message, "to": peer, "mac": mac}
+        await link.send(message)
+
+    return send
+
+
+class ServerlessConnector(ServerlessAgent):
+    """``burrow connect NAME --to wss://...``: private services as local ports, each TCP
+    connection a stream through the serverless relay (``streams.TcpStream``)."""
+
+    role_name = "connector"
+
+    def __init__(self, config: ServerlessConfig, *, on_event: EventSink | None = None) -> None:
+        super().__init__(config, on_event=on_event)
+        self.listeners: dict[str, str] = {}
+        self._servers: list[asyncio.Server] = []
+        self.refused = 0
+
+    def _hello(self) -> dict[str, Any]:
+        return {"t": "hello", "v": protocol.VERSION, "role": "connector"}
+
+    async def start(self) -> None:
+        await super().start()
+        for spec in self.config.listen:
+            host, port = "127.0.0.1", 0
+            if spec.listen and not spec.listen.startswith("unix:"):
+                from burrow.addresses import parse_hostport
+
+                host, port = (
+                    ("127.0.0.1", int(spec.listen))
+                    if spec.listen.isdigit()
+                    else parse_hostport(spec.listen, 0, listen=True)
+                )
+
+            def handler(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = spec.service
+            ) -> Awaitable[None]:
+                return self._visitor(name, reader, writer)
+
+            try:
+                if spec.listen.startswith("unix:"):
+                    server = await asyncio.start_unix_server(handler, spec.listen[5:])
+                else:
+                    server = await asyncio.start_server(handler, host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen for {spec.service!r} on {host}:{port}: {exc.strerror}"
+                ) from None
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self.listeners[spec.service] = (
+                spec.listen if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
+            )
+            emit(
+                self.on_event,
+                "tunnel_ready",
+                kind="connect",
+                name=spec.service,
+                local=self.listeners[spec.service],
+            )
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        await super().close()
+
+    async def _visitor(
+        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        from burrow.aws.serverless.streams import TcpStream
+
+        link = self.link
+        if link is None or not link.is_open:
+            writer.close()
+            return
+        sid = secrets.token_hex(8)
+        holder: dict[str, Any] = {}
+
+        async def send(message: dict[str, Any]) -> None:
+            stream = holder["stream"]
+            if stream.peer is not None:
+                message = {**message, "to": stream.peer, "mac": stream.mac}
+            await link.send(message)
+
+        stream = TcpStream(sid, send, on_done=self._forget_tcp)
+        holder["stream"] = stream
+        stream._seq = 1  # the open is 0
+        self._own[sid] = stream
+        try:
+            await link.send(
+                {"t": "open", "s": sid, "k": "tcp", "n": name, "w": protocol.INITIAL_WINDOW, "q": 0}
+            )
+            async with asyncio.timeout(self.config.connect_timeout):
+                await stream.accepted
+        except (ConnectionRefusedError, TimeoutError, Exception) as exc:
+            self._own.pop(sid, None)
+            self.refused += 1
+            emit(
+                self.on_event,
+                "connection_refused",
+                service=name,
+                reason=stream.reset_reason or str(exc) or "no answer",
+                count=self.refused,
+            )
+            writer.close()
+            return
+        stream.join(reader, writer)
 
 
 async def _quietly(coro: Any) -> None:

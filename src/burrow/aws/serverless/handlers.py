@@ -136,17 +136,65 @@ class Relay:
                 if isinstance(key, str) and len(key) <= 80:
                     self.store.renew(key, sender, now)
             self.post(sender, {"t": "pong", "n": message["n"]})
+        elif kind == "open" and "to" not in message:
+            self._open_by_name(sender, message)
         elif kind in protocol.STREAM_TYPES:
             self._forward(sender, message)
         return OK
+
+    def _open_by_name(self, sender: str, message: dict[str, Any]) -> None:
+        """A connector opens a stream to a private service by name: its token must allow the
+        name; the stream goes to the agent holding it (issue 12's TCP streams)."""
+        from fnmatch import fnmatchcase
+
+        stream, name = message["s"], message["n"]
+        item = self.store.get_connection(sender)
+        allowed = item is not None and any(fnmatchcase(name, p) for p in item.get("connect", []))
+        if not allowed:
+            self.post(
+                sender,
+                {
+                    "t": "reset",
+                    "s": stream,
+                    "code": "not_allowed",
+                    "why": f"this token may not connect to {name!r}",
+                },
+            )
+            return
+        held, agent = self.store.lookup(f"svc#{name}", self.clock())
+        if not agent:
+            why = "its agent is not connected" if held else "no such service"
+            self.post(
+                sender,
+                {"t": "reset", "s": stream, "code": "no_such_tunnel", "why": f"{name!r}: {why}"},
+            )
+            return
+        message["from"] = sender
+        message["mac"] = protocol.route_mac(self.route_key, sender, stream, agent)
+        if not self.post(agent, message):
+            self.post(
+                sender,
+                {
+                    "t": "reset",
+                    "s": stream,
+                    "code": "unreachable",
+                    "why": f"{name!r}: its agent is gone",
+                },
+            )
 
     def _hello(self, sender: str, message: dict[str, Any]) -> None:
         if message["role"] == "gateway":
             self.post(sender, {"t": "welcome", "conn": sender})
             return
         item = self.store.get_connection(sender)
-        if item is None or item.get("role") != message["role"]:
+        if item is None or item.get("role") != "agent":  # connected with a token
             self.post(sender, _error("not_allowed", "this connection did not connect as one"))
+            return
+        if message["role"] == "connector":
+            self.post(
+                sender,
+                {"t": "welcome", "conn": sender, "hb": protocol.HEARTBEAT, "age": protocol.MAX_AGE},
+            )
             return
         lease = message.get("lease")
         if not isinstance(lease, str):

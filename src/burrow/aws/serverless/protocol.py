@@ -17,9 +17,11 @@ Messages by type (``t``):
   ``open`` (k http|tcp, n name, w window, src, sch scheme, m method, put upload URL),
   ``data``, ``head`` (an HTTP answer: st status, h headers, big: the body goes to S3),
   ``stored`` (the body is in S3), ``credit`` (n more bytes may be sent), ``reset`` (code,
-  why). ``open``/``data``/``head``/``stored`` carry ``q`` (a sequence number per direction,
-  since API Gateway runs one Lambda per message and may deliver them out of order), ``d``
-  (base64 bytes) and ``fin`` (the sender's last message on this stream).
+  why), ``accept`` (a TCP stream's far end is connected). ``open``/``data``/``head``/
+  ``stored`` carry ``q`` (a sequence number per direction, since API Gateway runs one Lambda
+  per message and may deliver them out of order), ``d`` (base64 bytes) and ``fin`` (the
+  sender's last message on this stream). A connector's ``open`` names no peer: ``$default``
+  checks its token allows the name and sends it to the agent holding it.
 
 Routing: a message a client sends for a peer names it (``to``) and proves it may (``mac``, an
 HMAC of ``from|stream|to`` under the stack's route key, which only the relay's Lambdas hold);
@@ -85,9 +87,10 @@ TYPES: Final = frozenset(
         "stored",
         "credit",
         "reset",
+        "accept",
     }
 )
-STREAM_TYPES: Final = frozenset({"open", "data", "head", "stored", "credit", "reset"})
+STREAM_TYPES: Final = frozenset({"open", "data", "head", "stored", "credit", "reset", "accept"})
 SEQUENCED: Final = frozenset({"open", "data", "head", "stored"})
 KINDS: Final = frozenset({"http", "tcp"})
 ROLES: Final = frozenset({"agent", "gateway", "connector"})
