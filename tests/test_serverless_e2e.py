@@ -88,7 +88,7 @@ async def test_get_by_host_and_by_path_with_headers_and_cookies(
         assert agent.tunnels[0].connections == 3
 
 
-async def test_post_5mb_and_binary_bodies(emulator: Emulator, app: int) -> None:
+async def test_post_5mb_and_binary_bodies(emulator: Emulator, app: int, tmp_path: Path) -> None:
     async with running_agent(emulator, app, "upload"):
         big = payload(5 * 1024 * 1024, "text")
         answer = await visit(
@@ -102,6 +102,33 @@ async def test_post_5mb_and_binary_bodies(emulator: Emulator, app: int) -> None:
         assert answer.status == 200, answer.body[:300]
         assert answer.json()["sha256"] == sha(big)
         assert answer.json()["length"] == len(big)
+        import subprocess
+
+        # curl as a visitor: Expect: 100-continue, a file body, the answer's JSON.
+        body_file = tmp_path / "body"
+        file_body = payload(200_000, seed=3)
+        await asyncio.to_thread(body_file.write_bytes, file_body)
+        curl = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "-H",
+                f"Host: {host('upload')}",
+                "--data-binary",
+                f"@{body_file}",
+                "-H",
+                "Content-Type: application/octet-stream",
+                f"{emulator.http_url}/echo",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert curl.returncode == 0, curl.stderr
+        import json as _json
+
+        assert _json.loads(curl.stdout)["sha256"] == sha(file_body)
         binary = payload(300_000)
         mirrored = await visit(
             emulator.http_url,

@@ -750,6 +750,8 @@ async def _serve_h11(
                 return
             body = bytearray()
             too_big = False
+            if conn.they_are_waiting_for_100_continue:  # curl's Expect: 100-continue
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
             while True:
                 part = await _next(conn, reader)
                 if isinstance(part, h11.Data):
