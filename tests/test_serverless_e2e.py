@@ -282,6 +282,14 @@ async def test_tokens_and_names_are_checked(emulator: Emulator, app: int) -> Non
             emulator, app, "stolen", token_text=mint(other, ["*"], [], 60, time.time())
         ):
             pass
+    with pytest.raises(AuthError, match="token expired at"):
+        async with running_agent(
+            emulator,
+            app,
+            "late",
+            token_text=mint(TokenKey.load(emulator.state_dir), ["*"], [], 1, time.time() - 10),
+        ):
+            pass
     with pytest.raises(TunnelError, match="may not expose 'other'"):
         async with running_agent(emulator, app, "other", token_text=token(emulator, ["mine"])):
             pass

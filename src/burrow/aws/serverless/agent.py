@@ -226,6 +226,7 @@ class ServerlessAgent:
         self._own: dict[str, Any] = {}  # streams this side opened (a connector's)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._by_name: dict[tuple[str, str], ActiveTunnel] = {}
+        self._check_token()
         self.lease = self._lease()
         self.inline_limit = 6 * 1024 * 1024 - 16 * 1024
         parts = urlsplit(config.url)
@@ -235,6 +236,19 @@ class ServerlessAgent:
     @property
     def relay_label(self) -> str:
         return self._label
+
+    def _check_token(self) -> None:
+        """What can be told before dialling: a malformed or expired token (API Gateway may
+        refuse the upgrade without passing on the handler's reason)."""
+        from burrow.tokens import TokenError, parse_token
+
+        claims, _, _ = parse_token(self.config.token)
+        exp = claims.get("exp")
+        if exp is not None and exp <= time.time():
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
+            raise TokenError(
+                f"token expired at {stamp}; issue a new one with `burrow token issue`", "expired"
+            )
 
     @property
     def conn(self) -> _Link | None:
@@ -714,11 +728,17 @@ async def _quietly(coro: Any) -> None:
         await coro
 
 
+_NO_REASON = (
+    "no reason given; check --token: minted with this stack's token key, unexpired, not revoked"
+)
+
+
 def _refusal(body: bytes | None) -> str:
+    """The reason in a refused upgrade's body (the emulator gives it; API Gateway may not)."""
     try:
-        return str(json.loads(body or b"{}").get("message") or "refused")
+        return str(json.loads(body or b"{}").get("message") or _NO_REASON)
     except (ValueError, AttributeError):
-        return (body or b"refused").decode("utf-8", "replace")[:200]
+        return (body or b"").decode("utf-8", "replace")[:200] or _NO_REASON
 
 
 @dataclass
