@@ -52,6 +52,9 @@ SPOOL_MEMORY = 1024 * 1024
 #: Largest answer the agent uploads (S3's limit for one PUT).
 MAX_LARGE = 5 * 1024**3
 PONG_TIMEOUT = 30.0
+#: Seconds a replaced connection stays open for gateways that cached it (None: the gateway's
+#: cache time and a margin).
+RETIRE_AFTER: float | None = None
 BACKOFF_CAP = 30.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -456,17 +459,26 @@ class ServerlessAgent:
             self._retire(old)
 
     def _retire(self, link: _Link) -> None:
-        """Let an old connection finish its streams, then close it (make before break)."""
+        """Keep an old connection until no gateway can still send to it, then close it once
+        its streams are done (make before break). Gateways cache a name's connection for
+        ``CACHE_SECONDS``; a request sent to a closed connection gets 410 and is sent again
+        to the new one, but one delivered just before the close would be lost."""
+        from burrow.aws.serverless.gateway import CACHE_SECONDS
+
         link.retiring = True
         self._retired.add(link)
+        for task in link.tasks[1:]:
+            task.cancel()  # its heartbeat: the names moved
+        keep = RETIRE_AFTER if RETIRE_AFTER is not None else CACHE_SECONDS + 5
 
         async def drain() -> None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(35):
-                    while link.streams:
-                        await asyncio.sleep(0.05)
-            for task in link.tasks[1:]:
-                task.cancel()
+            loop = asyncio.get_running_loop()
+            quiet_from = loop.time() + keep
+            give_up = quiet_from + 35
+            while link.is_open and loop.time() < give_up:
+                if not link.streams and loop.time() >= quiet_from:
+                    break
+                await asyncio.sleep(0.1)
             await link.close(1000, "replaced")
             self._retired.discard(link)
 
