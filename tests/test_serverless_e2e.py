@@ -414,7 +414,7 @@ async def test_many_agents_many_requests(tmp_path: Path, app: int) -> None:
 
     agents = 100
     names = [f"crowd{i}" for i in range(agents)]
-    with EmulatorProcess(tmp_path, "--domain", DOMAIN, "--concurrency", "100") as emulator:
+    with EmulatorProcess(tmp_path, "--domain", DOMAIN, "--concurrency", "50") as emulator:
         async with contextlib_stack() as stack:
             await asyncio.gather(
                 *(stack.enter(running_agent(emulator, app, n)) for n in names)  # type: ignore[arg-type]

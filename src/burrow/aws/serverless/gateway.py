@@ -186,7 +186,7 @@ class Gateway:
     def _exchange(
         self, event: dict[str, Any], name: str, target: str, deadline: float, agent: str
     ) -> dict[str, Any]:
-        self._ensure_ws()
+        self._ensure_ws(deadline)
         assert self.ws is not None
         stream = secrets.token_hex(8)
         request = _raw_request(event, target, self._prefix)
@@ -244,7 +244,7 @@ class Gateway:
         self._cache.pop(name, None)
         self.store.release(f"http#{name}", agent, self.clock())
 
-    def _ensure_ws(self) -> None:
+    def _ensure_ws(self, deadline: float) -> None:
         ws = self.ws
         now = time.monotonic()
         if (
@@ -260,10 +260,12 @@ class Gateway:
         host = urlsplit(self.config.ws_url).netloc
         timestamp = int(time.time())
         proof = protocol.gateway_proof(self.gateway_key, host, timestamp, secrets.token_hex(16))
+        # As long as the visitor may wait (a burst of cold containers connects at once).
+        budget = max(1.0, min(10.0, deadline - time.monotonic()))
         try:
-            ws = WsClient(self.config.ws_url, {"Authorization": proof}, timeout=5.0)
+            ws = WsClient(self.config.ws_url, {"Authorization": proof}, timeout=budget)
             ws.send_text(protocol.encode({"t": "hello", "v": protocol.VERSION, "role": "gateway"}))
-            end = time.monotonic() + 5.0
+            end = time.monotonic() + budget
             while True:
                 text = ws.recv(end - time.monotonic())
                 if text is None:
