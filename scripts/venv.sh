@@ -15,3 +15,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e "$spec"
   touch "$stamp"
 fi
+bash scripts/build-fast.sh

@@ -212,7 +212,7 @@ def test_ca_missing(tmp_path: Path) -> None:
         ),
         (
             '[[tunnel]]\nlocal = "1"\nkind = "udp"\n',
-            'tunnel[0].kind: expected "tcp", "private", "http" or "exit"',
+            'tunnel[0].kind: expected "tcp", "private", "http", "exit" or "pg"',
         ),
         (
             '[[tunnel]]\nlocal = "1"\nproxy_protocol = "v3"\n',

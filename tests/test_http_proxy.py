@@ -25,8 +25,9 @@ from burrow.http import limits
 from burrow.http.policy import HttpOptions
 from burrow.http.proxy import replay, serve_http
 from burrow.http.record import BODY_CAP, Exchange
+from helpers import SCALE
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(30 * SCALE)
 
 MiB = 1024 * 1024
 
@@ -242,7 +243,7 @@ class App:
                 await writer.drain()
                 if n == 1:
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(5):
+                        async with asyncio.timeout(5 * SCALE):
                             await self.gate.wait()
                 await asyncio.sleep(0.02)
             self.sse_last_sent = time.monotonic()
@@ -344,7 +345,7 @@ async def curl(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]
         "curl",
         "-sS",
         "--max-time",
-        "20",
+        str(20 * SCALE),
         *args,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -382,7 +383,7 @@ def http_request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10 * SCALE)
     try:
         conn.request(method, target, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -425,7 +426,7 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         writer.write(data)
         await writer.drain()
         out = bytearray()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout * SCALE):
             while chunk := await reader.read(65536):
                 out += chunk
         return bytes(out)
@@ -582,7 +583,7 @@ async def test_expect_100_relayed_from_local_service() -> None:
             "-H",
             "Expect: 100-continue",
             "--expect100-timeout",
-            "10",
+            str(10 * SCALE),
             "--data-binary",
             "@-",
             f"http://127.0.0.1:{port}/sha?continue=1",
@@ -591,7 +592,7 @@ async def test_expect_100_relayed_from_local_service() -> None:
         assert rc == 0, err
         assert "< HTTP/1.1 100" in err
         assert out.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 5 * SCALE
 
 
 async def test_expect_100_sent_by_burrow(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -604,7 +605,7 @@ async def test_expect_100_sent_by_burrow(monkeypatch: pytest.MonkeyPatch) -> Non
             "-H",
             "Expect: 100-continue",
             "--expect100-timeout",
-            "10",
+            str(10 * SCALE),
             "--data-binary",
             "@-",
             f"http://127.0.0.1:{port}/sha",
@@ -613,7 +614,7 @@ async def test_expect_100_sent_by_burrow(monkeypatch: pytest.MonkeyPatch) -> Non
         assert rc == 0, err
         assert "< HTTP/1.1 100" in err
         assert out.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
-        assert time.monotonic() - started < 5  # curl alone would have waited 10 s
+        assert time.monotonic() - started < 5 * SCALE  # curl alone would have waited 10 s
 
 
 async def test_expect_100_refused_by_local_service() -> None:
@@ -624,7 +625,7 @@ async def test_expect_100_refused_by_local_service() -> None:
             "-H",
             "Expect: 100-continue",
             "--expect100-timeout",
-            "10",
+            str(10 * SCALE),
             "--data-binary",
             "@-",
             f"http://127.0.0.1:{port}/reject",
@@ -633,7 +634,7 @@ async def test_expect_100_refused_by_local_service() -> None:
         assert rc == 0, err
         assert out == b"nope" and "< HTTP/1.1 401" in err
         assert "< HTTP/1.1 100" not in err
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 5 * SCALE
 
 
 async def test_parallel_requests_pair_correctly() -> None:
@@ -711,7 +712,7 @@ async def test_connect_is_spliced() -> None:
                 b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nearly"
             )
             await writer.drain()
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(5 * SCALE):
                 head = await reader.readuntil(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200")
                 assert await reader.readexactly(5) == b"early"
@@ -731,13 +732,13 @@ async def test_server_sent_events_are_not_buffered() -> None:
             writer.write(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
             await writer.drain()
             seen = bytearray()
-            async with asyncio.timeout(4):
+            async with asyncio.timeout(4 * SCALE):
                 while b"data: event 1" not in seen:
                     seen += await reader.read(4096)
             assert app.sse_last_sent == 0.0  # the first arrived while the app held the rest
             assert b"text/event-stream" in seen
             app.gate.set()
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(5 * SCALE):
                 while b"0\r\n\r\n" not in seen:
                     seen += await reader.read(4096)
             assert [f"data: event {n}".encode() in seen for n in range(1, 6)] == [True] * 5
@@ -753,7 +754,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(60 * SCALE)
 async def test_200mb_upload_and_download_with_bounded_memory() -> None:
     size = 200 * MiB
     async with stack() as (_, port, _opts):
@@ -774,7 +775,7 @@ async def test_200mb_upload_and_download_with_bounded_memory() -> None:
                 "curl",
                 "-sS",
                 "--max-time",
-                "40",
+                str(40 * SCALE),
                 f"http://127.0.0.1:{port}/download?size={size}&seed=3",
                 stdout=asyncio.subprocess.PIPE,
             )
@@ -794,7 +795,7 @@ async def test_200mb_upload_and_download_with_bounded_memory() -> None:
                 "curl",
                 "-sS",
                 "--max-time",
-                "40",
+                str(40 * SCALE),
                 "-T",
                 "-",
                 "-X",
@@ -825,7 +826,7 @@ async def test_streamed_content_length_upload_with_http_client() -> None:
     async with stack() as (_, port, _opts):
 
         def upload() -> tuple[int, bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20 * SCALE)
             try:
                 conn.request(
                     "PUT",
@@ -884,7 +885,7 @@ async def test_local_service_that_never_answers_gets_504() -> None:
         started = time.monotonic()
         status, _, body = await asyncio.to_thread(http_request, port, "GET", "/hang")
         assert status == 504 and b"did not answer within 0.5 s" in body
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 3 * SCALE
 
 
 async def test_local_service_that_never_accepts_gets_504(
@@ -906,7 +907,7 @@ async def test_visitor_leaving_mid_response_frees_the_local_side() -> None:
         writer.write(b"GET /download?size=500000000 HTTP/1.1\r\nHost: x\r\n\r\n")
         await reader.readexactly(MiB)
         writer.transport.abort()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(5 * SCALE):
             while app._tasks:
                 await asyncio.sleep(0.02)
 

@@ -51,7 +51,7 @@ from helpers import (
     stop,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60 * SCALE)
 
 MiB = 1024 * 1024
 
@@ -441,7 +441,7 @@ async def test_http_client_and_urllib(tmp_path: Path) -> None:
 
         # A chunked request body (http.client encodes an iterable as chunks).
         def chunked_post() -> Reply:
-            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=15)
+            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=15 * SCALE)
             try:
                 conn.request(
                     "PUT",
@@ -465,7 +465,7 @@ async def test_http_client_and_urllib(tmp_path: Path) -> None:
             req = urllib.request.Request(
                 f"http://127.0.0.1:{t.port}/redirect", headers={"Host": t.host}
             )
-            with opener.open(req, timeout=15) as response:
+            with opener.open(req, timeout=15 * SCALE) as response:
                 return response.status, response.url, response.read()
 
         status, final_url, data = await asyncio.to_thread(with_urllib)
@@ -473,7 +473,7 @@ async def test_http_client_and_urllib(tmp_path: Path) -> None:
         assert json.loads(data)["target"] == "/landing?from=redirect"
 
         def keep_alive() -> list[bytes]:
-            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=15)
+            conn = http.client.HTTPConnection("127.0.0.1", t.port, timeout=15 * SCALE)
             out = []
             try:
                 for n in range(5):
@@ -496,7 +496,8 @@ async def test_large_post_with_expect_100_continue(tmp_path: Path) -> None:
         reply = await curl_reply("--data-binary", f"@{upload}", f"{t.url}/big-post")
         assert reply.status == 200
         assert app.requests[-1]["body"].encode("latin-1") == body
-        assert time.monotonic() - started < 5  # curl did not sit out its 1 s Expect timeout x3
+        # curl did not sit out its 1 s Expect timeout x3
+        assert time.monotonic() - started < 5 * SCALE
 
 
 async def test_pipelined_requests_and_http10(tmp_path: Path) -> None:
@@ -592,9 +593,10 @@ async def test_100_parallel_requests_pair_correctly(tmp_path: Path) -> None:
 #: receiving side stops reading for ``PAUSE`` seconds after ``PAUSE_AT`` bytes, so a relay or agent
 #: that buffers instead of pushing back shows up as RSS growth.
 PEER = r"""
-import hashlib, http.client, http.server, json, random, sys, time
+import hashlib, http.client, http.server, json, os, random, sys, time
 
 PAUSE_AT, PAUSE = 64 << 20, 3.0
+SCALE = float(os.environ.get("BURROW_TEST_SCALE", "1"))
 
 MiB = 1 << 20
 
@@ -656,7 +658,7 @@ if mode == "serve":
     server.serve_forever()
 elif mode == "download":
     port, host, size = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120 * SCALE)
     conn.request("GET", f"/download?size={size}&seed=7", headers={"Host": host})
     response = conn.getresponse()
     digest, got, paused = hashlib.sha256(), 0, False
@@ -675,7 +677,7 @@ elif mode == "upload":
         for block in blocks(size, 11):
             digest.update(block)
             yield block
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120 * SCALE)
     conn.request("PUT", "/upload", body=body(),
                  headers={"Host": host, "Content-Length": str(size)})
     response = conn.getresponse()
@@ -753,7 +755,7 @@ async def big_transfer(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * SCALE)
 async def test_1gb_download_intact_with_bounded_memory(tmp_path: Path) -> None:
     size = 1024 * MiB
     with peer_server() as (server, port):
@@ -771,7 +773,7 @@ async def test_1gb_download_intact_with_bounded_memory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * SCALE)
 async def test_200mb_upload_intact_with_bounded_memory(tmp_path: Path) -> None:
     size = 200 * MiB
     with peer_server() as (server, port):
@@ -816,7 +818,7 @@ async def test_websocket_echo(tmp_path: Path) -> None:
                     host="127.0.0.1",
                     port=t.port,
                     proxy=None,
-                    open_timeout=10,
+                    open_timeout=10 * SCALE,
                 ) as ws,
             ):
                 for message in ("hello", "w" * 100_000, "über"):
@@ -844,7 +846,7 @@ async def test_server_sent_events_stream(tmp_path: Path) -> None:
             "--noproxy",
             "*",
             "--max-time",
-            "30",
+            str(30 * SCALE),
             f"{t.url}/sse",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -1372,7 +1374,7 @@ def test_webhook_reaches_local_service(webhook_receiver: WebhookReceiver) -> Non
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10 * SCALE) as response:
             assert response.status == 204
 
     assert webhook_receiver.received == [("/hooks/github", event)]

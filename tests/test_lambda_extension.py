@@ -1,9 +1,9 @@
 """The Lambda extension against a fake Extensions API, a real relay and a real PostgreSQL.
 
-The fake API follows AWS's runtimes-extensions-api docs: register (name header in, identifier
-out), event/next that blocks until the test pushes an event, init/error and exit/error. The
-extension runs as a subprocess (``python -m burrow.aws.extension``), as Lambda runs it, so
-SIGSTOP/SIGCONT can play the sandbox freeze between invocations.
+The fake API (``lambda_fake``) is as strict as AWS's runtimes-extensions-api docs, deadlines
+included; every test ends with no violation of it. The extension runs as a subprocess
+(``python -m burrow.aws.extension``), as Lambda runs it, so SIGSTOP/SIGCONT can play the
+sandbox freeze between invocations.
 """
 
 from __future__ import annotations
@@ -11,18 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import signal
-import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import h11
 import psycopg
 import pytest
 
@@ -30,203 +24,13 @@ from burrow.roles.agent import Agent, TcpTunnelSpec
 from burrow.roles.relay import Relay
 from burrow.tokens import TokenKey, mint
 from helpers import SCALE, Events, agent_config, free_port, relay_config
+from lambda_fake import Extension, FakeExtensionsAPI, StallingProxy, extension
+
+__all__ = ["Extension", "FakeExtensionsAPI", "World", "extension", "world"]
 
 pytestmark = pytest.mark.timeout(90)
 
 POSTGRES_PORT = 5432  # the system PostgreSQL: trust auth, user postgres, database test
-PREFIX = "/2020-01-01/extension/"
-
-
-# --- the fake Extensions API ---------------------------------------------------------------
-
-
-@dataclass
-class Call:
-    kind: str  # register, next, init_error, exit_error, unknown
-    headers: dict[str, str]
-    body: bytes
-    at: float  # time.monotonic()
-
-
-@dataclass
-class FakeExtensionsAPI:
-    """What Lambda's side of the Extensions API does, for one extension."""
-
-    identifier: str = field(default_factory=lambda: str(uuid.uuid4()))
-    calls: list[Call] = field(default_factory=list)
-    events: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
-    address: str = ""
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self.address
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def named(self, kind: str) -> list[Call]:
-        return [c for c in self.calls if c.kind == kind]
-
-    async def wait_call(self, kind: str, count: int = 1, timeout: float = 10.0) -> Call:
-        async with asyncio.timeout(timeout * SCALE):
-            while len(self.named(kind)) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.named(kind)[count - 1]
-
-    def push(self, event_type: str, **fields: Any) -> None:
-        deadline = int((time.time() + 30) * 1000)
-        event = {"eventType": event_type, "deadlineMs": deadline, **fields}
-        if event_type == "INVOKE":
-            event.setdefault("requestId", str(uuid.uuid4()))
-            event.setdefault("invokedFunctionArn", "arn:aws:lambda:eu-west-1:1:function:test")
-            event.setdefault("tracing", {"type": "X-Amzn-Trace-Id", "value": "Root=1-0-0"})
-        self.events.put_nowait(event)
-
-    def _record(self, kind: str, headers: dict[str, str], body: bytes) -> None:
-        self.calls.append(Call(kind, headers, body, time.monotonic()))
-        self._changed.set()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._one_request(reader, writer)
-        except (ConnectionError, h11.RemoteProtocolError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        body = b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        assert request is not None
-        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-        method, target = request.method.decode(), request.target.decode()
-        path = target[len(PREFIX) :] if target.startswith(PREFIX) else None
-        status, reply, extra = 404, {"errorMessage": "not found"}, {}
-        if method == "POST" and path == "register":
-            self._record("register", headers, body)
-            if headers.get("lambda-extension-name"):
-                status, reply = 200, {"functionName": "test", "functionVersion": "$LATEST"}
-                extra = {"Lambda-Extension-Identifier": self.identifier}
-            else:
-                status, reply = 400, {"errorMessage": "missing Lambda-Extension-Name"}
-        elif headers.get("lambda-extension-identifier") != self.identifier and path is not None:
-            self._record("unknown", headers, body)
-            status, reply = 403, {"errorMessage": "unknown extension identifier"}
-        elif method == "GET" and path == "event/next":
-            self._record("next", headers, body)
-            reply = await self.events.get()
-            status = 200
-            extra = {"Lambda-Extension-Event-Identifier": str(uuid.uuid4())}
-        elif method == "POST" and path in ("init/error", "exit/error"):
-            self._record(path.replace("/", "_"), headers, body)
-            status, reply = 202, {"status": "OK"}
-        else:
-            self._record("unknown", headers, body)
-        payload = json.dumps(reply).encode()
-        response_headers = [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(payload))),
-            *extra.items(),
-        ]
-        writer.write(conn.send(h11.Response(status_code=status, headers=response_headers)) or b"")
-        writer.write(conn.send(h11.Data(data=payload)) or b"")
-        writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
-
-
-# --- the extension process -----------------------------------------------------------------
-
-
-@dataclass
-class Extension:
-    proc: asyncio.subprocess.Process
-    started: float  # time.monotonic() just before the process was created
-    lines: list[str] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _pump: asyncio.Task[None] | None = None
-
-    async def pump(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-
-    async def wait_line(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        async with asyncio.timeout(timeout * SCALE):
-            while True:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def exited(self, timeout: float = 5.0) -> int:
-        """The exit code, once every line of stderr is in ``lines``."""
-        async with asyncio.timeout(timeout * SCALE):
-            code = await self.proc.wait()
-            if self._pump is not None:
-                await self._pump
-        return code
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
-
-
-@contextlib.asynccontextmanager
-async def extension(env: dict[str, str]) -> AsyncIterator[Extension]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BURROW_", "AWS_"))}
-    clean["BURROW_HOME"] = os.environ.get("BURROW_HOME", "")
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "burrow.aws.extension",
-        env={**clean, **env},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    ext = Extension(proc, started)
-    ext._pump = pump = asyncio.ensure_future(ext.pump())
-    try:
-        yield ext
-    except BaseException:
-        print("extension stderr:", *ext.lines, sep="\n  ")  # shown with the failure
-        raise
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await pump
-        if not pump.done():
-            pump.cancel()
 
 
 def query(port: int) -> int:
@@ -297,6 +101,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await agent.close()
         await world.relay.close()
         await api.close()
+    assert not api.violations, f"the extension did what Lambda would refuse: {api.violations}"
+    assert api.killed is None, f"Lambda would have killed the extension: {api.killed}"
 
 
 # --- tests ---------------------------------------------------------------------------------
@@ -306,7 +112,7 @@ async def test_lifecycle_freeze_and_shutdown(world: World) -> None:
     api = world.api
     pg_port = free_port()
     env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{pg_port}")
-    async with extension(env) as ext:
+    async with extension(env, world.api) as ext:
         # Registration comes first, named as the layer's file, for INVOKE and SHUTDOWN.
         first_next = await api.wait_call("next", timeout=15)
         register = api.calls[0]
@@ -383,7 +189,7 @@ async def socks_to_postgres(port: int) -> bytes:
 
 async def test_socks_only(world: World) -> None:
     socks_port = free_port()
-    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}")) as ext:
+    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}"), world.api) as ext:
         await world.api.wait_call("next", timeout=15)
         await ext.wait_line(rf"ready in \d+ ms .*: socks on 127.0.0.1:{socks_port}$")
         async with asyncio.timeout(10 * SCALE):
@@ -396,7 +202,7 @@ async def test_socks_holds_through_a_freeze(world: World) -> None:
     """The SOCKS proxy's first connection after a freeze across a relay restart waits for the
     session to come back, as the connect listeners do, instead of failing at once."""
     socks_port = free_port()
-    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}")) as ext:
+    async with extension(world.env(BURROW_SOCKS=f"127.0.0.1:{socks_port}"), world.api) as ext:
         await world.api.wait_call("next", timeout=15)
         await ext.wait_line(rf"ready in \d+ ms .*: socks on 127.0.0.1:{socks_port}$")
         lost_before = len(world.agent_events.named("session_lost"))
@@ -430,7 +236,7 @@ async def test_bad_configuration_reports_init_error(
 ) -> None:
     env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
     env.update(overrides)
-    async with extension(env) as ext:
+    async with extension(env, world.api) as ext:
         report = await world.api.wait_call("init_error")
         code = await ext.exited()
     assert code != 0
@@ -451,7 +257,7 @@ async def test_unreachable_relay_reports_init_error_within_budget(world: World) 
         BURROW_RELAY=f"127.0.0.1:{free_port()}",
         BURROW_READY_TIMEOUT="1",
     )
-    async with extension(env) as ext:
+    async with extension(env, world.api) as ext:
         report = await world.api.wait_call("init_error", timeout=10)
         code = await ext.exited()
     assert code == 1
@@ -463,7 +269,7 @@ async def test_unreachable_relay_reports_init_error_within_budget(world: World) 
 async def test_service_without_agent_is_not_ready(world: World) -> None:
     await world.agent.close()
     env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}", BURROW_READY_TIMEOUT="1")
-    async with extension(env) as ext:
+    async with extension(env, world.api) as ext:
         report = await world.api.wait_call("init_error", timeout=10)
         assert await ext.exited() == 1
     assert "service 'pg' not ready" in json.loads(report.body)["errorMessage"]
@@ -474,3 +280,146 @@ async def test_not_in_lambda_is_one_line() -> None:
         code = await ext.exited(10)
     assert code == 2
     assert len(ext.lines) == 1 and "AWS_LAMBDA_RUNTIME_API is not set" in ext.lines[0]
+
+
+# --- Lambda's rules, strictly --------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def stalling_path(world: World) -> AsyncIterator[StallingProxy]:
+    """The extension's way to the relay through a path that can die silently."""
+    proxy = StallingProxy(("127.0.0.1", world.control))
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def test_freeze_while_the_session_dies_silently(world: World) -> None:
+    """The relay's side of the session vanishes while the sandbox is frozen, and nothing tells
+    the extension: no FIN, no RST, its socket stays open and swallows what it sends. The freeze
+    is too short for the pause detector, so the first query after the thaw works only because
+    the extension proves the session alive (and replaces it) when the INVOKE arrives; without
+    that check it is bridged onto the dead session and times out."""
+    pg_port = free_port()
+    async with stalling_path(world) as path:
+        env = world.env(
+            BURROW_CONNECT=f"pg=127.0.0.1:{pg_port}", BURROW_RELAY=f"127.0.0.1:{path.port}"
+        )
+        async with extension(env, world.api) as ext:
+            await world.api.wait_call("next", timeout=15)
+            assert await asyncio.to_thread(query, pg_port) == 1
+            assert path.accepted == 1
+
+            ext.signal(signal.SIGSTOP)
+            path.stall()
+            await asyncio.sleep(0.2)  # shorter than the pause detector's threshold
+            ext.signal(signal.SIGCONT)
+            world.api.push("INVOKE")
+            # The extension asks for the next event once its INVOKE check is done: the
+            # function's query comes after it, as on a warm sandbox.
+            await world.api.wait_call("next", 2, timeout=15)
+            assert await asyncio.to_thread(query, pg_port) == 1
+            assert path.accepted == 2  # a new session, through the path that works again
+            assert path.swallowed > 0  # the check's ping went into the dead session
+
+            world.api.push("SHUTDOWN", shutdownReason="spindown")
+            assert await ext.exited(3) == 0
+    assert not [line for line in ext.lines if "not ready" in line]
+
+
+async def test_shutdown_deadline_is_honoured(world: World) -> None:
+    """SHUTDOWN's deadlineMs bounds the clean-up: with the relay unreachable closing would
+    wait for its answer, and Lambda SIGKILLs an extension still running at the deadline."""
+    pg_port = free_port()
+    async with stalling_path(world) as path:
+        env = world.env(
+            BURROW_CONNECT=f"pg=127.0.0.1:{pg_port}", BURROW_RELAY=f"127.0.0.1:{path.port}"
+        )
+        async with extension(env, world.api) as ext:
+            await world.api.wait_call("next", timeout=15)
+            path.stall()  # closing the session now waits for a relay that never answers
+            world.api.push("SHUTDOWN", deadline_ms=int(1000 * SCALE), shutdownReason="timeout")
+            code = await ext.exited(5)
+    assert world.api.killed is None, ext.lines
+    assert code == 0
+    assert any("closing took too long" in line for line in ext.lines), ext.lines
+
+
+async def test_register_refused_ends_the_extension_at_once(world: World) -> None:
+    world.api.fail("register", 500)
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+    async with extension(env, world.api) as ext:
+        code = await ext.exited(5)
+    assert code == 1
+    assert len(ext.lines) == 1, ext.lines
+    assert "registering with the Extensions API failed: HTTP 500" in ext.lines[0]
+    assert [c.kind for c in world.api.calls] == ["register"]
+
+
+async def test_event_next_error_ends_the_extension_at_once(world: World) -> None:
+    """A 500 from event/next is "non-recoverable: exit promptly": no retry, one line."""
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+    async with extension(env, world.api) as ext:
+        await world.api.wait_call("next", timeout=15)
+        world.api.fail("next", 500)
+        world.api.push("INVOKE")
+        code = await ext.exited(10)
+    assert code == 1
+    assert [c.status for c in world.api.named("next")] == [200, 500]
+    assert any("event/next failed: HTTP 500" in line for line in ext.lines), ext.lines
+    assert not any("Traceback" in line for line in ext.lines), ext.lines
+
+
+async def test_a_second_register_is_refused(world: World) -> None:
+    """Lambda registers each extension once: a second process registering under the same
+    name gets 403 and ends with one line, and the first one keeps serving."""
+    pg_port = free_port()
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{pg_port}")
+    async with extension(env, world.api) as first:
+        await world.api.wait_call("next", timeout=15)
+        second_env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+        async with extension(second_env) as second:
+            assert await second.exited(10) == 1
+        assert [c.status for c in world.api.named("register")] == [200, 403]
+        assert "HTTP 403" in second.lines[-1], second.lines
+        assert await asyncio.to_thread(query, pg_port) == 1
+        world.api.push("SHUTDOWN", shutdownReason="spindown")
+        assert await first.exited(3) == 0
+    assert world.api.violations == ["a second register"]
+    world.api.violations.clear()
+
+
+async def test_init_finishes_within_lambda_deadline(world: World) -> None:
+    """An extension whose relay never answers reports init/error before Init's deadline
+    (here a short one, with a ready timeout to match) instead of being killed by Lambda."""
+    world.api.init_deadline = 3.0
+    env = world.env(
+        BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}",
+        BURROW_RELAY=f"127.0.0.1:{free_port()}",
+        BURROW_READY_TIMEOUT="1.5",
+    )
+    async with extension(env, world.api) as ext:
+        await world.api.wait_call("init_error", timeout=10)
+        assert await ext.exited() == 1
+    assert world.api.killed is None
+
+
+async def test_a_revoked_token_is_reported_as_exit_error(world: World) -> None:
+    """A failure the extension cannot recover from after Init (here its token revoked, seen
+    at the reconnect after a relay restart) goes to Lambda as exit/error, then it exits."""
+    from burrow.tokens import deny, parse_token
+
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+    async with extension(env, world.api) as ext:
+        await world.api.wait_call("next", timeout=15)
+        deny(world.tmp / "relay-state", parse_token(world.connect_token)[0]["id"])
+        await world.restart_relay()
+        report = await world.api.wait_call("exit_error", timeout=20)
+        assert await ext.exited() == 1
+    assert report.status == 202
+    assert report.headers["lambda-extension-function-error-type"] == "Extension.AuthError"
+    body = json.loads(report.body)
+    assert body["errorType"] == "Extension.AuthError" and "revoked" in body["errorMessage"]
+    assert not world.api.named("init_error")

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "burrow"
 #: Lowest first. A module may import its own layer and the ones before it; ``core`` modules
 #: may import only the layers up to ``wire`` and each other.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("burrow.errors", "burrow.version")),
+    ("base", ("burrow.errors", "burrow.version", "burrow.compiled")),
     ("wire", ("burrow.wire",)),
     (
         "core",

@@ -1610,3 +1610,35 @@ def test_data_round_trip(plan: list[tuple[int, bool, int, int]], seed: int, fin:
         deliver(False)
         assert ended == {(side, s) for side in (True, False) for s in streams}
         assert client.open_streams == relay.open_streams == 0
+
+
+def test_data_goes_to_the_sink_until_another_event_comes_first() -> None:
+    """``receive_data(data, on_data)``: DATA frames before any other event of the read go to
+    the sink at once; after one, they stay events, so an OPEN and its first bytes in one read
+    keep their order (the handler for the new stream exists only once the OPEN is handled)."""
+    client, relay = open_pair()
+    first = client.open_stream({})
+    pump(client, relay)
+    client.send_data(first, b"early")
+    second = client.open_stream({"n": 2})
+    client.send_data(second, b"after the open")
+    client.send_data(first, b"late")
+    sunk: list[tuple[int, bytes]] = []
+    events = relay.receive_data(
+        b"".join(bytes(b) for b in client.data_to_send()),
+        lambda stream_id, payload: sunk.append((stream_id, bytes(payload))),
+    )
+    assert sunk == [(first, b"early")]
+    assert events == [
+        StreamOpened(second, {"n": 2}),
+        DataReceived(second, b"after the open"),
+        DataReceived(first, b"late"),
+    ]
+
+
+def test_data_to_the_sink_is_still_flow_controlled() -> None:
+    client, relay = open_pair(window=MIN_WINDOW)
+    stream_id = client.open_stream({})
+    pump(client, relay)
+    with pytest.raises(FlowControlError):
+        relay.receive_data(raw(FrameType.DATA, stream_id, bytes(MIN_WINDOW + 1)), lambda s, p: None)

@@ -28,6 +28,8 @@ _HUMAN: dict[str, str] = {
     "stream_refused": "refused a stream from {peer} to {service}: {reason}",
     "tokens_required": "no --secret: agents need a token ({hint}); key {key}",
     "connection_refused": "{service}: connection refused by the relay: {reason} ({count} so far)",
+    "tunnel_removed": "closed {kind} tunnel {name}",
+    "reloaded": "reloaded {config}: added {added}, removed {removed}, changed {changed}",
     "emulator_ready": "serverless relay emulator: agents --to {ws}, visitors at {http}; "
     "mint tokens with `burrow token issue --state-dir {state_dir}`",
 }

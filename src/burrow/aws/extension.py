@@ -53,6 +53,7 @@ DEFAULT_SOCKS_PORT = 1055
 DEFAULT_READY_TIMEOUT = 8.0
 DEFAULT_CHECK_TIMEOUT = 5.0
 SHUTDOWN_BUDGET = 1.5  # Lambda gives extensions about 2 s after SHUTDOWN, then SIGKILL
+SHUTDOWN_MARGIN = 0.1  # left between closing and SHUTDOWN's deadline, for the exit itself
 TICK = 0.25  # how often the pause detector runs
 PAUSE_GAP = 1.0  # a tick this late means the sandbox was frozen (or the loop stalled)
 
@@ -480,6 +481,7 @@ class Running:
     ready_ms: float
     where: list[str]
     phases: str  # where the cold start went, for the ready line
+    close_budget: float = SHUTDOWN_BUDGET  # SHUTDOWN's deadline may shorten it
 
     async def close(self) -> None:
         if self.proxy is not None:
@@ -602,7 +604,7 @@ async def run(env: Mapping[str, str]) -> int:
         return await serve(api, settings, running, stop)
     finally:
         try:
-            async with asyncio.timeout(SHUTDOWN_BUDGET):
+            async with asyncio.timeout(running.close_budget):
                 await running.close()
         except TimeoutError:
             say("closing took too long; exiting anyway")
@@ -637,6 +639,7 @@ async def serve(
                 return exc.exit_code
             kind = event.get("eventType")
             if kind == "SHUTDOWN":
+                running.close_budget = _shutdown_budget(event)
                 say(f"shutdown ({event.get('shutdownReason', 'no reason given')})")
                 return 0
             if kind == "INVOKE":
@@ -646,6 +649,18 @@ async def serve(
     finally:
         failed.cancel()
         stopped.cancel()
+
+
+def _shutdown_budget(event: Mapping[str, Any]) -> float:
+    """How long closing may take: SHUTDOWN_BUDGET, but done (with a margin for the exit)
+    before the event's deadline, after which Lambda sends SIGKILL."""
+    deadline_ms = event.get("deadlineMs")
+    if not isinstance(deadline_ms, int | float) or isinstance(deadline_ms, bool):
+        return SHUTDOWN_BUDGET
+    # Lambda sends epoch milliseconds; its documentation's example reads as milliseconds
+    # left, so a value too small to be a date is taken that way.
+    remaining = deadline_ms / 1000 - (time.time() if deadline_ms > 1e11 else 0.0)
+    return max(0.05, min(SHUTDOWN_BUDGET, remaining * 0.75 - SHUTDOWN_MARGIN))
 
 
 def _invoke_budget(settings: Settings, event: Mapping[str, Any]) -> float:

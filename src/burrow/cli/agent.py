@@ -26,7 +26,10 @@ from burrow.errors import BurrowError, ConfigError
 
 
 def _run_agent(
-    reporter: Reporter, services: list[Any], common: dict[str, Any], **options: Any
+    reporter: Reporter,
+    services: list[Any],
+    common: dict[str, Any],
+    **options: Any,
 ) -> None:
     """Run one agent offering ``services`` until a signal or a failure. A ``wss://`` (or
     ``ws://``) relay is the serverless one: its agent speaks that protocol instead."""
@@ -310,7 +313,9 @@ def exit_command(name: str, allow: tuple[str, ...], **common: Any) -> None:
 @client_options(embedded=True)
 def up(config_path: Path, **common: Any) -> None:
     """Open every tunnel listed in a config file, in one agent. Flags (and BURROW_*
-    variables) win over the file's settings."""
+    variables) win over the file's settings. SIGHUP (systemctl reload) reads the file again:
+    tunnels added, removed or changed follow it, the others keep their connections."""
+    from burrow.cli.reload import FileReloader
     from burrow.config import load_agent_config
     from burrow.kinds import service_from_file
 
@@ -338,7 +343,15 @@ def up(config_path: Path, **common: Any) -> None:
             }
         )
     has_http = any(t.kind == "http" for t in file.tunnels)
-    _run_agent(reporter, services, common, settings=settings, embedded_http=has_http)
+    reloader = FileReloader(config_path, file, services, reporter.event, service_from_file)
+    _run_agent(
+        reporter,
+        services,
+        common,
+        settings=settings,
+        embedded_http=has_http,
+        reload=reloader.reload,
+    )
 
 
 def _readable_by_others(path: Path) -> bool:

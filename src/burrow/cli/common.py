@@ -280,9 +280,13 @@ def run_client(
     verbose: int = 0,
     embedded_http: bool = False,
     after_start: Callable[[Any], Awaitable[Any]] | None = None,
+    reload: Callable[[Any], Awaitable[str]] | None = None,
 ) -> NoReturn:
     """Build a client (agent or connector), run it until a signal or a failure it cannot
-    recover from, and exit with a code that says which; a failure always prints its line."""
+    recover from, and exit with a code that says which; a failure always prints its line.
+
+    Under systemd (``Type=notify``) it says READY=1 once the client is up and STOPPING=1 when
+    it ends; with ``reload``, SIGHUP runs it (RELOADING=1 before, READY=1 after)."""
     setup_logging(verbose)
     embedded = settings.relay is None
     client: Any = None
@@ -297,11 +301,26 @@ def run_client(
 
     async def main_task() -> int:
         nonlocal client
+        from burrow.cli.reload import HangupReloads
+        from burrow.cli.sdnotify import Notifier
         from burrow.node import embedded_relay
 
         stopper = Stopper()
+        notifier = Notifier()
         relay = None
         extra: list[Any] = []
+
+        async def reload_now() -> None:
+            notifier.reloading("reloading")
+            status = "reload failed"
+            try:
+                assert reload is not None
+                status = await reload(client)
+            finally:
+                notifier.ready(status)
+
+        if reload is not None:
+            extra.append(HangupReloads(reload_now))
         try:
             if embedded:
                 relay = embedded_relay(
@@ -317,9 +336,14 @@ def run_client(
                 return 0
             if after_start is not None:
                 extra.append(await after_start(client))
+            notifier.ready(_ready_status(client))
+            for item in extra:
+                if isinstance(item, HangupReloads):
+                    item.arm()
             failure = await stopper.run(client.wait_failed())
             return failure.exit_code if isinstance(failure, BurrowError) else 0
         finally:
+            notifier.stopping()
             reporter.detach()
             for item in extra:
                 closing = getattr(item, "close", None)
@@ -337,3 +361,11 @@ def run_client(
     except BurrowError as exc:
         fail(reporter, exc)
     sys.exit(code)
+
+
+def _ready_status(client: Any) -> str:
+    """systemd's STATUS line once a client is up."""
+    tunnels = getattr(client, "tunnels", None)
+    if tunnels is not None:
+        return f"{len(tunnels)} tunnel{'s' if len(tunnels) != 1 else ''} ready"
+    return "ready"

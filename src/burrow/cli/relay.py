@@ -22,6 +22,7 @@ from burrow.cli.common import (
 )
 from burrow.cli_output import Reporter
 from burrow.errors import BurrowError, ConfigError
+from burrow.events import format_hostport
 
 _MIB = 1024 * 1024
 
@@ -68,7 +69,7 @@ def limits_from(values: dict[str, float]) -> Any:
     return Limits(**fields)  # type: ignore[arg-type]
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @option(
     "--listen",
     default=f"0.0.0.0:{DEFAULT_RELAY_PORT}",
@@ -192,7 +193,10 @@ def limits_from(values: dict[str, float]) -> Any:
 @limit_options
 @json_option
 @verbose_option
+@click.pass_context
 def relay(
+    ctx: click.Context,
+    /,
     listen: str,
     secret: str | None,
     secret_file: Path | None,
@@ -217,7 +221,13 @@ def relay(
     verbose: int,
     **limits: float,
 ) -> None:
-    """Run a relay that agents dial out to."""
+    """Run a relay that agents dial out to (with no command), or one of the commands below.
+
+    Under systemd (Type=notify) it says READY=1 once it listens and STOPPING=1 when it stops."""
+    if ctx.invoked_subcommand is not None:
+        _no_relay_options(ctx)
+        return
+    from burrow.cli.sdnotify import Notifier
     from burrow.node import Relay, RelayConfig
 
     setup_logging(verbose)
@@ -258,14 +268,36 @@ def relay(
 
     async def serve() -> None:
         stopper = Stopper()
+        notifier = Notifier()
         try:
             await stopper.run(server.start())
             if not stopper.event.is_set():
+                assert server.control_address is not None
+                notifier.ready(f"listening on {format_hostport(*server.control_address)}")
                 await stopper.run()
         finally:
+            notifier.stopping()
             await server.close()
 
     try:
         run(serve)
     except BurrowError as exc:
         fail(reporter, exc)
+
+
+def _no_relay_options(ctx: click.Context) -> None:
+    """``burrow relay --listen ... template``: the relay's flags would be silently ignored."""
+    from click.core import ParameterSource
+
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name is not None
+        and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise click.UsageError(
+            f"{', '.join(given)}: options of `burrow relay` itself; `burrow relay "
+            f"{ctx.invoked_subcommand}` takes its own (see its --help)",
+            ctx,
+        )

@@ -16,6 +16,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
+from mypy_extensions import mypyc_attr
+
 from burrow.net.connection import SessionConnection
 from burrow.net.outbox import Outbox
 
@@ -44,6 +46,7 @@ def reset_socket(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class StreamBridge(asyncio.Protocol):
     """Protocol for the socket side; ``SessionConnection`` calls the ``on_*`` methods."""
 
@@ -136,15 +139,18 @@ class StreamBridge(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        outbox = self._outbox
+        if not outbox.size and self.conn.send_all(self.stream_id, data):
+            return  # the common case: the stream had the credit
         if not data or not self.conn.stream_open(self.stream_id):
             return  # the stream is gone; connection_lost or on_reset tidies up
-        self._outbox.send(memoryview(data))
-        if self._outbox:
+        outbox.send(memoryview(data))
+        if outbox.size:
             self._update_reading()
 
     def eof_received(self) -> bool:
         self._eof_received = True
-        if not self._outbox:
+        if not self._outbox.size:
             self._send_fin()
         return True  # keep the other direction open (half-close)
 
@@ -183,9 +189,9 @@ class StreamBridge(asyncio.Protocol):
         self._flush_outbox()
 
     def _flush_outbox(self) -> None:
-        if self._outbox:
+        if self._outbox.size:
             self._outbox.pump()
-            if not self._outbox and self._eof_received:
+            if not self._outbox.size and self._eof_received:
                 self._send_fin()
         self._update_reading()
 
@@ -258,7 +264,7 @@ class StreamBridge(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._eof_received:
             return
-        want_paused = bool(self._outbox) or self._session_paused
+        want_paused = self._outbox.size > 0 or self._session_paused
         if want_paused != self._reading_paused:
             self._reading_paused = want_paused
             try:

@@ -14,11 +14,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from burrow.net.bridge import StreamBridge
 from burrow.net.connection import SessionConnection
 from burrow.net.outbox import Outbox
 
 
+# Stays a Python class when compiled: ConnectionError (an OSError) has a C layout that
+# mypyc's native classes cannot extend.
+@mypyc_attr(native_class=False)
 class ChannelReset(ConnectionError):
     """The stream was reset; ``code`` is the wire reset code ("refused", "timeout", ...)."""
 
@@ -168,7 +173,7 @@ class Channel:
         # Later in this turn a head, a body and its end may follow: they leave as one record.
         self.conn.flush_soon()
         self._outbox.send(bytes(data))
-        if self._outbox:
+        if self._outbox.size:
             self._writable.clear()
 
     def writelines(self, lines: list[bytes]) -> None:
@@ -176,14 +181,14 @@ class Channel:
 
     def _flush_outbox(self) -> None:
         self._outbox.pump()
-        if self._outbox:
+        if self._outbox.size:
             return
         self._writable.set()
         if self._fin_wanted and not self._fin_sent:
             self._send_fin()
 
     async def drain(self) -> None:
-        while self._outbox:
+        while self._outbox.size:
             if self._reset is not None:
                 raise self._reset
             await self._writable.wait()
@@ -196,7 +201,7 @@ class Channel:
     def write_eof(self) -> None:
         """Half-close: the peer reads EOF after what was written."""
         self._fin_wanted = True
-        if not self._outbox:
+        if not self._outbox.size:
             self._send_fin()
 
     def _send_fin(self) -> None:
@@ -237,7 +242,7 @@ class Channel:
         self._readable.set()
 
     def on_window(self) -> None:
-        if self._outbox:
+        if self._outbox.size:
             self._flush_outbox()
 
     def on_accept(self) -> None:
@@ -271,7 +276,7 @@ class Channel:
         self._writable.clear()
 
     def resume_source(self) -> None:
-        if self._outbox:
+        if self._outbox.size:
             self._flush_outbox()
         else:
             self._writable.set()

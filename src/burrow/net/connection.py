@@ -149,7 +149,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         session = self.session
         self._dispatching = True
         try:
-            events = session.receive_data(data)
+            events = session.receive_data(data, self._on_data)
         except ProtocolError as exc:
             self._dispatching = False
             self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
@@ -177,7 +177,12 @@ class SessionConnection(asyncio.BufferedProtocol):
             self._dispatching = False
         self.flush()
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > FLOOD_LIMIT:
+        # Only a transport that stopped taking writes can be flooded (the mark is far above).
+        if (
+            self.write_paused
+            and transport is not None
+            and transport.get_write_buffer_size() > FLOOD_LIMIT
+        ):
             # Streams stop at the high mark, so only replies the peer provokes (PONG, RESET)
             # and never reads can pile up this far: a flood, as in HTTP/2's ping/reset floods.
             log.warning("%s does not read what it provokes: closing the session", self.peer)
@@ -185,6 +190,11 @@ class SessionConnection(asyncio.BufferedProtocol):
             return
         if session.state is State.CLOSED and self.transport is not None:
             self.close(self.close_reason or "session ended")
+
+    def _on_data(self, stream_id: int, data: bytes | memoryview) -> None:
+        handler = self._handlers.get(stream_id)
+        if handler is not None:
+            handler.on_data(data)
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, StreamOpened):
@@ -294,6 +304,19 @@ class SessionConnection(asyncio.BufferedProtocol):
     def sendable(self, stream_id: int) -> int:
         """Bytes that may go out on ``stream_id`` now: its credit, or 0 while backed up."""
         return 0 if self.write_paused else self.session.credit(stream_id)
+
+    def send_all(self, stream_id: int, data: bytes | memoryview) -> bool:
+        """Send all of ``data`` if the stream's credit allows it now; else send nothing and
+        say so (the caller keeps it). The common case of a socket's read, in one call."""
+        if self.write_paused:
+            return False
+        session = self.session
+        if len(data) > session.credit(stream_id):
+            return False
+        session.send_data(stream_id, data)
+        if not self._dispatching and not self._flush_scheduled:
+            self.flush()
+        return True
 
     def send(self, stream_id: int, data: bytes | memoryview) -> int:
         """Send as much of ``data`` as ``sendable`` allows; how many bytes went."""

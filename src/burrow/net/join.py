@@ -43,7 +43,7 @@ class JoinHalf:
         if other is None:
             return
         outbox = other.outbox
-        if outbox:
+        if outbox.size:
             outbox.send(bytes(data))  # a view of the session's read buffer: it is reused
             return
         sent = other.conn.send(other.stream_id, data)
@@ -85,17 +85,17 @@ class JoinHalf:
     def _pump(self) -> None:
         """Move bytes waiting for this half's stream; return their credit to the other's."""
         other = self.other
-        if other is None or not self.outbox:
+        if other is None or not self.outbox.size:
             return
         moved = self.outbox.pump()
         if moved:
             other.conn.consume(other.stream_id, moved)
-        if not self.outbox:
+        if not self.outbox.size:
             other._forward_fin()
 
     def _forward_fin(self) -> None:
         other = self.other
-        if self.ended and other is not None and not other.outbox and not other.fin_sent:
+        if self.ended and other is not None and not other.outbox.size and not other.fin_sent:
             other.fin_sent = True
             other.conn.send_fin(other.stream_id)
             if self.fin_sent and other.fin_sent:

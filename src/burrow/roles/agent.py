@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from burrow.errors import ConfigError, TunnelError
+from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge
 from burrow.net.connection import SessionConnection
@@ -39,6 +39,7 @@ from burrow.wire.messages import (
     Register,
     Registered,
     TunnelMoved,
+    Unregister,
     parse_control,
     parse_open,
     to_message,
@@ -82,6 +83,8 @@ class Agent(RelayClient):
         self._by_name: dict[tuple[str, str], ActiveTunnel] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tracked: dict[Any, Callable[[], None]] = {}
+        self._owners: dict[Any, ActiveTunnel] = {}  # tracked item or task -> its tunnel
+        self._changing = asyncio.Lock()  # registrations and tunnel changes, one at a time
         self._remembered = self._load_ports()
 
     async def __aenter__(self) -> Agent:
@@ -104,26 +107,97 @@ class Agent(RelayClient):
 
     # --- what services may ask of the agent ---------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], owner: ActiveTunnel | None = None
+    ) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        if owner is not None:
+            self._owners[task] = owner
         return task
 
-    def track(self, item: Any, closer: Callable[[], None]) -> None:
-        """Close ``item`` with ``closer`` if the agent shuts down before it ends."""
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._owners.pop(task, None)
+
+    def track(
+        self, item: Any, closer: Callable[[], None], owner: ActiveTunnel | None = None
+    ) -> None:
+        """Close ``item`` with ``closer`` if the agent shuts down (or ``owner`` is removed)
+        before it ends."""
         self._tracked[item] = closer
+        if owner is not None:
+            self._owners[item] = owner
 
     def untrack(self, item: Any) -> None:
         self._tracked.pop(item, None)
+        self._owners.pop(item, None)
+
+    async def update_tunnels(
+        self, *, add: Sequence[Service] = (), remove: Sequence[ActiveTunnel] = ()
+    ) -> list[tuple[Service, BurrowError]]:
+        """Change what this agent offers without touching its other tunnels (a reload). Each
+        tunnel in ``remove`` is unregistered and its open connections are closed; each service
+        in ``add`` is registered on the live session (or on the next one, if it is down).
+        Returns the added services the relay refused: they are not kept, so a later reconnect
+        does not fail on them."""
+        refused: list[tuple[Service, BurrowError]] = []
+        async with self._changing:
+            conn = self.conn if self.conn is not None and self.conn.is_open else None
+            for tunnel in remove:
+                if tunnel in self.tunnels:
+                    self._remove(conn, tunnel)
+            for service in add:
+                tunnel = ActiveTunnel(service)
+                self.tunnels.append(tunnel)
+                if conn is None:
+                    continue  # on_session registers it when the session is back
+                try:
+                    await self._register(conn, tunnel)
+                except TunnelError as exc:
+                    self.tunnels.remove(tunnel)
+                    refused.append((service, exc))
+                except (ConnectionError, TimeoutError):
+                    pass  # the session ended meanwhile: the next on_session registers it
+        return refused
+
+    def _remove(self, conn: SessionConnection | None, tunnel: ActiveTunnel) -> None:
+        self.tunnels.remove(tunnel)
+        for port in [k for k, held in self._by_port.items() if held is tunnel]:
+            del self._by_port[port]
+        for name in [k for k, held in self._by_name.items() if held is tunnel]:
+            del self._by_name[name]
+        if conn is not None and (tunnel.port is not None or tunnel.name is not None):
+            message = (
+                Unregister(port=tunnel.port)
+                if tunnel.port is not None
+                else Unregister(name=tunnel.name, kind=tunnel.spec.kind)
+            )
+            conn.send_control(to_message(message))
+        for item, owner in list(self._owners.items()):
+            if owner is not tunnel:
+                continue
+            if isinstance(item, asyncio.Task):
+                item.cancel()
+            elif (closer := self._tracked.get(item)) is not None:
+                closer()
+        emit(
+            self.on_event,
+            "tunnel_removed",
+            kind=tunnel.spec.kind,
+            name=tunnel.name or tunnel.spec.key,
+            public=tunnel.public,
+        )
 
     # --- registration ------------------------------------------------------------------------
 
     async def on_session(self, conn: SessionConnection) -> None:
-        self._by_port.clear()
-        self._by_name.clear()
-        for tunnel in self.tunnels:
-            await self._register(conn, tunnel)
+        async with self._changing:  # never register while tunnels are being changed
+            self._by_port.clear()
+            self._by_name.clear()
+            for tunnel in list(self.tunnels):
+                await self._register(conn, tunnel)
 
     async def _register(self, conn: SessionConnection, tunnel: ActiveTunnel) -> None:
         spec = tunnel.spec

@@ -681,9 +681,14 @@ class Relay:
             )
 
     async def _unregister(self, conn: SessionConnection, message: Unregister) -> None:
-        if message.port is None:
+        key: LeaseKey
+        if message.port is not None:
+            key = message.port
+        elif message.name is not None and message.kind in self._namespaces:
+            key = (self._namespaces[message.kind], message.name)
+        else:
             return
-        lease = await self.registry.drop(message.port, conn.session.session_id)
+        lease = await self.registry.drop(key, conn.session.session_id)
         if lease is not None:
             self._lease_gone(lease, expired=False)
 

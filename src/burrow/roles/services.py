@@ -74,8 +74,12 @@ class ServiceHost(Protocol):
 
     on_event: EventSink | None
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
-    def track(self, item: Any, closer: Callable[[], None]) -> None: ...
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], owner: ActiveTunnel | None = None
+    ) -> asyncio.Task[Any]: ...
+    def track(
+        self, item: Any, closer: Callable[[], None], owner: ActiveTunnel | None = None
+    ) -> None: ...
     def untrack(self, item: Any) -> None: ...
 
 
@@ -104,7 +108,7 @@ class IncomingStream:
         """A socket bridge bound to this stream (connect it with ``dial``)."""
         bridge = StreamBridge(self.conn, header=header, on_done=self._bridge_done)
         bridge.attach(self.stream_id)
-        self.host.track(bridge, bridge.close)
+        self.host.track(bridge, bridge.close, self.tunnel)
         return bridge
 
     def _bridge_done(self, bridge: StreamBridge) -> None:
@@ -119,7 +123,7 @@ class IncomingStream:
         channel.attach(self.stream_id)  # now: DATA for it may follow in the same read
         channel.accept()
         end = closer or (lambda c: c.reset("cancelled", "agent shutting down"))
-        self.host.track(channel, lambda: end(channel))
+        self.host.track(channel, lambda: end(channel), self.tunnel)
         return channel
 
     def done(self, channel: Channel) -> None:
@@ -127,7 +131,7 @@ class IncomingStream:
         self.tunnel.open_connections -= 1
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        return self.host.spawn(coro)
+        return self.host.spawn(coro, self.tunnel)
 
     def warn(self, message: str) -> None:
         emit(self.host.on_event, "warning", message=message, tunnel=self.tunnel.spec.key)

@@ -18,6 +18,7 @@ MODULES = (
     "burrow/__init__.py",
     "burrow/version.py",
     "burrow/errors.py",
+    "burrow/compiled.py",  # burrow/http/__init__.py checks compiled modules are fresh
     "burrow/tokens.py",
     "burrow/statefiles.py",
     "burrow/roles/__init__.py",
