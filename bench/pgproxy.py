@@ -11,6 +11,10 @@ turn for each round (so a noisy neighbour hits them all alike), medians reported
     forward     libpq -> a plain TCP forward on asyncio Protocols (uvloop) -> PostgreSQL,
                 TLS end to end: the plain tunnel's data path, without protocol awareness
     pgproxy     libpq (plaintext, sslmode=prefer) -> burrow pgproxy -> PostgreSQL over TLS
+    private     libpq -> burrow connect -> relay -> burrow tcp --private -> PostgreSQL, TLS end
+                to end (the plain private tunnel: two burrow TLS sessions and libpq's own)
+    burrow-pg   libpq (plaintext) -> burrow connect -> relay -> burrow pg -> PostgreSQL over
+                TLS (the protocol-aware tunnel: its cost against `private` is the issue's figure)
 
 pgbench keeps its connections for the run, so this measures the spliced phase; each path's
 connection set-up is timed separately with `pgbench -C` (a new connection per transaction).
@@ -212,6 +216,71 @@ def start_socat(target_port: int) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError("socat did not start")
 
 
+def _burrow(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "burrow.cli", *args, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _event(proc: subprocess.Popen[str], name: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    for _ in range(50):  # bounded: a handful of events come first
+        line = proc.stdout.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        if event.get("event") == name:
+            return dict(event)
+    raise RuntimeError(f"no {name} event")
+
+
+Procs = list[subprocess.Popen[str]]
+
+
+def start_tunnels(pg: ThrowawayPostgres, tmp: Path) -> tuple[Procs, dict[str, int]]:
+    """A relay with a token key, `burrow tcp --private` and `burrow pg --private` in front of
+    the cluster, and one `burrow connect` for both: the local ports of each path."""
+    state = tmp / "relay"
+    burrow = [sys.executable, "-m", "burrow.cli"]
+    subprocess.run([*burrow, "token", "init", "--state-dir", str(state)], check=True)
+
+    def token(*scope: str) -> str:
+        issue = [*burrow, "token", "issue", "--state-dir", str(state), *scope]
+        out = subprocess.run(issue, check=True, capture_output=True, text=True).stdout
+        return out.strip().splitlines()[-1]
+
+    relay = _burrow("relay", "--listen", "127.0.0.1:0", "--state-dir", str(state))
+    ready = _event(relay, "relay_ready")
+    common = ["--to", ready["control"], "--fingerprint", ready["fingerprint"]]
+    expose = token("--expose", "plain", "--expose", "aware")
+    plain = _burrow(
+        "tcp", str(pg.port), "--private", "--name", "plain", "--token", expose,
+        "--state-dir", str(tmp / "a1"), *common,
+    )  # fmt: skip
+    aware = _burrow(
+        "pg", f"127.0.0.1:{pg.port}", "--private", "--name", "aware", "--token", expose,
+        "--upstream-ca", str(pg.ca_path), "--upstream-name", pg.host_name,
+        "--state-dir", str(tmp / "a2"), *common,
+    )  # fmt: skip
+    _event(plain, "tunnel_ready")
+    _event(aware, "tunnel_ready")
+    connect = _burrow(
+        "connect", "plain=127.0.0.1:0", "aware=127.0.0.1:0",
+        "--token", token("--connect", "plain", "--connect", "aware"), *common,
+    )  # fmt: skip
+    ports = {}
+    for _ in range(2):
+        event = _event(connect, "tunnel_ready")
+        ports[event["name"]] = int(event["local"].rpartition(":")[2])
+    procs = [relay, plain, aware, connect]
+    for proc in procs:  # keep their pipes drained (one event per connection)
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+    return procs, ports
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--forwarder"]:
         forwarder_main(sys.argv[2], int(sys.argv[3]))
@@ -241,12 +310,15 @@ def main() -> None:
         socat, socat_port = start_socat(pg.port)
         assert pg.tmpdir is not None
         forward, forward_port = start_forwarder(pg.port, pg.tmpdir)
+        tunnels, ports = start_tunnels(pg, pg.tmpdir)
         middle = {"socat": socat.pid, "forward": forward.pid, "pgproxy": proxy.pid}
         paths = {
             "direct": f"{base} port={pg.port} {tls}",
             "socat": f"{base} port={socat_port} {tls}",
             "forward": f"{base} port={forward_port} {tls}",
             "pgproxy": f"{base} port={proxy_port}",
+            "private": f"{base} port={ports['plain']} {tls}",
+            "burrow-pg": f"{base} port={ports['aware']} sslmode=disable",
         }
         samples: dict[str, list[float]] = {name: [] for name in paths}
         cpu: dict[str, list[float]] = {name: [] for name in middle}
@@ -279,7 +351,7 @@ def main() -> None:
                     connect[name].append(tps)
                     log(f"round {round_ + 1} {name:8} {tps:10.0f} connections/s (-C)")
         finally:
-            for proc in (proxy, socat, forward):
+            for proc in (proxy, socat, forward, *tunnels):
                 proc.terminate()
                 proc.wait(10)
     median = {name: statistics.median(v) for name, v in samples.items()}
@@ -295,6 +367,10 @@ def main() -> None:
             f"vs socat {median[name] / median['socat']:.2f}  "
             f"vs forward {median[name] / median['forward']:.2f}"
         )
+    print(
+        f"  burrow pg vs the plain private tunnel: "
+        f"{median['burrow-pg'] / median['private']:.2f} (goal: protocol awareness under 10 %)"
+    )
     print("CPU of the middle process per transaction (median, microseconds)")
     for name, values in cpu.items():
         print(f"  {name:8} {statistics.median(values):7.1f}")

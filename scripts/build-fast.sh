@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compiles burrow's data path (the wire codec and session, the asyncio session, bridges and
-# joins) with mypyc, in place: the compiled modules sit beside their sources and Python loads
-# them first. The same code runs as plain Python without this step (BURROW_PURE=1 removes the
-# compiled modules). Rebuilds only when a source changed; needs gcc and the Python headers.
+# Compiles burrow's data path (the wire codec and session, the asyncio session, bridges,
+# joins and channels, the HTTP agent's parser, fast path and visitor) with mypyc, in place:
+# the compiled modules sit beside their sources and Python loads them first. The same code
+# runs as plain Python without this step (BURROW_PURE=1 removes the compiled modules).
+# Rebuilds only when a source changed; needs gcc and the Python headers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modules=(
@@ -12,6 +13,12 @@ modules=(
   burrow/net/connection.py
   burrow/net/bridge.py
   burrow/net/join.py
+  burrow/net/channel.py
+  burrow/http/fastparse.py
+  burrow/http/fastpath.py
+  burrow/http/framing.py
+  burrow/http/policy.py
+  burrow/http/visitor.py
 )
 clean() {
   find src/burrow -name '*.so' -delete

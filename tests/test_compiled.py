@@ -82,3 +82,9 @@ def test_a_compiled_module_older_than_its_source_refuses_to_load(tmp_path: Path)
     with pytest.raises(ImportError, match="build-fast"):
         check_fresh(str(package))
     shutil.rmtree(package)
+
+
+def test_the_build_script_compiles_exactly_the_listed_modules() -> None:
+    script = (SRC.parent.parent / "scripts" / "build-fast.sh").read_text()
+    listed = script.split("modules=(", 1)[1].split(")", 1)[0].split()
+    assert [m.removesuffix(".py").replace("/", ".") for m in listed] == list(MODULES)

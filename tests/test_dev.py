@@ -517,7 +517,7 @@ async def test_stack_vpc_with_nat_and_dry_run(aws: Aws, world: World) -> None:
         ("api", ["--local", "redis=6379"], 1, "no function refers to a local resource"),
         ("", ["--local", "pg"], 2, "--local 'pg': expected NAME=PORT"),
         ("", [], 2, "burrow dev needs --local NAME=PORT"),
-        ("", ["--local", "pg=5432", "WSS"], 2, "the serverless relay is not available yet"),
+        ("", ["--local", "pg=5432", "WSS"], 2, "cannot be driven by burrow dev yet"),
     ],
 )
 async def test_errors_are_one_line(

@@ -219,7 +219,14 @@ def test_request_through_tunnel_is_inspected_and_replayed(
             # A second real request through the tunnel shows up live, without a reload.
             status, _ = post_json(port, f"shop.localhost:{port}", "/api/orders", {"item": "pen"})
             assert status == 201
-            page.wait_for_function("document.querySelectorAll('.request-row').length === 3")
+            # Polled from here: a string predicate polled in the page would need eval, which the
+            # inspector's Content-Security-Policy (rightly) forbids.
+            rows = page.locator(".request-row")
+            for _ in range(200):  # bounded: up to 10 s
+                if rows.count() == 3:
+                    break
+                page.wait_for_timeout(50)
+            assert rows.count() == 3
             assert shop.counts["/api/orders"] == 3
 
             page.click(f'.request-row[data-id="{new_id}"]')

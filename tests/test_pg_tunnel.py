@@ -170,6 +170,42 @@ def test_copy_through_the_tunnel(world: World) -> None:
         assert cur.fetchone() == (20000,)
 
 
+def test_copy_100_mb_each_way_through_the_tunnel(world: World) -> None:
+    """The issue's size: 100 MB out of the database and 100 MB into it, through the agent's
+    pgproxy, the relay and the connector, every byte counted on the far side."""
+    with world.connect() as conn, conn.cursor() as cur:
+        total = 0
+        query = "copy (select repeat('y', 9999) from generate_series(1, 10000)) to stdout"
+        with cur.copy(query) as copy:
+            for data in copy:
+                total += len(data)
+        assert total == 10000 * 10000  # 100 MB
+        cur.execute("create temporary table big (line text)")
+        block = (b"z" * 9999 + b"\n") * 100  # 1 MB
+        with cur.copy("copy big from stdin") as copy:
+            for _ in range(100):
+                copy.write(block)
+        cur.execute("select count(*), sum(length(line)) from big")
+        assert cur.fetchone() == (10000, 10000 * 9999)
+
+
+def test_pg8000_through_the_tunnel(world: World) -> None:
+    import pg8000.native
+
+    conn = pg8000.native.Connection(
+        world.pg.user,
+        host="127.0.0.1",
+        port=world.port,
+        password=world.pg.password,
+        database=world.pg.dbname,
+        timeout=10,
+    )
+    try:
+        assert conn.run("select :a::int + 1", a=41) == [[42]]
+    finally:
+        conn.close()
+
+
 async def test_asyncpg_and_refusal_through_the_tunnel(world: World) -> None:
     conn = await asyncpg.connect(
         host="127.0.0.1",

@@ -118,6 +118,11 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
     return host, port
 
 
+def is_websocket_url(text: str | None) -> bool:
+    """Whether a relay address is a WebSocket URL (the serverless relay: ``wss://...``)."""
+    return bool(text) and str(text).lower().startswith(("ws://", "wss://"))
+
+
 #: The most relays one ``--to`` may list.
 MAX_RELAYS = 16
 

@@ -30,6 +30,8 @@ _HUMAN: dict[str, str] = {
     "connection_refused": "{service}: connection refused by the relay: {reason} ({count} so far)",
     "tunnel_removed": "closed {kind} tunnel {name}",
     "reloaded": "reloaded {config}: added {added}, removed {removed}, changed {changed}",
+    "emulator_ready": "serverless relay emulator: agents --to {ws}, visitors at {http}; "
+    "mint tokens with `burrow token issue --state-dir {state_dir}`",
 }
 _TUNNEL_READY: dict[str, str] = {
     "tcp": "forwarding {public} -> {local}",

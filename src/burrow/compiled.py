@@ -15,6 +15,12 @@ MODULES = (
     "burrow.net.connection",
     "burrow.net.bridge",
     "burrow.net.join",
+    "burrow.net.channel",
+    "burrow.http.fastparse",
+    "burrow.http.fastpath",
+    "burrow.http.framing",
+    "burrow.http.policy",
+    "burrow.http.visitor",
 )
 
 

@@ -108,7 +108,7 @@ def build_layer(
     with tempfile.TemporaryDirectory(prefix="burrow-layer-") as tmp:
         site = Path(tmp) / "python"
         shutil.copytree(
-            package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
         )
         same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == python_version
         if not no_deps:

@@ -205,7 +205,7 @@ def build_bundle(
         inside = Path("/build") if root is not None else work  # work, as the build sees it
         site = work / "site"
         shutil.copytree(
-            package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            package, site / "burrow", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
         )
         wheel_args = [
             "--only-binary=:all:",

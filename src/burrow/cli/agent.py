@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from burrow.addresses import parse_hostport
+from burrow.addresses import is_websocket_url, parse_hostport
 from burrow.cli.common import (
     Lines,
     check_name,
@@ -31,10 +31,16 @@ def _run_agent(
     common: dict[str, Any],
     **options: Any,
 ) -> None:
-    """Run one agent offering ``services`` until a signal or a failure."""
+    """Run one agent offering ``services`` until a signal or a failure. A ``wss://`` (or
+    ``ws://``) relay is the serverless one: its agent speaks that protocol instead."""
     from burrow.roles.agent import Agent, AgentConfig
 
-    def build(settings: Any, embedded_at: tuple[str, int] | None) -> Agent:
+    def build(settings: Any, embedded_at: tuple[str, int] | None) -> Any:
+        if is_websocket_url(settings.relay):
+            from burrow.aws.serverless.agent import ServerlessAgent, ServerlessConfig
+
+            serverless = ServerlessConfig.from_settings(settings, services)
+            return ServerlessAgent(serverless, on_event=reporter.event)
         config = settings.build(AgentConfig, relay=embedded_at, tunnels=services)
         return Agent(config, on_event=reporter.event)
 

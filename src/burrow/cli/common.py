@@ -40,9 +40,14 @@ def main() -> None:
 
 
 def run(entry: Callable[[], Awaitable[T]]) -> T:
-    """Run ``entry`` on uvloop when installed (BURROW_NO_UVLOOP=1 to opt out)."""
+    """Run ``entry`` on uvloop when installed (BURROW_NO_UVLOOP=1 to opt out), with the C heap
+    tuned for streaming."""
     import asyncio
     import os
+
+    from burrow.net import heap
+
+    heap.tune()
 
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if not os.environ.get("BURROW_NO_UVLOOP"):

@@ -23,9 +23,17 @@ from burrow.errors import BurrowError, ConfigError
 def _run_connector(
     reporter: Reporter, services: list[Any], common: dict[str, Any], **options: Any
 ) -> None:
+    from burrow.addresses import is_websocket_url
     from burrow.roles.connector import Connector, ConnectorConfig
 
-    def build(settings: Any, embedded_at: tuple[str, int] | None) -> Connector:
+    def build(settings: Any, embedded_at: tuple[str, int] | None) -> Any:
+        if is_websocket_url(settings.relay):  # the serverless relay
+            from burrow.aws.serverless.agent import ServerlessConfig, ServerlessConnector
+
+            if not services:
+                raise ConfigError("the serverless relay has no SOCKS proxy; use burrow connect")
+            config = ServerlessConfig.from_settings(settings, [], listen=services)
+            return ServerlessConnector(config, on_event=reporter.event)
         config = settings.build(ConnectorConfig, relay=embedded_at, services=services)
         return Connector(config, on_event=reporter.event)
 

@@ -1,0 +1,3 @@
+from burrow.compiled import check_fresh
+
+check_fresh(__path__[0])

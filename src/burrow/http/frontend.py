@@ -13,7 +13,6 @@ answers later ones on the connection.
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 from collections.abc import Mapping
@@ -23,6 +22,8 @@ import h11
 
 from burrow.events import emit, format_hostport
 from burrow.http.framing import FramingError, request_framing
+from burrow.http.relaypage import gone_message, not_found_message, offline_message
+from burrow.http.relaypage import page as _page
 from burrow.net.bridge import StreamBridge, visitor_info
 from burrow.roles.relay import Relay, Route, bind_error
 
@@ -154,22 +155,12 @@ class _VisitorBridge(StreamBridge):
         if not self.answered and transport is not None and not transport.is_closing():
             body = _page(
                 "Tunnel offline",
-                f"The tunnel {self.name!r} went offline before it answered: its agent is "
-                "not connected right now.",
+                gone_message(self.name),
             )
             transport.write(_response(502, "Bad Gateway", "text/html; charset=utf-8", body))
             self.transport = None  # close after the page, not with a reset
             transport.close()
         super().on_reset(code, reason)
-
-
-def _page(title: str, message: str) -> bytes:
-    heading = html.escape(title)
-    return (
-        "<!doctype html><meta charset=utf-8><title>"
-        f"{heading}</title><style>body{{font:16px system-ui;margin:4em auto;max-width:40em}}"
-        f"</style><h1>{heading}</h1><p>{html.escape(message)}</p><hr><small>burrow</small>\n"
-    ).encode()
 
 
 def _response(status: int, reason: str, content_type: str, body: bytes) -> bytes:
@@ -249,7 +240,7 @@ class _HeadReader(asyncio.Protocol):
             self._answer(
                 404,
                 "Not Found",
-                f"There is no tunnel named {name!r} on this relay.",
+                not_found_message(name),
                 title="Tunnel not found",
             )
             return
@@ -258,7 +249,7 @@ class _HeadReader(asyncio.Protocol):
             self._answer(
                 502,
                 "Bad Gateway",
-                f"The tunnel {name!r} is offline: its agent is not connected right now.",
+                offline_message(name),
                 title="Tunnel offline",
             )
             return

@@ -14,11 +14,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from burrow.net.bridge import StreamBridge
 from burrow.net.connection import SessionConnection
 from burrow.net.outbox import Outbox
 
 
+# Stays a Python class when compiled: ConnectionError (an OSError) has a C layout that
+# mypyc's native classes cannot extend.
+@mypyc_attr(native_class=False)
 class ChannelReset(ConnectionError):
     """The stream was reset; ``code`` is the wire reset code ("refused", "timeout", ...)."""
 

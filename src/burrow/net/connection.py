@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from burrow.net import heap
 from burrow.wire.errors import HandshakeRejected, ProtocolError
 from burrow.wire.session import (
     DEFAULT_WINDOW,
@@ -264,6 +265,7 @@ class SessionConnection(asyncio.BufferedProtocol):
             self.closed.set_result(reason)
         if self._on_closed is not None:
             self._on_closed(self, reason)
+        heap.release_soon()
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -5,7 +5,7 @@ watched for its first bytes with no buffer, no TLS state and no protocol object;
 peer speaks is TLS set up (``connect_accepted_socket``), and the session's own read buffer
 stays small until the handshake is done (``SessionConnection``). Connections still in their
 handshake are capped in total and per source address; past a cap a new one is reset at once.
-When a burst of them has closed, freed memory is handed back to the system (``malloc_trim``).
+When a burst of them has closed, freed memory is handed back to the system (``heap``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from burrow.net import heap
 
 log = logging.getLogger("burrow.gate")
 
@@ -83,7 +85,6 @@ class ControlListener:
         self._sockets: list[socket.socket] = []
         self._waiting: set[_Waiting] = set()
         self._starting: set[asyncio.Task[None]] = set()
-        self._trim: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- listening ----------------------------------------------------------------------------
@@ -232,8 +233,8 @@ class ControlListener:
     def done(self, source: str) -> None:
         """A connection from ``source`` left the gate (its handshake ended, either way)."""
         self._count(source, -1)
-        if self.pending == 0:
-            self._trim_soon()
+        if self.pending == 0 and self._loop is not None:
+            heap.release_soon(self._loop)
 
     def _count(self, source: str, delta: int) -> None:
         left = self.stats.by_source.get(source, 0) + delta
@@ -242,27 +243,8 @@ class ControlListener:
         else:
             self.stats.by_source.pop(source, None)
 
-    def _trim_soon(self) -> None:
-        """After a burst, give freed memory back to the system rather than keep it."""
-        if self._trim is None and self._loop is not None:
-            self._trim = self._loop.call_later(1.0, self._release_memory)
-
-    def _release_memory(self) -> None:
-        self._trim = None
-        release_memory()
-
 
 def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
     sock.close()
-
-
-def release_memory() -> None:
-    """glibc's ``malloc_trim(0)``: return free heap pages to the system (a no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from burrow.addresses import parse_relays
+from burrow.addresses import is_websocket_url, parse_relays
 from burrow.errors import ConfigError
 from burrow.roles.client import CONNECT_TIMEOUT, ClientConfig
 
@@ -58,7 +58,7 @@ class ClientSettings:
             raise ConfigError("--insecure turns TLS off; it cannot go with --fingerprint or --ca")
         if self.connect_timeout <= 0:
             raise ConfigError("--connect-timeout must be positive")
-        if self.relay is not None:
+        if self.relay is not None and not is_websocket_url(self.relay):
             parse_relays(self.relay)
 
     def build(self, kind: type[C], *, relay: tuple[str, int] | None = None, **extra: Any) -> C:
