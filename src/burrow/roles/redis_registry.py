@@ -46,6 +46,10 @@ RENEW_BATCH = 256
 #: A lease of a live node missing from a reload is kept this long for its node to claim it
 #: again (Redis restarted empty: every node re-asserts its own within a retry or two).
 UNCONFIRMED_FOR = 3 * RETRY_EVERY + OP_TIMEOUT
+#: A node missing from the listings this long is taken for dead (its record, renewed every
+#: 5 s, lapsed 15 s after its last renewal already): a late listing or a Redis that came back
+#: empty does not make a live node's leases look abandoned.
+NODE_GONE_AFTER = 2 * RENEW_EVERY + UNCONFIRMED_FOR
 
 _ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError)
 
@@ -259,8 +263,8 @@ class RedisRegistry:
         await self._announce()
         await self._flush_pending()
         await self._reassert()
-        await self._reload()
         await self._load_nodes()
+        await self._reload()
         self._broken.clear()
         if not self.available:
             self.available = True
@@ -323,14 +327,14 @@ class RedisRegistry:
                 await self._load_nodes()
             now = loop.time()
             self._sweep(now)
+            if now - self._last_reload >= RELOAD_EVERY:
+                await self._reload()
             if now < due:
                 continue
             due = now + self.renew_every
             await self._renew(list(self._held))
             await self._announce()
             await self._load_nodes()
-            if now - self._last_reload >= RELOAD_EVERY:
-                await self._reload()
 
     # --- Registry: writes ------------------------------------------------------------------
 
@@ -682,6 +686,9 @@ class RedisRegistry:
                 nodes[node.id] = node
         self._nodes_stale = False
         local = asyncio.get_running_loop().time()
+        held_by = {lease.node for lease in self.mirror.table.leases()}
+        if any(node_id not in self._seen_at and node_id in held_by for node_id in nodes):
+            self._last_reload = float("-inf")  # a node taken for gone is back: Redis's view
         for node_id in nodes:
             self._seen_at[node_id] = local
         if nodes != self._nodes:
@@ -734,7 +741,7 @@ class RedisRegistry:
         """Nodes listed lately: one missing from the last listing or two (a Redis that came
         back empty, before every node wrote its record again) is not taken for dead yet."""
         for node_id, seen in list(self._seen_at.items()):
-            if now - seen > UNCONFIRMED_FOR:
+            if now - seen > NODE_GONE_AFTER:
                 del self._seen_at[node_id]
         return {*self._seen_at, self.node_id}
 
