@@ -207,7 +207,11 @@ def agent_up(tmp: Path, nodes: list[Node], tunnels: str, name: str = "agent") ->
 def connector(node: Node, service: str) -> tuple[Proc, tuple[str, int]]:
     """``burrow connect SERVICE`` through ``node``; its local address."""
     proc = Proc("connect", service, "--to", node.address, "--secret", SECRET, "--json")
-    local = proc.wait("tunnel_ready", kind="connect")["local"]
+    try:
+        local = proc.wait("tunnel_ready", kind="connect")["local"]
+    except BaseException:
+        proc.stop()
+        raise
     host, _, port = local.rpartition(":")
     return proc, (host, int(port))
 

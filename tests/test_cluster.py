@@ -99,12 +99,13 @@ def test_any_node_answers_for_an_agent_on_node_1(nodes: list[Node], tmp_path: Pa
     body = os.urandom(300 * 1024)
     with echo_server() as echo, http_server(body) as web:
         agent = agent_up(tmp_path, nodes, TUNNELS.format(echo=echo, web=web))
+        connectors: list[tuple[Proc, tuple[str, int]]] = []
         try:
             assert agent.wait("connected")["relay"] == n1.address
             port = public_port(agent)
             agent.wait("tunnel_ready", kind="http", name="web")
             agent.wait("tunnel_ready", kind="private", name="db")
-            connectors = [connector(node, "db") for node in (n2, n3)]
+            connectors += [connector(node, "db") for node in (n2, n3)]
             deadline = time.monotonic() + 10 * SCALE
             for node, (_, local) in zip((n2, n3), connectors, strict=True):
                 node.wait("peer_port_open", port=port, node="n1")
@@ -120,9 +121,9 @@ def test_any_node_answers_for_an_agent_on_node_1(nodes: list[Node], tmp_path: Pa
             held = {x["key"]: x for x in report["leases"]}  # type: ignore[attr-defined]
             assert {held[k]["node"] for k in (f"port:{port}", "http:web", "svc:db")} == {"n1"}
             assert all(held[k]["state"] == "held" for k in held)
+        finally:
             for proc, _ in connectors:
                 proc.stop()
-        finally:
             agent.stop()
 
 
@@ -173,7 +174,7 @@ def test_a_killed_node_s_services_answer_through_the_others_and_other_transfers_
         # Another agent's service, held on node 2 and downloaded through node 3.
         other = Proc("tcp", str(files), "--to", n2.address, "--secret", SECRET, "--json")
         agent = agent_up(tmp_path, nodes, TUNNELS.format(echo=echo, web=web))
-        connectors = []
+        connectors: list[tuple[Proc, tuple[str, int]]] = []
         try:
             files_port = public_port(other)
             port = public_port(agent)
@@ -181,7 +182,7 @@ def test_a_killed_node_s_services_answer_through_the_others_and_other_transfers_
             n3.wait("peer_port_open", port=files_port, node="n2")
             for node in (n2, n3):
                 node.wait("peer_port_open", port=port, node="n1")
-            connectors = [connector(node, "db") for node in (n2, n3)]
+            connectors += [connector(node, "db") for node in (n2, n3)]
             echo_through((n3.host, port))
 
             download = Download((n3.host, files_port), payload)
