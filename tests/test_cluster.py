@@ -268,6 +268,7 @@ async def node(tmp: Path, index: int, url: str, events: Events) -> AsyncIterator
         state_dir=state,
         secret=SECRET,
         node_id=f"n{index}",
+        admin=(f"127.0.0.{index}", 0),
         min_port=43000,
         max_port=43999,
     )
@@ -349,6 +350,7 @@ async def test_redis_away_for_a_while_stops_no_tunnel_and_refuses_new_ones_meanw
             await echo_once((b.config.listen_host, public))
             await echo_once((a.config.listen_host, public))
             assert b.health()["status"] == "degraded"
+            assert "burrow_registry_up 0.0" in _metrics(b)
             # A new registration is refused, saying why and what to do.
             second = tcp_agent(a, echo)
             with pytest.raises(TunnelError) as refused:
@@ -360,6 +362,9 @@ async def test_redis_away_for_a_while_stops_no_tunnel_and_refuses_new_ones_meanw
             with redis_server(port, tmp_path):  # back, and empty: it kept nothing
                 await a_events.wait_for("registry_available", timeout=15)
                 await b_events.wait_for("registry_available", timeout=15)
+                scraped = _metrics(b)
+                assert "burrow_registry_up 1.0" in scraped
+                assert 'burrow_node_link_up{node="n1"} 1.0' in scraped
                 await round_trip(reader, writer)
                 await echo_once((b.config.listen_host, public))
                 third = tcp_agent(a, echo)
@@ -377,6 +382,11 @@ async def test_redis_away_for_a_while_stops_no_tunnel_and_refuses_new_ones_meanw
                 # Node b never stopped serving the first port (it did not forget it meanwhile).
                 opened = [e for e in b_events.named("peer_port_open") if e["port"] == public]
                 assert len(opened) == 1 and public in b.tunnels
+
+
+def _metrics(relay: Relay) -> str:
+    assert relay.metrics is not None
+    return relay.metrics.render().decode()
 
 
 @contextlib.asynccontextmanager

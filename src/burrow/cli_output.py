@@ -32,6 +32,14 @@ _HUMAN: dict[str, str] = {
     "reloaded": "reloaded {config}: added {added}, removed {removed}, changed {changed}",
     "emulator_ready": "serverless relay emulator: agents --to {ws}, visitors at {http}; "
     "mint tokens with `burrow token issue --state-dir {state_dir}`",
+    "cluster_joined": "node {node} joined the cluster as {advertise} (nodes: {nodes}; "
+    "{leases} leases)",
+    "node_link_up": "linked to node {node} at {address}",
+    "node_link_down": "link to node {node} lost: {reason}",
+    "registry_unavailable": "warning: the registry is unreachable ({reason}): serving the "
+    "tunnels held, refusing new ones until it is back",
+    "registry_available": "the registry is reachable again",
+    "peer_port_open": "listening on port {port} for a tunnel held by node {node}",
 }
 _TUNNEL_READY: dict[str, str] = {
     "tcp": "forwarding {public} -> {local}",

@@ -288,7 +288,7 @@ def relay(
             shared = cluster_registry(config, registry, node_id, advertise, reporter)
         elif node_id is not None or advertise is not None:
             raise ConfigError("--node-id and --advertise are for a cluster: give --registry too")
-        server = Relay(config, on_event=cluster_events(reporter), registry=shared)
+        server = Relay(config, on_event=reporter.event, registry=shared)
     except BurrowError as exc:
         fail(reporter, exc)
 
@@ -348,35 +348,6 @@ def cluster_registry(
 
 
 #: Human lines for the events of a cluster node (``Reporter`` shows only the ones it knows).
-_CLUSTER_LINES = {
-    "cluster_joined": "node {node} joined the cluster as {advertise} (nodes: {nodes}; "
-    "{leases} leases)",
-    "node_link_up": "linked to node {node} at {address}",
-    "node_link_down": "link to node {node} lost: {reason}",
-    "registry_unavailable": "warning: the registry is unreachable ({reason}): serving the "
-    "tunnels held, refusing new ones until it is back",
-    "registry_available": "the registry is reachable again",
-}
-
-
-def cluster_events(reporter: Reporter) -> Callable[[dict[str, Any]], None]:
-    """``reporter.event``, with lines for the cluster's events in human mode."""
-
-    def on_event(record: dict[str, Any]) -> None:
-        template = _CLUSTER_LINES.get(str(record.get("event")))
-        if template is None or reporter.as_json:
-            reporter.event(record)
-            return
-        try:
-            line = template.format(**record)
-        except KeyError:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
-        reporter.stream.write(line + "\n")
-        reporter.stream.flush()
-
-    return on_event
-
-
 def _no_relay_options(ctx: click.Context) -> None:
     """``burrow relay --listen ... template``: the relay's flags would be silently ignored."""
     from click.core import ParameterSource

@@ -128,8 +128,10 @@ class RelayMetrics:
         "_bytes_out",
         "bytes",
         "errors",
+        "node_links",
         "on_collect",
         "registry",
+        "registry_up",
         "sessions",
         "streams",
         "streams_total",
@@ -145,6 +147,9 @@ class RelayMetrics:
         self._bytes_out = self.bytes.labels("out")
         self.errors = _Family("kind", _Counter)
         self.tunnels = _Family("kind", _Gauge)
+        #: In a cluster only (None otherwise; see ``set_cluster``).
+        self.registry_up: _Gauge | None = None
+        self.node_links: _Family[_Gauge] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         #: Called before each render, so owners can fold in figures they keep elsewhere.
@@ -188,6 +193,15 @@ class RelayMetrics:
         self._bytes_in.value = total_in
         self._bytes_out.value = total_out
 
+    def set_cluster(self, registry_up: bool, links: dict[str, bool]) -> None:
+        """A cluster node's state: the shared registry reachable, and each peer's link up."""
+        if self.registry_up is None or self.node_links is None:
+            self.registry_up = _Gauge()
+            self.node_links = _Family("node", _Gauge)
+        self.registry_up.value = 1 if registry_up else 0
+        for node, up in links.items():
+            self.node_links.labels(node).value = 1 if up else 0
+
     def _families(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "burrow_sessions", "Open agent sessions.", value=self.sessions.value
@@ -210,6 +224,19 @@ class RelayMetrics:
         for kind, n in self.tunnels.items():
             tunnels.add_metric([kind], n)
         yield tunnels
+        if self.registry_up is not None:
+            yield GaugeMetricFamily(
+                "burrow_registry_up",
+                "Whether the shared registry (Redis) is reachable.",
+                value=self.registry_up.value,
+            )
+        if self.node_links is not None:
+            links = GaugeMetricFamily(
+                "burrow_node_link_up", "Whether the link to a peer node is up.", labels=["node"]
+            )
+            for node, up in self.node_links.items():
+                links.add_metric([node], up)
+            yield links
 
 
 class _Collector:

@@ -629,7 +629,7 @@ class Relay:
         from burrow.net.admin import AdminServer, RelayMetrics
 
         self.metrics = RelayMetrics()
-        self.metrics.on_collect = self._collect_bytes
+        self.metrics.on_collect = self._collect
         names = {*self.config.hostnames, self.config.public_host or "", self.config.domain}
         self._admin = AdminServer(self.metrics, self.health, frozenset(n for n in names if n))
         try:
@@ -637,11 +637,14 @@ class Relay:
         except OSError as exc:
             raise bind_error(address[0], address[1], exc, "admin port") from None
 
-    def _collect_bytes(self) -> None:
+    def _collect(self) -> None:
         # "in" flows from visitors towards agents: what the relay writes into sessions.
         total_in = self._closed_bytes[0] + sum(c.bytes_out for c in self.sessions)
         total_out = self._closed_bytes[1] + sum(c.bytes_in for c in self.sessions)
         self.metrics.set_bytes(total_in, total_out)
+        if self.shared is not None:
+            links = self.links.state() if self.links is not None else {}
+            self.metrics.set_cluster(self.shared.available, links)
 
     def _count_tunnels(self) -> None:
         if self.metrics is None:

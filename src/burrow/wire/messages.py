@@ -50,8 +50,11 @@ class OpenInfo(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
 
     A visitor of a public TCP port: ``port``; of an HTTP name: ``http`` (and ``scheme``); a
     connector's stream: ``service`` (and ``target`` for an exit). ``src``/``dst`` are the
-    visitor's and the relay's addresses; ``peer`` names the connector (its token's id, or
-    ``secret`` for a shared-secret holder), set by the relay, never trusted from a client.
+    visitor's and the relay's addresses; ``peer`` names the connector (its token's holder: the
+    subject or id; ``secret`` for a shared-secret holder), set by the relay, never trusted from
+    a client. In a cluster a node passes a stream to the node holding its agent over a node
+    link: ``peer`` is kept across that hop, and only a peer node may open by ``port`` or
+    ``http`` (a client's OPEN names a ``service``).
     """
 
     port: int | None = None
