@@ -950,6 +950,9 @@ def start_relay(
                 "20000",
                 "--max-port",
                 "30000",
+                # The memory section holds 10,000 visitors of one tunnel (the default cap is 4,096).
+                "--max-streams-per-service",
+                "20000",
                 *extra,
             ],
             env=BURROW_ENV,
