@@ -669,3 +669,42 @@ async def test_session_through_the_serverless_relay(aws: Aws, world: World) -> N
     assert "RevokedTokens" in note[0]["message"] and note[0]["expires"] == claims["exp"]
     assert not (stack_key / "token.deny").exists()  # nothing pretends to revoke there
     assert not dev.stderr, dev.stderr
+
+
+def test_a_serverless_relay_url_in_the_plan_and_at_the_end() -> None:
+    """The VPC route check takes the host from a wss:// URL (API Gateway is outside any VPC:
+    a function without a NAT cannot reach it); a journal with tokens and no key directory (a
+    serverless session's) says they expire, and writes no deny list anywhere."""
+    from burrow.aws.dev import _host_of, revoke_tokens
+    from burrow.aws.devplan import FunctionInfo, Resource, Skip, plan
+    from burrow.aws.journal import Journal
+    from helpers import Events
+
+    url = "wss://abc123.execute-api.eu-west-1.amazonaws.com/relay"
+    assert _host_of(url) == "abc123.execute-api.eu-west-1.amazonaws.com"
+    assert _host_of("ws://127.0.0.1:8001/local") == "127.0.0.1"
+    assert _host_of("relay.example.com:7835") == "relay.example.com"
+    info = FunctionInfo(
+        name="in-vpc",
+        arn="arn:aws:lambda:eu-west-1:1:function:in-vpc",
+        env={"DATABASE_URL": DATABASE_URL},
+        layers=(),
+        runtime="nodejs20.x",
+        subnets=("subnet-1",),
+        vpc_id="vpc-1",
+    )
+    resources = [Resource("pg", 5432, "dev-x-pg")]
+    skipped = plan(info, resources, "private", routes={"subnet-1": False}, relay_host=_host_of(url))
+    assert isinstance(skipped, Skip) and "no route to the internet" in skipped.reason
+    routed = plan(info, resources, "private", routes={"subnet-1": True}, relay_host=_host_of(url))
+    assert not isinstance(routed, Skip)
+
+    journal = Journal.at(Path(os.environ["BURROW_HOME"]) / "dev-state")
+    journal.path.parent.mkdir(parents=True, exist_ok=True)
+    journal.tokens = ["t1", "t2"]
+    events = Events()
+    revoke_tokens(journal, events, expires=1_900_000_000)
+    [note] = events.named("tokens_not_revoked")
+    assert note["tokens"] == ["t1", "t2"] and note["expires"] == 1_900_000_000
+    assert "add t1 t2 to the stack's RevokedTokens parameter" in note["message"]
+    assert journal.tokens == [] and not list(journal.path.parent.glob("token.deny"))

@@ -635,3 +635,47 @@ def test_importing_the_extension_stays_cheap() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+async def test_serverless_connector_checks_its_link_and_services(
+    serverless_world: ServerlessWorld,
+) -> None:
+    """In process, what the extension's checks use: a live link is kept (a ping answered), a
+    silently dead one is replaced; a probe stream tells a reachable service from one the
+    token may not reach."""
+    from burrow.aws.serverless.agent import ServerlessConfig, ServerlessConnector
+    from burrow.errors import ConnectError
+    from burrow.roles.connector import ListenSpec
+
+    world = serverless_world
+    path = StallingProxy(("127.0.0.1", world.ws_port))
+    await path.start()
+    events = Events()
+    connector = ServerlessConnector(
+        ServerlessConfig(
+            url=world.ws_url.replace(str(world.ws_port), str(path.port)),
+            token=world.connect_token,
+            services=[],
+            listen=[ListenSpec("pg")],
+        ),
+        on_event=events,
+    )
+    await connector.start()
+    try:
+        link = connector.link
+        assert link is not None
+        assert await connector.ensure_session(5 * SCALE) is link
+        await connector.wait_ready("pg", 5 * SCALE)
+        with pytest.raises(ConnectError, match="may not connect to 'cache'"):
+            await connector.wait_ready("cache", 5 * SCALE)
+
+        path.stall()  # the link is dead and nothing says so
+        assert link.is_open
+        fresh = await connector.ensure_session(10 * SCALE)
+        assert fresh is not link and fresh.is_open and not link.is_open
+        assert path.accepted == 2 and path.swallowed > 0
+        await connector.wait_ready("pg", 5 * SCALE)
+        assert events.named("session_lost")
+    finally:
+        await connector.close()
+        await path.close()
