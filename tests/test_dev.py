@@ -35,6 +35,7 @@ from moto_lambda import (
     moto_url,
     reset,
 )
+from serverless_support import EmulatorProcess
 
 __all__ = ["moto_url"]  # a fixture
 
@@ -517,7 +518,10 @@ async def test_stack_vpc_with_nat_and_dry_run(aws: Aws, world: World) -> None:
         ("api", ["--local", "redis=6379"], 1, "no function refers to a local resource"),
         ("", ["--local", "pg"], 2, "--local 'pg': expected NAME=PORT"),
         ("", [], 2, "burrow dev needs --local NAME=PORT"),
-        ("", ["--local", "pg=5432", "WSS"], 2, "cannot be driven by burrow dev yet"),
+        ("", ["--local", "pg=5432", "WSS", "--public"], 2, "--public needs a burrow relay"),
+        ("", ["--local", "pg=5432", "WSS", "NO-KEY-DIR"], 2, "with the serverless stack's token"),
+        ("", ["--local", "pg=5432", "WSS"], 2, "--fingerprint is for a burrow relay"),
+        ("", ["--local", "pg=5432", "WS-ELSEWHERE"], 2, "is plaintext to another machine"),
     ],
 )
 async def test_errors_are_one_line(
@@ -530,7 +534,8 @@ async def test_errors_are_one_line(
         }
     if setup == "api":
         deploy(aws.url, "api", {"DATABASE_URL": DATABASE_URL})
-    full = world.args(*[a for a in args if a not in ("RELAY-DOWN", "NO-KEY", "WSS")])
+    markers = ("RELAY-DOWN", "NO-KEY", "WSS", "NO-KEY-DIR", "WS-ELSEWHERE")
+    full = world.args(*[a for a in args if a not in markers])
     if "RELAY-DOWN" in args:
         full[full.index("--to") + 1] = f"127.0.0.1:{free_port()}"
         full += ["--connect-timeout", "1"]
@@ -538,6 +543,12 @@ async def test_errors_are_one_line(
         full[full.index("--token-key-dir") + 1] = str(world.tmp / "elsewhere")
     if "WSS" in args:
         full[full.index("--to") + 1] = "wss://abc.execute-api.eu-west-1.amazonaws.com/dev"
+        if "--public" in args:
+            del full[full.index("--layer-zip") : full.index("--layer-zip") + 2]
+    if "NO-KEY-DIR" in args:
+        del full[full.index("--token-key-dir") : full.index("--token-key-dir") + 2]
+    if "WS-ELSEWHERE" in args:
+        full[full.index("--to") + 1] = "ws://relay.example:8001/local"
     result = await asyncio.to_thread(run_cli, ["dev", *full], env)
     assert result.returncode == code, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line]
@@ -566,3 +577,134 @@ async def test_ctrl_c_while_applying(aws: Aws, world: World) -> None:
     }
     assert {name: configuration(url, name) for name in before} == before
     assert not (world.tmp / "dev-state" / "journal.json").exists()
+
+
+# --- the serverless relay ------------------------------------------------------------------
+
+
+def psql(port: int, sql: str) -> str:
+    """The real psql, as a function's database client would connect to localhost."""
+    where = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "test"]
+    result = subprocess.run(
+        ["psql", "-XAt", *where, "-c", sql],
+        env={**os.environ, "PGCONNECT_TIMEOUT": "20"},
+        capture_output=True,
+        text=True,
+        timeout=60 * SCALE,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def test_session_through_the_serverless_relay(aws: Aws, world: World) -> None:
+    """``burrow dev --to ws://EMULATOR``: `burrow serverless emulate` in its own process is the
+    relay; the function gets the URL, a token minted with the stack's key and its listeners;
+    the Python extension with that environment lets psql reach the real PostgreSQL; SIGINT
+    restores the function exactly, and the tokens are said to expire (the stack's deny list
+    is a CloudFormation parameter burrow dev does not change)."""
+    url = aws.url
+    deploy(url, "api", {"DATABASE_URL": DATABASE_URL, "NODE_ENV": "development"})
+    deploy(url, "plain", {"TABLE_NAME": "orders"})
+    before = {name: configuration(url, name) for name in ("api", "plain")}
+    stack_key = world.tmp / "stack-key"
+    with EmulatorProcess(stack_key) as emulator:
+        args = [
+            "--to",
+            emulator.ws_url,
+            "--token-key-dir",
+            str(stack_key),
+            "--layer-zip",
+            str(world.layer_zip),
+            "--state-dir",
+            str(world.tmp / "dev-state"),
+            "--local",
+            "pg=5432",
+            "--ttl",
+            "1h",
+            "--json",
+        ]
+        async with burrow_dev(args, aws.env()) as dev:
+            ready = await dev.wait("dev_ready")
+            assert ready["functions"] == ["api"] and ready["relay"] == emulator.ws_url
+            service = ready["resources"][0]["service"]
+            env, layers = configuration(url, "api")
+            assert env["BURROW_RELAY"] == emulator.ws_url
+            assert env["BURROW_CONNECT"] == f"{service}=127.0.0.1:5432"
+            assert "BURROW_FINGERPRINT" not in env and "BURROW_INSECURE" not in env
+            assert env["DATABASE_URL"] == DATABASE_URL and len(layers) == 1
+            claims, _, _ = parse_token(env["BURROW_TOKEN"])
+            assert claims["connect"] == [service] and claims["expose"] == []
+            assert claims["exp"] - claims["iat"] == 3600
+
+            # The function's side: the extension (listening off 5432, which PostgreSQL holds
+            # here) with the environment burrow dev wrote, and psql through it.
+            fake = FakeExtensionsAPI()
+            await fake.start()
+            pg_port = free_port()
+            ext_env = function_env(url, "api", **{"127.0.0.1:5432": f"127.0.0.1:{pg_port}"})
+            try:
+                async with extension(
+                    {**ext_env, "AWS_LAMBDA_RUNTIME_API": fake.address}, fake
+                ) as ext:
+                    await fake.wait_call("next", timeout=20)
+                    sql = "SELECT 'via ' || current_database(), inet_server_port()"
+                    assert await asyncio.to_thread(psql, pg_port, sql) == "via test|5432"
+                    fake.push("INVOKE")
+                    await fake.wait_call("next", 2, timeout=15)
+                    assert await asyncio.to_thread(psql, pg_port, "SELECT 6 * 7") == "42"
+                    fake.push("SHUTDOWN", shutdownReason="spindown")
+                    assert await ext.exited(5) == 0
+            finally:
+                await fake.close()
+            assert not fake.violations
+
+            dev.proc.send_signal(signal.SIGINT)
+            assert await dev.finish() == 0
+    assert [e["function"] for e in dev.named("function_restored")] == ["api"]
+    assert {name: configuration(url, name) for name in before} == before  # exactly
+    assert not (world.tmp / "dev-state" / "journal.json").exists()
+    note = dev.named("tokens_not_revoked")
+    assert len(note) == 1 and parse_token(env["BURROW_TOKEN"])[0]["id"] in note[0]["tokens"]
+    assert "RevokedTokens" in note[0]["message"] and note[0]["expires"] == claims["exp"]
+    assert not (stack_key / "token.deny").exists()  # nothing pretends to revoke there
+    assert not dev.stderr, dev.stderr
+
+
+def test_a_serverless_relay_url_in_the_plan_and_at_the_end() -> None:
+    """The VPC route check takes the host from a wss:// URL (API Gateway is outside any VPC:
+    a function without a NAT cannot reach it); a journal with tokens and no key directory (a
+    serverless session's) says they expire, and writes no deny list anywhere."""
+    from burrow.aws.dev import _host_of, revoke_tokens
+    from burrow.aws.devplan import FunctionInfo, Resource, Skip, plan
+    from burrow.aws.journal import Journal
+    from helpers import Events
+
+    url = "wss://abc123.execute-api.eu-west-1.amazonaws.com/relay"
+    assert _host_of(url) == "abc123.execute-api.eu-west-1.amazonaws.com"
+    assert _host_of("ws://127.0.0.1:8001/local") == "127.0.0.1"
+    assert _host_of("relay.example.com:7835") == "relay.example.com"
+    info = FunctionInfo(
+        name="in-vpc",
+        arn="arn:aws:lambda:eu-west-1:1:function:in-vpc",
+        env={"DATABASE_URL": DATABASE_URL},
+        layers=(),
+        runtime="nodejs20.x",
+        subnets=("subnet-1",),
+        vpc_id="vpc-1",
+    )
+    resources = [Resource("pg", 5432, "dev-x-pg")]
+    skipped = plan(info, resources, "private", routes={"subnet-1": False}, relay_host=_host_of(url))
+    assert isinstance(skipped, Skip) and "no route to the internet" in skipped.reason
+    routed = plan(info, resources, "private", routes={"subnet-1": True}, relay_host=_host_of(url))
+    assert not isinstance(routed, Skip)
+
+    journal = Journal.at(Path(os.environ["BURROW_HOME"]) / "dev-state")
+    journal.path.parent.mkdir(parents=True, exist_ok=True)
+    journal.tokens = ["t1", "t2"]
+    events = Events()
+    revoke_tokens(journal, events, expires=1_900_000_000)
+    [note] = events.named("tokens_not_revoked")
+    assert note["tokens"] == ["t1", "t2"] and note["expires"] == 1_900_000_000
+    assert "add t1 t2 to the stack's RevokedTokens parameter" in note["message"]
+    assert journal.tokens == [] and not list(journal.path.parent.glob("token.deny"))

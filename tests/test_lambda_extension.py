@@ -13,13 +13,14 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from burrow.aws.serverless.emulator import Emulator, EmulatorThread
 from burrow.roles.agent import Agent, TcpTunnelSpec
 from burrow.roles.relay import Relay
 from burrow.tokens import TokenKey, mint
@@ -423,3 +424,258 @@ async def test_a_revoked_token_is_reported_as_exit_error(world: World) -> None:
     body = json.loads(report.body)
     assert body["errorType"] == "Extension.AuthError" and "revoked" in body["errorMessage"]
     assert not world.api.named("init_error")
+
+
+# --- the serverless relay (BURROW_RELAY=wss://...) ------------------------------------------
+
+
+@dataclass
+class ServerlessWorld:
+    api: FakeExtensionsAPI
+    ws_url: str
+    ws_port: int
+    connect_token: str
+    agent_events: Events
+
+
+@pytest.fixture(scope="module")
+def serverless_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    with EmulatorThread(state_dir=tmp_path_factory.mktemp("serverless")) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def serverless_world(serverless_emulator: Emulator) -> AsyncIterator[ServerlessWorld]:
+    """The emulator's relay, an agent offering the local PostgreSQL as the private service
+    ``pg``, and a token that may connect to it."""
+    from burrow.aws.serverless.agent import ServerlessAgent, ServerlessConfig
+    from burrow.kinds import tcp_service
+
+    key = TokenKey.load(serverless_emulator.state_dir)
+    agent_state = serverless_emulator.state_dir / "agent"
+    agent_state.mkdir(exist_ok=True)
+    now = time.time()
+    events = Events()
+    agent = ServerlessAgent(
+        ServerlessConfig(
+            url=serverless_emulator.ws_url,
+            token=mint(key, ["pg"], [], 3600, now),
+            services=[tcp_service(str(POSTGRES_PORT), name="pg", private=True)],
+            state_dir=agent_state,  # its lease: the same holder of "pg" in every test
+        ),
+        on_event=events,
+    )
+    await agent.start()
+    api = FakeExtensionsAPI()
+    await api.start()
+    port = int(serverless_emulator.ws_url.rsplit(":", 1)[1].split("/", 1)[0])
+    try:
+        yield ServerlessWorld(
+            api, serverless_emulator.ws_url, port, mint(key, [], ["pg"], 3600, now), events
+        )
+    finally:
+        await agent.close()
+        await api.close()
+    assert not api.violations, f"the extension did what Lambda would refuse: {api.violations}"
+    assert api.killed is None, f"Lambda would have killed the extension: {api.killed}"
+
+
+async def test_serverless_relay_survives_a_freeze_while_its_link_dies_silently(
+    serverless_world: ServerlessWorld,
+) -> None:
+    """BURROW_RELAY=ws://... (the serverless relay's emulator): the extension's listener
+    reaches PostgreSQL through the relay; then its WebSocket dies without FIN or RST while the
+    sandbox is frozen, too briefly for the pause detector, and the first query after the thaw
+    works only because the INVOKE's check proves the link dead and replaces it (without it the
+    connection goes onto the dead link, waits for an accept that never comes, and is
+    refused)."""
+    world = serverless_world
+    api = world.api
+    pg_port = free_port()
+    path = StallingProxy(("127.0.0.1", world.ws_port))
+    await path.start()
+    try:
+        env = {
+            "AWS_LAMBDA_RUNTIME_API": api.address,
+            "BURROW_RELAY": world.ws_url.replace(str(world.ws_port), str(path.port)),
+            "BURROW_TOKEN": world.connect_token,
+            "BURROW_CONNECT": f"pg=127.0.0.1:{pg_port}",
+        }
+        async with extension(env, api) as ext:
+            await api.wait_call("next", timeout=20)
+            assert [c.kind for c in api.calls] == ["register", "next"]
+            ready = await ext.wait_line(r"ready in (\d+) ms \((.*?)\)")
+            assert f"pg on 127.0.0.1:{pg_port}" in ready.string
+            print(f"\nserverless relay: {ready.string}")
+            assert await asyncio.to_thread(query, pg_port) == 1
+            assert path.accepted == 1
+
+            api.push("INVOKE")
+            await api.wait_call("next", 2, timeout=15)
+            assert await asyncio.to_thread(query, pg_port) == 1
+
+            ext.signal(signal.SIGSTOP)
+            path.stall()
+            await asyncio.sleep(0.2)  # shorter than the pause detector's threshold
+            ext.signal(signal.SIGCONT)
+            api.push("INVOKE")
+            await api.wait_call("next", 3, timeout=15)
+            assert await asyncio.to_thread(query, pg_port) == 1
+            assert path.accepted == 2  # a new connection, through the path that works again
+            assert path.swallowed > 0  # the check's ping went into the dead one
+
+            api.push("SHUTDOWN", shutdownReason="spindown")
+            assert await ext.exited(3) == 0
+            await ext.wait_line(r"shutdown \(spindown\)")
+    finally:
+        await path.close()
+    assert not api.named("init_error") and not api.named("exit_error")
+    assert not [line for line in ext.lines if "not ready" in line or "Traceback" in line]
+
+
+async def test_serverless_relay_holds_connections_through_a_freeze(
+    serverless_world: ServerlessWorld,
+) -> None:
+    """A freeze longer than the pause detector's threshold, the link cut silently meanwhile:
+    the function's query, sent together with the INVOKE, is held until the link is back."""
+    world = serverless_world
+    api = world.api
+    pg_port = free_port()
+    path = StallingProxy(("127.0.0.1", world.ws_port))
+    await path.start()
+    try:
+        env = {
+            "AWS_LAMBDA_RUNTIME_API": api.address,
+            "BURROW_RELAY": world.ws_url.replace(str(world.ws_port), str(path.port)),
+            "BURROW_TOKEN": world.connect_token,
+            "BURROW_CONNECT": f"pg=127.0.0.1:{pg_port}",
+        }
+        async with extension(env, api) as ext:
+            await api.wait_call("next", timeout=20)
+            ext.signal(signal.SIGSTOP)
+            path.stall()
+            await asyncio.sleep(1.5)  # longer than the pause detector's threshold
+            ext.signal(signal.SIGCONT)
+            api.push("INVOKE")
+            assert await asyncio.to_thread(query, pg_port) == 1  # races the INVOKE check
+            await api.wait_call("next", 2, timeout=15)
+            assert path.accepted == 2
+            api.push("SHUTDOWN", shutdownReason="spindown")
+            assert await ext.exited(3) == 0
+    finally:
+        await path.close()
+
+
+async def test_serverless_relay_unknown_service_is_not_ready(
+    serverless_world: ServerlessWorld,
+) -> None:
+    """A service the token may not reach: Init fails within the budget, with the relay's
+    reason, reported to Lambda as init/error."""
+    env = {
+        "AWS_LAMBDA_RUNTIME_API": serverless_world.api.address,
+        "BURROW_RELAY": serverless_world.ws_url,
+        "BURROW_TOKEN": serverless_world.connect_token,
+        "BURROW_CONNECT": f"cache=127.0.0.1:{free_port()}",
+        "BURROW_READY_TIMEOUT": "2",
+    }
+    async with extension(env, serverless_world.api) as ext:
+        report = await serverless_world.api.wait_call("init_error", timeout=15)
+        assert await ext.exited() == 1
+    message = json.loads(report.body)["errorMessage"]
+    assert "service 'cache' not ready" in message and "may not connect to 'cache'" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"BURROW_RELAY": "ws://10.1.2.3/local"}, "BURROW_RELAY 'ws://10.1.2.3/local' is plain"),
+        (
+            {"BURROW_RELAY": "wss://x.example/relay", "BURROW_SOCKS": "127.0.0.1:1055"},
+            "BURROW_SOCKS needs a burrow relay",
+        ),
+        ({"BURROW_RELAY": "wss://x.example/relay"}, "BURROW_FINGERPRINT is for a burrow relay"),
+        (
+            {"BURROW_RELAY": "wss://x.example/relay", "BURROW_FINGERPRINT": "", "BURROW_TOKEN": ""},
+            "a serverless relay takes BURROW_TOKEN",
+        ),
+    ],
+)
+async def test_serverless_relay_bad_configuration_reports_init_error(
+    world: World, overrides: dict[str, str], message: str
+) -> None:
+    env = world.env(BURROW_CONNECT=f"pg=127.0.0.1:{free_port()}")
+    env.update(overrides)
+    async with extension(env, world.api) as ext:
+        report = await world.api.wait_call("init_error")
+        assert await ext.exited() == 2
+    body = json.loads(report.body)
+    assert body["errorType"] == "Extension.ConfigError" and message in body["errorMessage"]
+    assert ext.lines == [f"burrow extension: error: {body['errorMessage']}"]
+
+
+def test_importing_the_extension_stays_cheap() -> None:
+    """Registering comes first and importing is most of a cold start: the serverless relay's
+    client (and websockets) are imported only for a wss:// relay."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from burrow.aws import extension\n"
+        "assert not [m for m in sys.modules if m.startswith(('burrow.roles', 'burrow.net'))]\n"
+        "extension.load_settings({'BURROW_RELAY': 'relay.example:7835', 'BURROW_TOKEN': "
+        f"{mint(TokenKey.from_secret(bytes(32)), [], ['pg'], 60, time.time())!r}, "
+        "'BURROW_CONNECT': 'pg=127.0.0.1:5432'})\n"
+        "extension._connector_class('relay.example:7835')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('websockets', "
+        "'burrow.aws.serverless'))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+async def test_serverless_connector_checks_its_link_and_services(
+    serverless_world: ServerlessWorld,
+) -> None:
+    """In process, what the extension's checks use: a live link is kept (a ping answered), a
+    silently dead one is replaced; a probe stream tells a reachable service from one the
+    token may not reach."""
+    from burrow.aws.serverless.agent import ServerlessConfig, ServerlessConnector
+    from burrow.errors import ConnectError
+    from burrow.roles.connector import ListenSpec
+
+    world = serverless_world
+    path = StallingProxy(("127.0.0.1", world.ws_port))
+    await path.start()
+    events = Events()
+    connector = ServerlessConnector(
+        ServerlessConfig(
+            url=world.ws_url.replace(str(world.ws_port), str(path.port)),
+            token=world.connect_token,
+            services=[],
+            listen=[ListenSpec("pg")],
+        ),
+        on_event=events,
+    )
+    await connector.start()
+    try:
+        link = connector.link
+        assert link is not None
+        assert await connector.ensure_session(5 * SCALE) is link
+        await connector.wait_ready("pg", 5 * SCALE)
+        with pytest.raises(ConnectError, match="may not connect to 'cache'"):
+            await connector.wait_ready("cache", 5 * SCALE)
+
+        path.stall()  # the link is dead and nothing says so
+        assert link.is_open
+        fresh = await connector.ensure_session(10 * SCALE)
+        assert fresh is not link and fresh.is_open and not link.is_open
+        assert path.accepted == 2 and path.swallowed > 0
+        await connector.wait_ready("pg", 5 * SCALE)
+        assert events.named("session_lost")
+    finally:
+        await connector.close()
+        await path.close()

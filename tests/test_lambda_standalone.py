@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,8 +45,16 @@ from burrow.aws.standalone import (
     check_bundle,
     write_zip,
 )
-from helpers import SCALE, free_port
+from burrow.roles.relay import Relay
+from burrow.tokens import TokenKey
+from helpers import SCALE, free_port, relay_config
+from lambda_fake import FakeExtensionsAPI
+from moto_lambda import StrictLambda, aws_env, client, configuration, deploy, moto_url, reset
+from serverless_support import EmulatorProcess
+from test_dev import DATABASE_URL, burrow_dev
 from test_lambda_extension import Extension, World, world  # noqa: F401 (world: a fixture)
+
+__all__ = ["moto_url"]  # a fixture
 
 AL2023_GLIBC = (2, 34)
 LAYER_GOAL = 40 * 1024 * 1024
@@ -541,3 +551,116 @@ async def test_arm64_runs_in_debian11_arm64_under_emulation(
         world.api.push("SHUTDOWN", shutdownReason="spindown")
         assert await ext.exited(30) == 0
     assert not world.api.named("init_error") and not world.api.named("exit_error")
+
+
+# --- burrow dev end to end: the function's side in Debian 11 (marked standalone) -------------
+
+
+@pytest.fixture
+def dev_aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    reset(moto_url)
+    StrictLambda().install(monkeypatch)
+    yield moto_url
+
+
+def in_root_with_opt(root: Path, opt: Path, *command: str) -> list[str]:
+    """``command`` chrooted into ``root`` with ``opt`` mounted on its /opt (as Lambda unpacks
+    layers there), in a private mount namespace: the cached root itself is not changed."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        'mount -t proc proc "$0/proc" && mount --bind "$1" "$0/opt" && shift && '
+        'exec chroot "$0" "$@"',
+        str(root),
+        str(opt),
+        *command,
+    ]
+
+
+@pytest.mark.standalone
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("relay_kind", ["burrow", "serverless"])
+async def test_burrow_dev_reaches_the_laptop_from_debian11(
+    relay_kind: str,
+    layer: Path,
+    debian11: Path,
+    dev_aws: str,
+    tmp_path: Path,
+) -> None:
+    """Issue 12's end to end: `burrow dev` (against moto's Lambda) publishes the standalone
+    layer it builds and writes the function's environment; the standalone extension, run from
+    that layer in the Debian 11 root (glibc 2.31, no Python) with that environment, lets psql
+    in the root reach this machine's PostgreSQL: through a burrow relay, and through the
+    serverless relay's emulator (`burrow serverless emulate`)."""
+    url = dev_aws
+    deploy(url, "api", {"DATABASE_URL": DATABASE_URL, "NODE_ENV": "development"})  # Node.js
+    before = configuration(url, "api")
+    (debian11 / "opt").mkdir(exist_ok=True)
+    zip_sha = hashlib.sha256((layer.parent / "layer.zip").read_bytes()).hexdigest()
+    async with contextlib.AsyncExitStack() as stack:
+        if relay_kind == "burrow":
+            key_dir = tmp_path / "relay-state"
+            TokenKey.load_or_create(key_dir)
+            control = free_port()
+            relay = Relay(relay_config(tmp_path, listen_port=control))
+            await relay.start()
+            stack.push_async_callback(relay.close)
+            assert relay.fingerprint
+            target = f"127.0.0.1:{control}"
+            args = ["--to", target, "--fingerprint", relay.fingerprint]
+        else:
+            key_dir = tmp_path / "stack-key"
+            target = stack.enter_context(EmulatorProcess(key_dir)).ws_url
+            args = ["--to", target]
+        args += ["--token-key-dir", str(key_dir), "--state-dir", str(tmp_path / "dev-state")]
+        args += ["--local", "pg=5432", "--json"]
+        # burrow dev builds the standalone layer itself, from the cache the fixture filled.
+        env = {**aws_env(url), "BURROW_STANDALONE_CACHE": str(cache_root())}
+        dev = await stack.enter_async_context(burrow_dev(args, env))
+        await dev.wait("dev_ready", timeout=300)
+        function_env, layers = configuration(url, "api")
+        assert function_env["BURROW_RELAY"] == target
+        assert len(layers) == 1 and ":layer:burrow-dev-standalone-x86_64:" in layers[0]
+        published = client(url, "lambda").list_layer_versions(
+            LayerName="burrow-dev-standalone-x86_64"
+        )["LayerVersions"]
+        described = next(v for v in published if v["LayerVersionArn"] == layers[0])
+        assert f"sha256:{zip_sha}" in described["Description"]  # the layer that runs below
+
+        api = FakeExtensionsAPI()
+        await api.start()
+        stack.push_async_callback(api.close)
+        pg_port = free_port()  # PostgreSQL holds 5432 in this network namespace
+        ext_env = {
+            **function_env,
+            "BURROW_CONNECT": function_env["BURROW_CONNECT"].replace(
+                "127.0.0.1:5432", f"127.0.0.1:{pg_port}"
+            ),
+            "AWS_LAMBDA_RUNTIME_API": api.address,
+        }
+        command = in_root_with_opt(debian11, layer, "/opt/extensions/burrow")
+        async with extension_in(command, ext_env) as ext:
+            await api.wait_call("next", timeout=30)
+            ready = await ext.wait_line(r"ready in (\d+) ms \((.*?)\)")
+            print(f"\nstandalone in Debian 11, {relay_kind} relay: {ready.string}")
+            sql = f"SELECT 'via {relay_kind}', inet_server_port()"
+            row = await asyncio.to_thread(psql_in_root, debian11, pg_port, sql)
+            assert row == f"via {relay_kind}|5432"
+            api.push("INVOKE")
+            await api.wait_call("next", 2, timeout=15)
+            sql = "SELECT count(*) FROM generate_series(1, 100000)"
+            assert await asyncio.to_thread(psql_in_root, debian11, pg_port, sql) == "100000"
+            api.push("SHUTDOWN", shutdownReason="spindown")
+            assert await ext.exited(5) == 0
+        assert not api.violations and not api.named("init_error")
+        assert not any("Traceback" in line for line in ext.lines), ext.lines
+
+        dev.proc.send_signal(signal.SIGINT)
+        assert await dev.finish() == 0
+    assert configuration(url, "api") == before
+    assert not dev.stderr, dev.stderr

@@ -10,9 +10,16 @@ it is made (``burrow.aws.journal``), so a session that dies is undone by ``burro
 restore`` or by the next ``burrow dev``; a change someone else made meanwhile is kept
 (``burrow.aws.devplan.restore``).
 
+The relay is a burrow relay (``--to HOST:PORT``) or the serverless one (``--to wss://...``,
+``aws.serverless``): there the agent is a ``ServerlessAgent`` and the token is minted with the
+stack's token key. A serverless relay reads its deny list from the stack's ``RevokedTokens``
+parameter, which a session cannot change: its tokens are not revoked at exit, only expire
+with the session (``--ttl``), and the session says so.
+
 ``--public`` is the stacktape way, for functions that cannot take a layer: public TCP ports on
 the relay and connection strings rewritten to them, the database then reachable from the
-internet behind its password only.
+internet behind its password only (a burrow relay only: the serverless one has no public
+TCP ports).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from burrow.events import EventSink, emit
 
 if TYPE_CHECKING:
     from burrow.aws.lambdas import Aws
+    from burrow.aws.serverless.agent import ServerlessAgent
     from burrow.roles.agent import Agent
     from burrow.roles.services import Service
     from burrow.roles.settings import ClientSettings
@@ -64,6 +72,20 @@ __all__ = [
 #: How many times a function that keeps changing under burrow is read again.
 RACE_ATTEMPTS: Final = 4
 DEFAULT_TTL: Final = 12 * 3600
+
+_STACK_KEY_HOW: Final = (
+    "put the stack's key (its TokenKeySecret output: `aws secretsmanager get-secret-value "
+    "--secret-id SECRET --query SecretString --output text > DIR/token.key`, chmod 600) in a "
+    "directory and pass --token-key-dir DIR"
+)
+SERVERLESS_NO_KEY: Final = (
+    "burrow dev --to wss://... mints the functions' token with the serverless stack's token "
+    f"key: {_STACK_KEY_HOW}"
+)
+SERVERLESS_NO_PUBLIC: Final = (
+    "--public needs a burrow relay (--to HOST:PORT): the serverless relay has no public TCP "
+    "ports; drop --public to reach the resources privately"
+)
 
 
 class DevError(BurrowError):
@@ -95,6 +117,13 @@ class DevConfig:
     dry_run: bool = False
     state_dir: Path | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
+
+    @property
+    def serverless(self) -> bool:
+        """The relay is the serverless one (``--to wss://...``)."""
+        from burrow.addresses import is_websocket_url
+
+        return is_websocket_url(self.relay)
 
     @property
     def state(self) -> Path:
@@ -129,12 +158,13 @@ class DevSession:
         self.make_service = make_service
         self.on_event = on_event
         self.resources = config.resources()
-        self.agent: Agent | None = None
+        self.agent: Agent | ServerlessAgent | None = None
         self.tunnels: dict[str, str] = {r.name: "starting" for r in self.resources}
         self.functions: dict[str, FunctionStatus] = {}
         self.relay_label = config.relay
         self._loop: asyncio.AbstractEventLoop | None = None
         self._region = config.region or ""
+        self._expires: float | None = None  # when the session's tokens expire
 
     # --- events --------------------------------------------------------------------------
 
@@ -155,6 +185,10 @@ class DevSession:
         elif name in ("session_lost", "reconnecting"):
             for key in self.tunnels:
                 self.tunnels[key] = "reconnecting"
+        elif name == "connected" and self.config.serverless:
+            # The serverless agent holds its names again once connected (its welcome).
+            for key in self.tunnels:
+                self.tunnels[key] = "online"
         if self.on_event is not None:
             self.on_event(record)
 
@@ -195,7 +229,9 @@ class DevSession:
         nothing = False
         if key is not None:
             token, journal.tokens = self._mint(key)
-            journal.key_dir = str(key_dir)
+            # A serverless relay's deny list is the stack's parameter, not token.deny: no
+            # key_dir, so that nothing pretends to revoke there (revoke_tokens says so).
+            journal.key_dir = None if config.serverless else str(key_dir)
             journal.save()  # before anything can use the tokens: a crash still revokes them
         try:
             self.agent = await self._start_agent()
@@ -389,6 +425,17 @@ class DevSession:
         from burrow.tokens import TokenKey
 
         settings = self.settings
+        if self.config.serverless:
+            key_dir = self.config.key_dir
+            if key_dir is None:
+                raise ConfigError(SERVERLESS_NO_KEY)
+            try:
+                return TokenKey.load(key_dir), key_dir
+            except ConfigError:
+                raise ConfigError(
+                    f"burrow dev mints the functions' token with the serverless stack's token "
+                    f"key, and there is none in {key_dir}: {_STACK_KEY_HOW}"
+                ) from None
         key_dir = self.config.key_dir or default_state_dir("relay")
         have_credentials = bool(settings.secret or settings.token)
         if self.config.mode == "public" and have_credentials:
@@ -411,6 +458,7 @@ class DevSession:
 
         names = [r.service for r in self.resources]
         now = time.time()
+        self._expires = now + self.config.ttl
         ids: list[str] = []
         token = ""
         if self.config.mode == "private":
@@ -424,23 +472,32 @@ class DevSession:
         return token, ids
 
     def _revoke(self, journal: Journal) -> None:
-        revoke_tokens(journal, self.on_event)
+        revoke_tokens(journal, self.on_event, expires=self._expires)
 
-    async def _start_agent(self) -> Agent:
-        from burrow.roles.agent import Agent, AgentConfig
-
+    async def _start_agent(self) -> Agent | ServerlessAgent:
         private = self.config.mode == "private"
         services = [self.make_service(r, private) for r in self.resources]
         settings = self.settings
         if settings.state_dir is None:
             settings.state_dir = self.config.state
-        agent = Agent(settings.build(AgentConfig, tunnels=services), on_event=self._agent_event)
+        agent: Agent | ServerlessAgent
+        if self.config.serverless:
+            from burrow.aws.serverless.agent import ServerlessAgent, ServerlessConfig
+
+            if not private:
+                raise ConfigError(SERVERLESS_NO_PUBLIC)
+            config = ServerlessConfig.from_settings(settings, services)
+            agent = ServerlessAgent(config, on_event=self._agent_event)
+        else:
+            from burrow.roles.agent import Agent, AgentConfig
+
+            agent = Agent(settings.build(AgentConfig, tunnels=services), on_event=self._agent_event)
         try:
             await agent.start()
-        except ConnectError as exc:
-            raise ConnectError(f"the relay is unreachable: {exc}") from None
-        except BaseException:
+        except BaseException as exc:
             await agent.close()
+            if isinstance(exc, ConnectError):
+                raise ConnectError(f"the relay is unreachable: {exc}") from None
             raise
         if not private:
             host = _host_of(self.config.function_relay or self.config.relay)
@@ -479,7 +536,12 @@ class DevSession:
         from burrow.net.tls import fingerprint_of_der
 
         agent = self.agent
-        if agent is None or agent.conn is None or agent.conn.transport is None:
+        if self.config.serverless or agent is None:
+            return None  # checked against the system's CAs: nothing to pin
+        from burrow.roles.agent import Agent
+
+        assert isinstance(agent, Agent)
+        if agent.conn is None or agent.conn.transport is None:
             return None
         ssl_object = agent.conn.transport.get_extra_info("ssl_object")
         if ssl_object is None:
@@ -570,7 +632,7 @@ class DevSession:
                     relay=config.function_relay or config.relay,
                     token=token,
                     fingerprint=fingerprint,
-                    insecure=self.settings.insecure,
+                    insecure=self.settings.insecure and not config.serverless,
                     layer_arn=arn,
                 )
                 entry = Entry(
@@ -707,11 +769,29 @@ async def restore_journal(
     return failed
 
 
-def revoke_tokens(journal: Journal, on_event: EventSink | None = None) -> None:
+def revoke_tokens(
+    journal: Journal, on_event: EventSink | None = None, *, expires: float | None = None
+) -> None:
     """Deny a session's tokens (the relay reads its deny list at the next handshake and
-    stream), then forget them."""
+    stream), then forget them. A serverless relay's session has tokens but no key_dir: its
+    deny list is the stack's RevokedTokens parameter, so they are only said to expire."""
     from burrow.tokens import deny
 
+    if journal.tokens and not journal.key_dir:
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
+            if expires is not None
+            else "the session's --ttl"
+        )
+        emit(
+            on_event,
+            "tokens_not_revoked",
+            tokens=list(journal.tokens),
+            expires=int(expires) if expires is not None else None,
+            message=f"the serverless relay accepts this session's tokens until they expire "
+            f"({when}); to refuse them sooner add {' '.join(journal.tokens)} to the stack's "
+            "RevokedTokens parameter",
+        )
     if journal.key_dir and journal.tokens:
         for token_id in journal.tokens:
             try:
@@ -761,8 +841,16 @@ def _connect_aws(region: str | None, profile: str | None) -> Aws:
 
 
 def _host_of(address: str) -> str:
-    from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
+    """The relay's host, from HOST:PORT or a ws(s):// URL (the VPC route check needs it)."""
+    from burrow.addresses import DEFAULT_RELAY_PORT, is_websocket_url, parse_hostport
 
+    if is_websocket_url(address):
+        from urllib.parse import urlsplit
+
+        try:
+            return urlsplit(address).hostname or address
+        except ValueError:
+            return address
     try:
         return parse_hostport(address, DEFAULT_RELAY_PORT)[0]
     except ConfigError:

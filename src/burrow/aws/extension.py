@@ -12,7 +12,9 @@ Environment (the function's configuration; Lambda passes it to extensions too):
 
 - ``BURROW_RELAY`` HOST[:PORT] (port 7835); ``BURROW_TOKEN`` or ``BURROW_SECRET``;
   ``BURROW_FINGERPRINT`` (pin), ``BURROW_CA`` (PEM file) or ``BURROW_INSECURE=1`` (plaintext);
-  none of them: the system CAs (a relay with a publicly issued certificate).
+  none of them: the system CAs (a relay with a publicly issued certificate). Or the serverless
+  relay, ``wss://API.execute-api.REGION.amazonaws.com/STAGE`` with ``BURROW_TOKEN`` (and
+  ``BURROW_CA`` at most): its client is imported only then.
 - ``BURROW_CONNECT`` ``pg=127.0.0.1:5432,cache=127.0.0.1:6379``: a local listener per service.
 - ``BURROW_SOCKS`` HOST:PORT (port 1055): a SOCKS5 proxy; ``BURROW_EXIT`` names the exit for
   HOST:PORT targets; ``BURROW_SOCKS_AUTH`` USER:PASS.
@@ -229,13 +231,14 @@ class Settings:
     socks_auth: tuple[str, str] | None = None
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     check_timeout: float = DEFAULT_CHECK_TIMEOUT
+    serverless: bool = False  # BURROW_RELAY is a wss:// (or ws://) URL
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Settings from the environment; ConfigError (one line) for anything a user got wrong."""
     from pathlib import Path
 
-    from burrow.addresses import parse_hostport
+    from burrow.addresses import is_websocket_url, parse_hostport
     from burrow.roles.settings import ClientSettings
 
     relay_text = env.get("BURROW_RELAY", "").strip()
@@ -268,6 +271,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     )
     if client.insecure and (client.fingerprint or client.ca):
         raise ConfigError("BURROW_INSECURE turns TLS off; unset BURROW_FINGERPRINT/BURROW_CA")
+    serverless = is_websocket_url(relay_text)
+    if serverless:
+        _check_serverless(client, socks)
     client.check()
     return Settings(
         client=client,
@@ -277,7 +283,31 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         socks_auth=socks_auth,
         ready_timeout=_seconds(env, "BURROW_READY_TIMEOUT", DEFAULT_READY_TIMEOUT),
         check_timeout=_seconds(env, "BURROW_CHECK_TIMEOUT", DEFAULT_CHECK_TIMEOUT),
+        serverless=serverless,
     )
+
+
+def _check_serverless(client: ClientSettings, socks: tuple[str, int] | None) -> None:
+    """What a serverless relay (``BURROW_RELAY=wss://...``) cannot use, said before dialling."""
+    from burrow.aws.serverless.agent import check_url
+
+    check_url(client.relay or "", "BURROW_RELAY")
+    if socks is not None:
+        raise ConfigError(
+            "BURROW_SOCKS needs a burrow relay (HOST:PORT); the serverless relay carries "
+            "BURROW_CONNECT's services only"
+        )
+    if client.secret or not client.token:
+        raise ConfigError(
+            "a serverless relay takes BURROW_TOKEN (minted with the stack's token key), "
+            "not BURROW_SECRET"
+        )
+    if client.fingerprint or client.insecure:
+        name = "BURROW_FINGERPRINT" if client.fingerprint else "BURROW_INSECURE"
+        raise ConfigError(
+            f"{name} is for a burrow relay (HOST:PORT); a wss:// relay's certificate is "
+            "checked against the system's CAs (or BURROW_CA)"
+        )
 
 
 def parse_services(text: str) -> list[ListenSpec]:
@@ -329,7 +359,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 class FreezeAwareConnector(Protocol):
-    """What the lifecycle uses of the connector class that ``_connector_class`` defines."""
+    """What the lifecycle uses of the connector classes that ``_connector_class`` defines."""
 
     listeners: dict[str, str]
 
@@ -342,14 +372,133 @@ class FreezeAwareConnector(Protocol):
     async def wait_services(self, deadline: float) -> BurrowError | None: ...
 
 
-def _connector_class() -> Callable[..., FreezeAwareConnector]:
-    """Defined on demand so that importing this module (and registering) stays cheap."""
+class _Link(Protocol):
+    @property
+    def is_open(self) -> bool: ...
+
+
+class _Checked(Protocol):
+    """What ``FreezeGuard`` needs of a connector (both kinds have it)."""
+
+    _closing: bool
+
+    @property
+    def conn(self) -> _Link | None: ...
+    async def ensure_session(self, timeout: float) -> object: ...
+    async def wait_ready(self, service: str, timeout: float) -> None: ...
+
+
+class FreezeGuard:
+    """A connector's defence against freezes, for either kind of relay: after a pause, or
+    while the session is down, new connections wait (at most ``check_timeout``) for a check
+    of the session and services instead of being refused or bridged onto a dead session.
+
+    A pause is noticed by a tick that comes much too late (no timer runs while the sandbox
+    is frozen); each INVOKE starts a check too (``serve``), since the tick may come after the
+    function's first connection."""
+
+    def __init__(self, client: _Checked, services: list[str], check_timeout: float) -> None:
+        self.client = client
+        self.services = services
+        self.check_timeout = check_timeout
+        self._check_task: asyncio.Task[BurrowError | None] | None = None
+        self._last_tick: float | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_tick = loop.time()
+        self._ticker = loop.create_task(self._watch_pauses())
+
+    def stop(self) -> None:
+        for task in (self._ticker, self._check_task):
+            if task is not None:
+                task.cancel()
+
+    def check(self, timeout: float | None = None) -> asyncio.Task[BurrowError | None]:
+        """The running check of session and services, or a new one; its result is the error
+        that remains when the time is up, or None."""
+        if self._check_task is None or self._check_task.done():
+            self._check_task = asyncio.get_running_loop().create_task(
+                self._check(self.check_timeout if timeout is None else timeout)
+            )
+        return self._check_task
+
+    async def _check(self, timeout: float) -> BurrowError | None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            await self.client.ensure_session(timeout)
+        except ConnectError as exc:
+            return exc
+        return await self.wait_services(deadline)
+
+    async def wait_services(self, deadline: float) -> BurrowError | None:
+        """Wait until every service answers a probe (retrying: its agent may be reconnecting
+        too), until ``deadline`` (loop time)."""
+        results = await asyncio.gather(*(self._wait_one(n, deadline) for n in self.services))
+        errors = [r for r in results if r is not None]
+        if not errors:
+            return None
+        return ConnectError("; ".join(str(e) for e in errors))
+
+    async def _wait_one(self, name: str, deadline: float) -> BurrowError | None:
+        loop = asyncio.get_running_loop()
+        delay = 0.02
+        last = "no answer"
+        while (remaining := deadline - loop.time()) > 0:  # bounded by the deadline
+            try:
+                await self.client.wait_ready(name, remaining)
+                return None
+            except ConnectError as exc:
+                last = str(exc)
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.5)
+        return ConnectError(f"service {name!r} not ready: {last}")
+
+    async def _watch_pauses(self) -> None:
+        """Notice a freeze: a tick that comes much too late starts a check at once."""
+        loop = asyncio.get_running_loop()
+        while not self.client._closing:  # ends with the connector (cancelled by stop)
+            before = loop.time()
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            if now - before - TICK > PAUSE_GAP:
+                self.check()
+            self._last_tick = now
+
+    def should_hold(self) -> bool:
+        if self.client._closing:
+            return False
+        conn = self.client.conn
+        if conn is None or not conn.is_open:
+            return True
+        if self._check_task is not None and not self._check_task.done():
+            return True
+        last = self._last_tick
+        return last is not None and asyncio.get_running_loop().time() - last > PAUSE_GAP + TICK
+
+    async def ready(self) -> None:
+        """Return once new streams may be opened: at once, or after a check."""
+        if self.should_hold():
+            await asyncio.shield(self.check())
+
+
+def _connector_class(relay: str) -> Callable[..., FreezeAwareConnector]:
+    """Defined on demand so that importing this module (and registering) stays cheap; the
+    serverless relay's client is imported only for a ``wss://`` relay."""
+    from burrow.addresses import is_websocket_url
+
+    if is_websocket_url(relay):
+        return _serverless_connector_class()
+    return _relay_connector_class()
+
+
+def _relay_connector_class() -> Callable[..., FreezeAwareConnector]:
     from burrow.roles.connector import Connector
 
     class LambdaConnector(Connector):
-        """A connector that survives freezes: after a pause, or while the session is down, new
-        connections wait (at most ``check_timeout``) for a check of the session and services
-        instead of being refused or bridged onto a dead session."""
+        """A burrow relay's connector that survives freezes (``FreezeGuard``); a connection
+        accepted while it checks is paused, and bridged once the check is done."""
 
         def __init__(
             self,
@@ -359,89 +508,25 @@ def _connector_class() -> Callable[..., FreezeAwareConnector]:
             on_event: EventSink | None = None,
         ) -> None:
             super().__init__(config, on_event=on_event)
-            self.check_timeout = check_timeout
-            self._check_task: asyncio.Task[BurrowError | None] | None = None
-            self._last_tick: float | None = None
-            self._ticker: asyncio.Task[None] | None = None
+            names = [spec.service for spec in config.services]
+            self.guard = FreezeGuard(self, names, check_timeout)
 
         async def start(self) -> None:
             await super().start()
-            loop = asyncio.get_running_loop()
-            self._last_tick = loop.time()
-            self._ticker = loop.create_task(self._watch_pauses())
+            self.guard.start()
 
         async def on_close(self) -> None:
-            for task in (self._ticker, self._check_task):
-                if task is not None:
-                    task.cancel()
+            self.guard.stop()
             await super().on_close()
 
         def check(self, timeout: float | None = None) -> asyncio.Task[BurrowError | None]:
-            """The running check of session and services, or a new one; its result is the
-            error that remains when the time is up, or None."""
-            if self._check_task is None or self._check_task.done():
-                self._check_task = asyncio.get_running_loop().create_task(
-                    self._check(self.check_timeout if timeout is None else timeout)
-                )
-            return self._check_task
-
-        async def _check(self, timeout: float) -> BurrowError | None:
-            deadline = asyncio.get_running_loop().time() + timeout
-            try:
-                await self.ensure_session(timeout)
-            except ConnectError as exc:
-                return exc
-            return await self.wait_services(deadline)
+            return self.guard.check(timeout)
 
         async def wait_services(self, deadline: float) -> BurrowError | None:
-            """Wait until every service answers a probe (retrying: its agent may be
-            reconnecting too), until ``deadline`` (loop time)."""
-            names = [spec.service for spec in self.config.services]
-            results = await asyncio.gather(*(self._wait_one(n, deadline) for n in names))
-            errors = [r for r in results if r is not None]
-            if not errors:
-                return None
-            return ConnectError("; ".join(str(e) for e in errors))
-
-        async def _wait_one(self, name: str, deadline: float) -> BurrowError | None:
-            loop = asyncio.get_running_loop()
-            delay = 0.02
-            last = "no answer"
-            while (remaining := deadline - loop.time()) > 0:  # bounded by the deadline
-                try:
-                    await self.wait_ready(name, remaining)
-                    return None
-                except ConnectError as exc:
-                    last = str(exc)
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                delay = min(delay * 2, 0.5)
-            return ConnectError(f"service {name!r} not ready: {last}")
-
-        async def _watch_pauses(self) -> None:
-            """Notice a freeze: a tick that comes much too late starts a check at once."""
-            loop = asyncio.get_running_loop()
-            while not self._closing:  # ends with the connector (cancelled in on_close)
-                before = loop.time()
-                await asyncio.sleep(TICK)
-                now = loop.time()
-                if now - before - TICK > PAUSE_GAP:
-                    self.check()
-                self._last_tick = now
-
-        def _should_hold(self) -> bool:
-            if self._closing:
-                return False
-            conn = self.conn
-            if conn is None or not conn.is_open:
-                return True
-            if self._check_task is not None and not self._check_task.done():
-                return True
-            last = self._last_tick
-            return last is not None and asyncio.get_running_loop().time() - last > PAUSE_GAP + TICK
+            return await self.guard.wait_services(deadline)
 
         async def ready_for_streams(self) -> None:
-            if self._should_hold():
-                await asyncio.shield(self.check())
+            await self.guard.ready()
 
         def bridge_transport(
             self,
@@ -451,7 +536,7 @@ def _connector_class() -> Callable[..., FreezeAwareConnector]:
             *,
             buffered: bytes = b"",
         ) -> StreamBridge | None:
-            if not self._should_hold():
+            if not self.guard.should_hold():
                 return super().bridge_transport(transport, service, target, buffered=buffered)
             held = cast(asyncio.Transport, transport)
             held.pause_reading()  # nothing is read (or lost) until it has a bridge
@@ -474,6 +559,44 @@ def _connector_class() -> Callable[..., FreezeAwareConnector]:
     return LambdaConnector
 
 
+def _serverless_connector_class() -> Callable[..., FreezeAwareConnector]:
+    from burrow.aws.serverless.agent import ServerlessConfig, ServerlessConnector
+
+    class ServerlessLambdaConnector(ServerlessConnector):
+        """The serverless relay's connector that survives freezes (``FreezeGuard``): a
+        connection accepted while it checks waits (its bytes in its reader) for the check."""
+
+        def __init__(
+            self,
+            config: ServerlessConfig,
+            *,
+            check_timeout: float,
+            on_event: EventSink | None = None,
+        ) -> None:
+            super().__init__(config, on_event=on_event)
+            names = [spec.service for spec in config.listen]
+            self.guard = FreezeGuard(self, names, check_timeout)
+
+        async def start(self) -> None:
+            await super().start()
+            self.guard.start()
+
+        async def close(self) -> None:
+            self.guard.stop()
+            await super().close()
+
+        def check(self, timeout: float | None = None) -> asyncio.Task[BurrowError | None]:
+            return self.guard.check(timeout)
+
+        async def wait_services(self, deadline: float) -> BurrowError | None:
+            return await self.guard.wait_services(deadline)
+
+        async def ready_for_streams(self) -> None:
+            await self.guard.ready()
+
+    return ServerlessLambdaConnector
+
+
 @dataclass
 class Running:
     connector: FreezeAwareConnector
@@ -491,15 +614,24 @@ class Running:
 
 async def start(settings: Settings, on_event: EventSink | None = None) -> Running:
     """Connect, listen and wait for every service, within ``ready_timeout``."""
-    from burrow.roles.connector import ConnectorConfig
-
     loop = asyncio.get_running_loop()
     budget = settings.ready_timeout
     deadline = loop.time() + budget
     client = settings.client
     client.connect_timeout = budget
-    config = client.build(ConnectorConfig, services=settings.services)
-    connector = _connector_class()(config, check_timeout=settings.check_timeout, on_event=on_event)
+    assert client.relay is not None
+    config: Any
+    if settings.serverless:
+        from burrow.aws.serverless.agent import ServerlessConfig
+
+        config = ServerlessConfig.from_settings(client, [], listen=settings.services)
+    else:
+        from burrow.roles.connector import ConnectorConfig
+
+        config = client.build(ConnectorConfig, services=settings.services)
+    connector = _connector_class(client.relay)(
+        config, check_timeout=settings.check_timeout, on_event=on_event
+    )
     proxy: ProxyServer | None = None
     marks = [time.monotonic()]
     try:

@@ -34,8 +34,9 @@ exec "$PY" -m burrow.aws.extension "$@"
 """
 
 ARCHES = {"x86_64": "x86_64", "arm64": "aarch64"}
-#: What the extension imports beyond the standard library: a layer without them cannot start.
-EXTENSION_IMPORTS = ("cryptography", "h11", "msgspec")
+#: What the extension imports beyond the standard library: a layer without them cannot start
+#: (websockets: for a serverless relay, ``BURROW_RELAY=wss://...``).
+EXTENSION_IMPORTS = ("cryptography", "h11", "msgspec", "websockets")
 PIP_TIMEOUT = 600.0
 #: A fixed timestamp for every entry, so the same inputs give the same zip (and layer hash).
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)

@@ -84,6 +84,14 @@ if "SSL_CERT_FILE" not in os.environ and not os.path.exists("/etc/pki/tls/cert.p
             break
 """
 
+#: Imported only on some paths (a ``wss://`` relay): named, so that the bundle has them even
+#: if PyInstaller's analysis stopped following the extension's lazy imports.
+HIDDEN_IMPORTS = (
+    "burrow.aws.serverless.agent",
+    "burrow.aws.serverless.streams",
+    "websockets.asyncio.client",
+)
+
 #: Libraries PyInstaller copies from the build machine that the target must provide itself:
 #: manylinux's list of system libraries (the build machine's copy needs its newer glibc).
 SYSTEM_LIBRARIES = ("libgcc_s.so.1",)
@@ -191,6 +199,7 @@ def build_bundle(
             "requirements": requirements,
             "pyinstaller": PYINSTALLER,
             "excludes": EXCLUDES,
+            "hidden": HIDDEN_IMPORTS,
             "system": SYSTEM_LIBRARIES,
             "hook": CERT_HOOK,
             "entry": ENTRY,
@@ -236,7 +245,8 @@ def build_bundle(
             "PYINSTALLER_CONFIG_DIR": str(inside / "pyinstaller-config"),
             "SOURCE_DATE_EPOCH": "315532800",
         }
-        excludes = [arg for name in EXCLUDES for arg in ("--exclude-module", name)]
+        modules = [arg for name in EXCLUDES for arg in ("--exclude-module", name)]
+        modules += [arg for name in HIDDEN_IMPORTS for arg in ("--hidden-import", name)]
         argv = [
             str(interpreter / "bin" / f"python{PYTHON_MINOR}"),
             "-m",
@@ -257,7 +267,7 @@ def build_bundle(
             str(inside / "site"),
             "--runtime-hook",
             str(inside / "hook_certs.py"),
-            *excludes,
+            *modules,
             str(inside / "entry.py"),
         ]
         log = work / "pyinstaller.log"

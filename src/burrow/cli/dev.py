@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from burrow.addresses import is_websocket_url
 from burrow.cli.common import (
     check_name,
     client_options,
@@ -70,21 +71,51 @@ def check_relay(relay: str | None) -> str:
     if not relay:
         raise ConfigError(
             "burrow dev needs a relay the functions can reach: --to HOST:PORT (a burrow relay "
-            "on a public host)"
+            "on a public host) or --to wss://... (the serverless relay)"
         )
-    if relay.startswith(("wss://", "ws://")):
-        import importlib.util
+    if is_websocket_url(relay):
+        from burrow.aws.serverless.agent import check_url
 
-        missing = importlib.util.find_spec("burrow.aws.serverless") is None
-        state = (
-            "is not available yet in this version of burrow"
-            if missing
-            else ("cannot be driven by burrow dev yet")
-        )
-        raise ConfigError(
-            f"--to {relay}: the serverless relay {state}; use a burrow relay (--to HOST:PORT)"
-        )
+        check_url(relay)
     return relay
+
+
+def check_serverless(
+    common: dict[str, Any],
+    *,
+    public: bool,
+    token_key_dir: Path | None,
+    function_relay: str | None,
+    dry_run: bool = False,
+) -> None:
+    """What ``--to wss://...`` (the serverless relay) cannot go with, said before anything
+    dials or changes."""
+    from burrow.aws.dev import SERVERLESS_NO_KEY, SERVERLESS_NO_PUBLIC
+
+    if public:
+        raise ConfigError(SERVERLESS_NO_PUBLIC)
+    if token_key_dir is None and not dry_run:
+        raise ConfigError(SERVERLESS_NO_KEY)
+    if common.get("secret") or common.get("secret_file"):
+        raise ConfigError(
+            "a serverless relay takes tokens, not --secret: leave it out (burrow dev mints the "
+            "agent's token with the stack's key) or pass --token"
+        )
+    for flag, key in (("--fingerprint", "fingerprint"), ("--insecure", "insecure")):
+        if common.get(key):
+            raise ConfigError(
+                f"{flag} is for a burrow relay (HOST:PORT); a wss:// relay's certificate is "
+                "checked against the system's CAs (or --ca)"
+            )
+    if function_relay is not None:
+        from burrow.aws.serverless.agent import check_url
+
+        if not is_websocket_url(function_relay):
+            raise ConfigError(
+                f"--function-relay {function_relay!r}: with --to wss://... the functions dial "
+                "the serverless relay too: give its wss:// URL as they reach it"
+            )
+        check_url(function_relay, "--function-relay")
 
 
 def make_service(resource: Resource, private: bool) -> Service:
@@ -163,6 +194,7 @@ _LINES: dict[str, Any] = {
     ),
     "dev_ready": _ready_line,
     "function_restored": _restored_line,
+    "tokens_not_revoked": lambda r: f"note: {r['message']}",
 }
 
 
@@ -262,7 +294,7 @@ class DevReporter(Reporter):
 @option(
     "--function-relay",
     envvar="BURROW_DEV_FUNCTION_RELAY",
-    metavar="HOST:PORT",
+    metavar="HOST:PORT|URL",
     help="The relay's address as the functions reach it [default: --to].",
 )
 @option(
@@ -270,7 +302,8 @@ class DevReporter(Reporter):
     type=click.Path(path_type=Path),
     envvar="BURROW_TOKEN_KEY_DIR",
     help="The relay's state directory (its token.key mints the session's tokens) "
-    "[default: ~/.local/state/burrow/relay].",
+    "[default: ~/.local/state/burrow/relay]; for --to wss://..., a directory holding the "
+    "serverless stack's token.key (required).",
 )
 @option(
     "--ttl",
@@ -313,8 +346,9 @@ def dev(
 
     Finds the functions whose environment names localhost:PORT (or 127.0.0.1, [::1],
     host.docker.internal), shows what it will change, then offers each --local resource as a
-    private service on the relay and gives each function burrow's extension with a token for
-    exactly those services: inside the function the same localhost:PORT reaches this machine.
+    private service on the relay (a burrow relay, --to HOST:PORT, or the serverless relay,
+    --to wss://...) and gives each function burrow's extension with a token for exactly
+    those services: inside the function the same localhost:PORT reaches this machine.
     Ctrl+C (or SIGTERM, or closing the terminal) puts every function back; after a crash,
     `burrow dev restore` or the next `burrow dev` does.
     """
@@ -334,9 +368,22 @@ def dev(
             raise ConfigError("--layer-zip and --layer-arn exclude each other: give one")
         if public and (layer_zip is not None or layer_arn is not None):
             raise ConfigError("--public adds no layer: drop --layer-zip/--layer-arn")
-        if function_relay is not None:
+        if is_websocket_url(relay):
+            check_serverless(
+                common,
+                public=public,
+                token_key_dir=token_key_dir,
+                function_relay=function_relay,
+                dry_run=dry_run,
+            )
+        elif function_relay is not None:
             from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
 
+            if is_websocket_url(function_relay):
+                raise ConfigError(
+                    f"--function-relay {function_relay!r} is the serverless relay's URL; with "
+                    "--to HOST:PORT give the burrow relay's address as the functions reach it"
+                )
             parse_hostport(function_relay, DEFAULT_RELAY_PORT)
         settings = client_settings(common)
         settings.check()
@@ -387,9 +434,9 @@ for _param in dev.params:  # the shared client option, with what it means here
 
 
 def _warn_reach(reporter: Reporter, relay: str, public: bool) -> None:
-    from burrow.addresses import DEFAULT_RELAY_PORT, parse_hostport
+    from burrow.aws.dev import _host_of
 
-    host = parse_hostport(relay, DEFAULT_RELAY_PORT)[0]
+    host = _host_of(relay)
     if host in ("localhost", "127.0.0.1", "::1") or host.startswith("127."):
         reporter.event(
             {

@@ -59,19 +59,21 @@ BACKOFF_CAP = 30.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def check_url(url: str) -> str:
-    """A relay URL the agent may dial: wss://, or ws:// to this machine (the emulator)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ConfigError(f"invalid --to {url!r}: expected wss://HOST/STAGE")
-    if (
-        parts.scheme == "ws"
-        and parts.hostname not in _LOOPBACK
-        and not parts.hostname.startswith("127.")
-    ):
+def check_url(url: str, what: str = "--to") -> str:
+    """A relay URL the agent may dial: wss://, or ws:// to this machine (the emulator).
+    ``what`` names the setting in the error (the extension's is BURROW_RELAY)."""
+    expected = f"invalid {what} {url!r}: expected wss://HOST/STAGE"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(expected) from None
+    hostname = parts.hostname
+    if parts.scheme not in ("ws", "wss") or not hostname:
+        raise ConfigError(expected)
+    if parts.scheme == "ws" and hostname not in _LOOPBACK and not hostname.startswith("127."):
         raise ConfigError(
-            f"--to {url!r} is plaintext to another machine; use wss:// (ws:// is for the local "
-            "emulator only)"
+            f"{what} {url!r} is plaintext to another machine; use wss:// (ws:// is for the "
+            "local emulator only)"
         )
     return url
 
@@ -207,6 +209,32 @@ class _Link:
         self.is_open = False
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
+
+    async def probe(self, timeout: float) -> bool:
+        """One ping answered within ``timeout``: the connection is alive. After a freeze (a
+        Lambda sandbox between invocations) it may be a corpse nobody noticed: no timer ran,
+        and a path that died silently swallows what is sent."""
+        self._ping_seq += 1
+        seq = self._ping_seq
+        self._pings[seq] = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.send({"t": "ping", "n": seq, "names": self.names})
+                while seq in self._pings and self.is_open:  # bounded by the timeout
+                    self._pong.clear()
+                    await self._pong.wait()
+        except (TimeoutError, Exception):
+            self._pings.pop(seq, None)
+            return False
+        return self.is_open
+
+    def abort(self) -> None:
+        """Drop the connection at once, without the closing handshake a dead peer would never
+        answer (``read`` then ends, and the supervisor dials again)."""
+        self.is_open = False
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
 
 class ServerlessAgent:
@@ -692,15 +720,49 @@ class ServerlessConnector(ServerlessAgent):
             server.close()
         await super().close()
 
-    async def _visitor(
-        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    # --- streams --------------------------------------------------------------------------
+
+    async def ready_for_streams(self) -> None:
+        """Wait until new streams can be opened; the Lambda extension's connector, whose link
+        may be stale after a freeze, holds new connections here while it checks."""
+
+    async def ensure_session(self, timeout: float = 10.0) -> _Link:
+        """The current connection, proved alive by a ping; replaced if it is dead (the
+        supervisor dials again at once). ConnectError if none is up within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        link = self.link
+        if link is not None and link.is_open and await link.probe(min(2.0, timeout)):
+            return link
+        if link is not None:
+            link.abort()
+        while loop.time() < deadline:  # bounded by the deadline
+            current = self.link
+            if current is not None and current is not link and current.is_open:
+                return current
+            await asyncio.sleep(0.01)
+        raise ConnectError(
+            f"no connection to the serverless relay {self.relay_label} within {timeout:.0f} s"
+        )
+
+    async def wait_ready(self, service: str, timeout: float = 10.0) -> None:
+        """Open a probe stream to ``service`` and wait until its agent accepted (it dialled
+        the service), then drop it."""
+        try:
+            stream = await self._open_stream(service, timeout)
+        except ConnectError as exc:
+            raise ConnectError(f"service {service!r} is not reachable: {exc}") from None
+        self._own.pop(stream.sid, None)
+        await stream.reset("cancelled", "probe done")
+
+    async def _open_stream(self, name: str, timeout: float | None = None) -> Any:
+        """A TCP stream to the private service ``name``, accepted by its agent (a
+        ``streams.TcpStream``); ConnectError with the relay's or the agent's reason."""
         from burrow.aws.serverless.streams import TcpStream
 
         link = self.link
         if link is None or not link.is_open:
-            writer.close()
-            return
+            raise ConnectError(f"no connection to the serverless relay {self.relay_label}")
         sid = secrets.token_hex(8)
         holder: dict[str, Any] = {}
 
@@ -714,20 +776,38 @@ class ServerlessConnector(ServerlessAgent):
         holder["stream"] = stream
         stream._seq = 1  # the open is 0
         self._own[sid] = stream
+        wait = self.config.connect_timeout if timeout is None else timeout
         try:
             await link.send(
                 {"t": "open", "s": sid, "k": "tcp", "n": name, "w": protocol.INITIAL_WINDOW, "q": 0}
             )
-            async with asyncio.timeout(self.config.connect_timeout):
+            async with asyncio.timeout(wait):
                 await stream.accepted
-        except (ConnectionRefusedError, TimeoutError, Exception) as exc:
+        except asyncio.CancelledError:
             self._own.pop(sid, None)
+            raise
+        except Exception as exc:
+            self._own.pop(sid, None)
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {wait:g} s"
+            else:
+                reason = stream.reset_reason or str(exc) or type(exc).__name__
+            raise ConnectError(reason) from None
+        return stream
+
+    async def _visitor(
+        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.ready_for_streams()
+        try:
+            stream = await self._open_stream(name)
+        except ConnectError as exc:
             self.refused += 1
             emit(
                 self.on_event,
                 "connection_refused",
                 service=name,
-                reason=stream.reset_reason or str(exc) or "no answer",
+                reason=str(exc),
                 count=self.refused,
             )
             writer.close()
