@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,17 @@ from helpers import LoopThread, tunnel
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep known_relays, identities and certificates out of the real home directory."""
     monkeypatch.setenv("BURROW_HOME", str(tmp_path / "burrow-home"))
+
+
+@pytest.fixture(autouse=True)
+def _burrow_log_level() -> Iterator[None]:
+    """An in-process CLI run quiets the ``burrow`` logger; give the next test its level back."""
+    logger = logging.getLogger("burrow")
+    level = logger.level
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @pytest.fixture

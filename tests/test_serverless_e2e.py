@@ -299,6 +299,18 @@ async def test_tokens_and_names_are_checked(emulator: Emulator, app: int) -> Non
                 pass
 
 
+async def test_a_revoked_token_is_refused_at_its_next_connect(emulator: Emulator, app: int) -> None:
+    from burrow.tokens import deny, parse_token
+
+    revoked = token(emulator, ["*"])
+    async with running_agent(emulator, app, "before", token_text=revoked):
+        pass
+    deny(emulator.state_dir, parse_token(revoked)[0]["id"])
+    with pytest.raises(AuthError, match="revoked"):
+        async with running_agent(emulator, app, "after", token_text=revoked):
+            pass
+
+
 async def test_a_random_name_when_none_is_given(emulator: Emulator, app: int) -> None:
     events = Events()
     async with running_agent(emulator, app, None, events=events) as agent:

@@ -32,8 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from burrow.aws.serverless import protocol
-from burrow.aws.serverless.gateway import is_text
-from burrow.aws.serverless.response import BodySize, DecodeError, Head, ResponseDecoder
+from burrow.aws.serverless.response import BodySize, DecodeError, Head, ResponseDecoder, is_text
 from burrow.errors import (
     AuthError,
     BurrowError,

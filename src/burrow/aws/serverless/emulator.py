@@ -49,9 +49,10 @@ import h11
 
 from burrow.aws.serverless import wsframes
 from burrow.aws.serverless.config import Config
-from burrow.aws.serverless.gateway import Gateway, is_text
+from burrow.aws.serverless.gateway import Gateway
 from burrow.aws.serverless.handlers import Relay
 from burrow.aws.serverless.protocol import AWS_MAX_FRAME, AWS_MAX_MESSAGE
+from burrow.aws.serverless.response import is_text
 from burrow.errors import BurrowError, ConfigError
 
 log = logging.getLogger("burrow.emulator")
@@ -284,9 +285,17 @@ class Emulator:
                 "$disconnect": relay.disconnect,
                 "$default": relay.default,
             }
-            return lambda event, context: routes[event["requestContext"]["routeKey"]](
-                event, context
-            )
+            config = self.config
+
+            def handle(event: dict[str, Any], context: Any) -> Any:
+                route = event["requestContext"]["routeKey"]
+                if route == "$connect":
+                    from burrow.tokens import load_deny
+
+                    config.deny = load_deny(self.state_dir)
+                return routes[route](event, context)
+
+            return handle
 
         def gateway_factory() -> Callable[[dict[str, Any], Any], Any]:
             assert self.config is not None
@@ -350,6 +359,8 @@ class Emulator:
         self.stats.add(f"dynamodb.{model.name if model is not None else '?'}")
 
     def _config(self, secret: bytes) -> Config:
+        from burrow.tokens import load_deny
+
         config = Config(
             table=self.table,
             key=secret,
@@ -362,6 +373,9 @@ class Emulator:
             session=_EndpointSession(self.session, self.moto_url, self.management_url),
             shared_clients=True,
             probe_after=self.probe_after,
+            # The stack's RevokedTokens parameter, played by the state directory's token.deny
+            # (``burrow token revoke --state-dir``), read again at each $connect.
+            deny=load_deny(self.state_dir),
         )
         if self.deadline is not None:
             config.deadline = self.deadline

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from burrow.aws.serverless import protocol
 from burrow.aws.serverless.config import Config
 from burrow.aws.serverless.handlers import _gone, post
+from burrow.aws.serverless.response import is_text
 from burrow.aws.serverless.store import Store
 from burrow.aws.serverless.wsclient import WsClient, WsClosed, WsRefused
 from burrow.http.relaypage import gone_message, not_found_message, offline_message, page
@@ -79,30 +80,6 @@ class Failure(Exception):
         self.status = status
         self.title = title
         self.message = message
-
-
-def is_text(headers: list[list[str]] | list[tuple[str, str]]) -> bool:
-    """Whether a response body may be returned to API Gateway as text (not base64): a textual
-    type without a content coding. The agent uses the same rule to size answers."""
-    kind = ""
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "content-encoding" and value.strip().lower() not in ("", "identity"):
-            return False
-        if lower == "content-type":
-            kind = value.split(";", 1)[0].strip().lower()
-    return (
-        kind.startswith("text/")
-        or kind
-        in (
-            "application/json",
-            "application/javascript",
-            "application/xml",
-            "application/x-www-form-urlencoded",
-            "image/svg+xml",
-        )
-        or kind.endswith(("+json", "+xml"))
-    )
 
 
 class Gateway:

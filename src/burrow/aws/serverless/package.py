@@ -31,6 +31,7 @@ MODULES = (
     "burrow/aws/serverless/gateway.py",
     "burrow/aws/serverless/handlers.py",
     "burrow/aws/serverless/protocol.py",
+    "burrow/aws/serverless/response.py",
     "burrow/aws/serverless/store.py",
     "burrow/aws/serverless/wsclient.py",
     "burrow/aws/serverless/wsframes.py",

@@ -22,6 +22,30 @@ class DecodeError(ValueError):
     """The response could not be decoded."""
 
 
+def is_text(headers: list[list[str]] | list[tuple[str, str]]) -> bool:
+    """Whether a response body may be returned to API Gateway as text (not base64): a textual
+    type without a content coding. The agent uses the same rule to size answers."""
+    kind = ""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-encoding" and value.strip().lower() not in ("", "identity"):
+            return False
+        if lower == "content-type":
+            kind = value.split(";", 1)[0].strip().lower()
+    return (
+        kind.startswith("text/")
+        or kind
+        in (
+            "application/json",
+            "application/javascript",
+            "application/xml",
+            "application/x-www-form-urlencoded",
+            "image/svg+xml",
+        )
+        or kind.endswith(("+json", "+xml"))
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Head:
     status: int
