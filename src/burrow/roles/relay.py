@@ -20,6 +20,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import random
 import socket
 import ssl
@@ -228,6 +229,7 @@ class Relay:
         self._token_verifier: Any = None
         self._token_state_dir: Path | None = None
         self._deny_stamp: Any = None
+        self._deny_path: str | None = None
         self._deny: frozenset[str] = frozenset()
         self._server: ControlListener | None = None
         self._slots: dict[SessionConnection, Slot] = {}
@@ -516,6 +518,7 @@ class Relay:
 
         config = self.config
         self._token_state_dir = state_dir = config.state_dir or default_state_dir("relay")
+        self._deny_path = None
         self._key_stamp: Any = None
         self._key: Any = None
         if config.allow_anonymous:
@@ -584,13 +587,15 @@ class Relay:
     def _denied(self) -> frozenset[str]:
         """The token deny list, re-read when its file changes, so a revocation applies to the
         next handshake, registration and stream open, without a restart."""
-        from burrow.tokens import load_deny
+        from burrow.tokens import DENY_FILE, load_deny
 
         state_dir = self._token_state_dir
         if state_dir is None:
             return frozenset()
+        if self._deny_path is None:  # a str, so the stat at every stream open costs no pathlib
+            self._deny_path = os.path.join(state_dir, DENY_FILE)
         try:
-            stamp: Any = (state_dir / "token.deny").stat().st_mtime_ns
+            stamp: Any = os.stat(self._deny_path).st_mtime_ns
         except OSError:
             stamp = None
         if stamp != self._deny_stamp:
