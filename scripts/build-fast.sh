@@ -34,7 +34,14 @@ if [ -f "$stamp" ] && ls src/burrow/wire/session.*.so >/dev/null 2>&1; then
   exit 0
 fi
 clean
-echo "build-fast: compiling the data path with mypyc" >&2
+if [ ! -x .venv/bin/mypyc ]; then  # the compiler comes with mypy (the test extra has it too)
+  echo "build-fast: installing mypy for its compiler, mypyc" >&2
+  if ! .venv/bin/python -m pip install -q "mypy>=1.10" >/tmp/burrow-mypyc.log 2>&1; then
+    echo "build-fast: mypy could not be installed (see /tmp/burrow-mypyc.log); burrow runs as plain Python" >&2
+    exit 0
+  fi
+fi
+echo "build-fast: compiling the data path with mypyc (once, a minute or two)" >&2
 if ! (cd src && ../.venv/bin/mypyc "${modules[@]}" >/tmp/burrow-mypyc.log 2>&1); then
   echo "build-fast: mypyc failed (see /tmp/burrow-mypyc.log); burrow runs as plain Python" >&2
   clean
