@@ -2934,6 +2934,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--serve", choices=("echo", "sink"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # pip installs and burrow's Lambda layer carry .pyc files; a shell with bytecode turned off
+    # would make every start-up and cold start below compile burrow from source.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
     if args.serve:
         serve_main(args.serve)
