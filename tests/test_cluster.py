@@ -32,7 +32,7 @@ from burrow.node import Relay
 from burrow.roles.agent import Agent, AgentConfig, TcpTunnelSpec
 from burrow.roles.client import ClientConfig, RelayClient
 from burrow.roles.redis_registry import RedisRegistry
-from burrow.tokens import TokenKey
+from burrow.tokens import DENY_FILE, TokenKey, mint, parse_token
 from burrow.wire.messages import Register, to_message
 from cluster_support import (
     REDIS_URL,
@@ -552,6 +552,78 @@ async def test_a_relay_name_with_several_addresses_is_tried_address_by_address(
                 assert agent.connected_relay == f"relays.example:{port}"
         finally:
             await agent.close()
+
+
+def _refused_visitor(address: tuple[str, int]) -> None:
+    """A connection through a connector whose stream the relay refuses: closed, no echo."""
+    with (
+        socket.create_connection(address, timeout=10 * SCALE) as sock,
+        contextlib.suppress(OSError),
+    ):
+        sock.sendall(b"ping")
+        assert sock.recv(16) == b""
+
+
+def test_a_token_revoked_in_the_registry_is_refused_by_every_node(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    """`burrow token revoke ID --registry URL` reaches every node at once, though no node's
+    state directory changed: the connectors holding the token get their next stream refused
+    on n2 and n3, and a new session with it is refused at its handshake on n1."""
+    from burrow.cli import main
+
+    n1, n2, n3 = nodes
+    token = mint(TokenKey.load(tmp_path / "n1"), [], ["db"], 3600, time.time(), "lambda-orders")
+    token_id = parse_token(token)[0]["id"]
+    with echo_server() as echo:
+        agent = agent_up(tmp_path, nodes, TUNNELS.format(echo=echo, web=echo))
+        connectors: list[tuple[Proc, tuple[str, int]]] = []
+        try:
+            agent.wait("tunnel_ready", kind="private", name="db")
+            for node in (n2, n3):
+                proc = Proc("connect", "db", "--to", node.address, "--token", token, "--json")
+                connectors.append((proc, ("", 0)))
+                host, _, port = proc.wait("tunnel_ready", kind="connect")["local"].rpartition(":")
+                connectors[-1] = (proc, (host, int(port)))
+            deadline = time.monotonic() + 10 * SCALE
+            for _, local in connectors:
+                eventually(lambda local=local: echo_through(local, 64 * 1024), deadline)
+
+            result = CliRunner().invoke(
+                main, ["token", "revoke", token_id, "--registry", REDIS_URL]
+            )
+            assert result.exit_code == 0, result.output
+            assert result.output.startswith(f"revoked {token_id} in the registry"), result.output
+            assert not any((tmp_path / f"n{i}" / DENY_FILE).exists() for i in (1, 2, 3))
+
+            deadline = time.monotonic() + 5 * SCALE  # the nodes hear it on the channel
+            for proc, local in connectors:
+                eventually(lambda local=local: _refused_visitor(local), deadline)
+                refused = proc.wait("connection_refused", service="db")
+                assert "revoked" in refused["reason"], refused
+            late = Proc("connect", "db", "--to", n1.address, "--token", token, "--json")
+            try:
+                assert "revoked" in late.wait("error")["message"]
+            finally:
+                late.stop()
+        finally:
+            for proc, _ in connectors:
+                proc.stop()
+            agent.stop()
+
+
+def test_revoking_in_an_unreachable_registry_says_so() -> None:
+    from burrow.cli import main
+
+    port = free_port()
+    result = CliRunner().invoke(
+        main, ["token", "revoke", "0123456789ab", "--registry", f"redis://127.0.0.1:{port}/15"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot reach the registry" in result.output and "not revoked" in result.output
+    assert "Traceback" not in result.output
+    bad = CliRunner().invoke(main, ["token", "revoke", "nope", "--registry", REDIS_URL])
+    assert bad.exit_code == 2 and "is not a token id" in bad.output, bad.output
 
 
 def test_cluster_flags_are_checked_before_anything_starts() -> None:

@@ -427,3 +427,33 @@ def test_keys_and_urls() -> None:
     assert database("redis://h:6379/15") == 15 and database("redis://h") == 0
     assert database("unix:///run/redis.sock?db=3") == 3
     assert shown_url("redis://u:secret@h:6379/1") == "redis://u:***@h:6379/1"
+
+
+# --- the cluster's revoked tokens -------------------------------------------------------------
+
+
+async def test_revoked_ids_are_read_at_open_and_followed_on_the_channel() -> None:
+    """The set holds ids only as far as nodes are concerned (anything else is ignored), a node
+    opened later reads it, and a revocation reaches a running node through the channel."""
+    from burrow.roles.redis_registry import revoke
+
+    flush()
+    client = redis.Redis.from_url(URL)
+    try:
+        client.sadd(rl.DENY_KEY, "aaaaaaaaaaaa", "not an id", "x" * 4000, "AAAAAAAAAAAA")
+    finally:
+        client.close()
+    first, _ = await open_registry("n1")
+    try:
+        assert first.denied == frozenset({"aaaaaaaaaaaa"})
+        await revoke(URL, " 0123456789ab\n")
+        async with asyncio.timeout(5 * SCALE):
+            while "0123456789ab" not in first.denied:
+                await asyncio.sleep(0.02)
+        later, _ = await open_registry("n2")
+        try:
+            assert later.denied == frozenset({"aaaaaaaaaaaa", "0123456789ab"})
+        finally:
+            await later.close()
+    finally:
+        await first.close()

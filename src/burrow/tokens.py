@@ -45,7 +45,9 @@ __all__ = [
     "TokenError",
     "TokenKey",
     "TokenVerifier",
+    "check_token_id",
     "deny",
+    "is_token_id",
     "load_deny",
     "mint",
     "parse_token",
@@ -187,14 +189,24 @@ def load_deny(state_dir: Path) -> frozenset[str]:
     )
 
 
-def deny(state_dir: Path, token_id: str) -> None:
-    """Revoke one token by adding its id to ``state_dir/token.deny``; a relay reads the file
-    when it (re)loads its verifier."""
+def check_token_id(token_id: str) -> str:
+    """``token_id`` stripped, or a ``ConfigError`` saying what a token id looks like."""
     token_id = token_id.strip()
     if not _ID_RE.fullmatch(token_id):
         raise ConfigError(
-            f"{token_id!r} is not a token id (12 hex digits, shown by `burrow token issue`)"
+            f"{token_id[:40]!r} is not a token id (12 hex digits, shown by `burrow token issue`)"
         )
+    return token_id
+
+
+def is_token_id(text: str) -> bool:
+    return _ID_RE.fullmatch(text) is not None
+
+
+def deny(state_dir: Path, token_id: str) -> None:
+    """Revoke one token by adding its id to ``state_dir/token.deny``; a relay reads the file
+    when it (re)loads its verifier."""
+    token_id = check_token_id(token_id)
     if token_id in load_deny(state_dir):
         return
     path = state_dir / DENY_FILE

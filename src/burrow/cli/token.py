@@ -111,14 +111,33 @@ def token_init(state_dir: Path | None) -> None:
     envvar="BURROW_STATE_DIR",
     help="The relay's state directory [default: ~/.local/state/burrow/relay].",
 )
-def token_revoke(token_id: str, state_dir: Path | None) -> None:
+@option(
+    "--registry",
+    envvar="BURROW_REGISTRY",
+    help="A cluster's Redis (redis://HOST:PORT/DB): revoke the token on every relay node "
+    "sharing it, at once (with --state-dir too: also in that directory).",
+)
+def token_revoke(token_id: str, state_dir: Path | None, registry: str | None) -> None:
     """Refuse the token with this id from the next handshake or stream on."""
+    import asyncio
+
     from burrow.net.tls import default_state_dir
-    from burrow.tokens import deny
+    from burrow.tokens import check_token_id, deny
 
     reporter = Reporter(as_json=False)
+    where = []
     try:
-        deny(state_dir or default_state_dir("relay"), token_id)
+        token_id = check_token_id(token_id)
+        if registry is not None:
+            from burrow.roles.redis_registry import revoke, shown_url
+
+            asyncio.run(revoke(registry, token_id))
+            where.append(f"in the registry {shown_url(registry)}")
+        if registry is None or state_dir is not None:
+            directory = state_dir or default_state_dir("relay")
+            deny(directory, token_id)
+            where.append(f"in {directory}")
     except BurrowError as exc:
         fail(reporter, exc)
-    click.echo(f"revoked {token_id}")
+    # Revoked in the relay's own directory only: the plain line, as before the clusters came.
+    click.echo(f"revoked {token_id}" + (f" {' and '.join(where)}" if registry else ""))

@@ -34,6 +34,8 @@ REV_KEY = PREFIX + "rev"
 CHANNEL = PREFIX + "events"  # + ":<database>" (pub/sub spans a Redis's databases)
 LEASE_PREFIX = PREFIX + "lease:"
 NODE_PREFIX = PREFIX + "node:"
+DENY_KEY = PREFIX + "deny"  # a set of revoked token ids, for every node of the cluster
+MAX_DENIED = 100_000  # ids read from it at most (a revocation list, not a token store)
 
 #: Bounds on what is read back from Redis (a shared service: its data is checked as input).
 MAX_MESSAGE = 16 * 1024
@@ -364,7 +366,7 @@ def parse_message(data: object) -> dict[str, object] | None:
         if len(raw) > MAX_MESSAGE:
             raise ValueError("too long")
         message = json.loads(raw)
-        if not isinstance(message, dict) or message.get("op") not in ("set", "del", "node"):
+        if not isinstance(message, dict) or message.get("op") not in ("set", "del", "node", "deny"):
             raise ValueError("unknown message")
         return message
     except ValueError as exc:

@@ -9,6 +9,10 @@ lapse on their own) and keeps its record (``burrow:node:<id>``: address, fingerp
 When Redis cannot be reached, routing goes on from the mirror, claims are refused with
 ``registry unavailable: ...; try again``, and releases wait; once it answers again the node
 claims once more what its live sessions hold, applies what waited, and reloads the mirror.
+
+Revoked token ids live in one Redis set (``burrow token revoke --registry``), read at start,
+at each reload and whenever the channel says it changed, so a revocation reaches every node
+without touching their state directories; while Redis is away a node keeps the last list.
 """
 
 from __future__ import annotations
@@ -183,6 +187,9 @@ class RedisRegistry:
         self._closing = False
         self._last_reload = 0.0
         self._nodes_stale = True
+        #: Token ids revoked for the whole cluster (the relay adds its own token.deny).
+        self.denied: frozenset[str] = frozenset()
+        self._denied_stale = False
 
     def __len__(self) -> int:
         return len(self.mirror.table)
@@ -265,6 +272,7 @@ class RedisRegistry:
         await self._reassert()
         await self._load_nodes()
         await self._reload()
+        await self._load_denied()
         self._broken.clear()
         if not self.available:
             self.available = True
@@ -315,6 +323,8 @@ class RedisRegistry:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message.get("type") == "message":
                 self._on_message(message.get("data"))
+            if self._denied_stale:
+                await self._load_denied()
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -329,6 +339,7 @@ class RedisRegistry:
             self._sweep(now)
             if now - self._last_reload >= RELOAD_EVERY:
                 await self._reload()
+                await self._load_denied()
             if now < due:
                 continue
             due = now + self.renew_every
@@ -696,6 +707,24 @@ class RedisRegistry:
             if self._hooks is not None:
                 self._hooks.nodes_changed(nodes)
 
+    async def _load_denied(self) -> None:
+        """Read the cluster's revoked token ids (bounded; anything but an id is ignored)."""
+        from burrow.tokens import is_token_id
+
+        assert self._client is not None
+        self._denied_stale = False
+        async with asyncio.timeout(OP_TIMEOUT):
+            count = await self._client.scard(rl.DENY_KEY)
+            if count > rl.MAX_DENIED:
+                log.warning(
+                    "the registry's %s holds %d ids; reading %d", rl.DENY_KEY, count, rl.MAX_DENIED
+                )
+                members = await self._client.srandmember(rl.DENY_KEY, rl.MAX_DENIED)
+            else:
+                members = await self._client.smembers(rl.DENY_KEY)
+        ids = (m.decode("ascii", "replace") if isinstance(m, bytes) else str(m) for m in members)
+        self.denied = frozenset(token_id for token_id in ids if is_token_id(token_id))
+
     # --- the mirror ------------------------------------------------------------------------
 
     def _on_message(self, data: object) -> None:
@@ -706,6 +735,9 @@ class RedisRegistry:
         try:
             if op == "node":
                 self._nodes_stale = True
+                return
+            if op == "deny":
+                self._denied_stale = True
                 return
             key = rl.parse_key_text(rl.text(message.get("key")))
             if key is None:
@@ -766,6 +798,28 @@ def _reason(exc: BaseException) -> str:
         return f"no answer within {OP_TIMEOUT:.0f} s"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+async def revoke(url: str, token_id: str) -> None:
+    """Add ``token_id`` to the cluster's revoked set in Redis and tell every node at once
+    (``burrow token revoke --registry``); a ``ConfigError`` if Redis cannot be reached."""
+    from burrow.tokens import check_token_id
+
+    token_id = check_token_id(token_id)
+    failures = _redis_errors()
+    client = connect(url)
+    try:
+        async with asyncio.timeout(2 * OP_TIMEOUT):
+            await client.sadd(rl.DENY_KEY, token_id)
+            await client.publish(f"{rl.CHANNEL}:{database(url)}", '{"op":"deny"}')
+    except failures as exc:
+        raise ConfigError(
+            f"cannot reach the registry {shown_url(url)}: {_reason(exc)}; the token is not "
+            "revoked there"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
 
 
 def new_instance() -> tuple[str, float]:

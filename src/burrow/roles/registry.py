@@ -159,6 +159,9 @@ class SharedRegistry(Registry, Protocol):
 
     node_id: str
     available: bool
+    #: Token ids revoked for the whole cluster, read from the store (the last list known
+    #: while it is away); each node refuses them as it refuses its own token.deny.
+    denied: frozenset[str]
 
     async def open(self, node: NodeInfo, hooks: RegistryHooks) -> None:
         """Connect, announce ``node``, load the leases; raise ``ConfigError`` if the store

@@ -230,6 +230,7 @@ class Relay:
         self._token_state_dir: Path | None = None
         self._deny_stamp: Any = None
         self._deny_path: str | None = None
+        self._deny_merged: tuple[frozenset[str], frozenset[str]] | None = None
         self._deny: frozenset[str] = frozenset()
         self._server: ControlListener | None = None
         self._slots: dict[SessionConnection, Slot] = {}
@@ -586,21 +587,29 @@ class Relay:
 
     def _denied(self) -> frozenset[str]:
         """The token deny list, re-read when its file changes, so a revocation applies to the
-        next handshake, registration and stream open, without a restart."""
+        next handshake, registration and stream open, without a restart; in a cluster, with
+        the ids revoked in the shared registry."""
         from burrow.tokens import DENY_FILE, load_deny
 
         state_dir = self._token_state_dir
         if state_dir is None:
-            return frozenset()
+            return frozenset() if self.shared is None else self.shared.denied
         if self._deny_path is None:  # a str, so the stat at every stream open costs no pathlib
             self._deny_path = os.path.join(state_dir, DENY_FILE)
         try:
             stamp: Any = os.stat(self._deny_path).st_mtime_ns
         except OSError:
             stamp = None
+        shared = self.shared
         if stamp != self._deny_stamp:
             self._deny_stamp, self._deny = stamp, load_deny(state_dir)
-        return self._deny
+            self._deny_merged = None
+        if shared is None or not shared.denied:
+            return self._deny
+        merged = self._deny_merged
+        if merged is None or merged[0] is not shared.denied:  # the cluster's list changed
+            merged = self._deny_merged = (shared.denied, self._deny | shared.denied)
+        return merged[1]
 
     def _scope_error(self, conn: SessionConnection, kind: str, name: str) -> str | None:
         """Why ``conn`` may not ``kind`` (expose/connect) ``name`` now, or None."""
