@@ -671,6 +671,51 @@ async def test_session_through_the_serverless_relay(aws: Aws, world: World) -> N
     assert not dev.stderr, dev.stderr
 
 
+async def test_a_serverless_session_killed_is_restored_by_burrow_dev_restore(
+    aws: Aws, world: World
+) -> None:
+    """``kill -9`` of ``burrow dev --to ws://``: the journal survives, ``burrow dev restore``
+    puts the function back exactly, and says when its tokens expire (the journal keeps it)
+    rather than writing a deny list the serverless relay never reads."""
+    url = aws.url
+    deploy(url, "api", {"DATABASE_URL": DATABASE_URL})
+    before = configuration(url, "api")
+    stack_key = world.tmp / "stack-key"
+    state = world.tmp / "dev-state"
+    with EmulatorProcess(stack_key) as emulator:
+        args = [
+            "--to",
+            emulator.ws_url,
+            "--token-key-dir",
+            str(stack_key),
+            "--layer-zip",
+            str(world.layer_zip),
+            "--state-dir",
+            str(state),
+            "--local",
+            "pg=5432",
+            "--json",
+        ]
+        async with burrow_dev(args, aws.env()) as dev:
+            await dev.wait("dev_ready")
+            token = configuration(url, "api")[0]["BURROW_TOKEN"]
+            dev.proc.send_signal(signal.SIGKILL)
+            assert await dev.finish() == -signal.SIGKILL
+    assert configuration(url, "api") != before
+    result = await asyncio.to_thread(
+        run_cli, ["dev", "restore", "--state-dir", str(state), "--json"], aws.env()
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["function"] for e in events if e["event"] == "function_restored"] == ["api"]
+    assert configuration(url, "api") == before  # exactly
+    assert not (state / "journal.json").exists()
+    note = [e for e in events if e["event"] == "tokens_not_revoked"]
+    assert len(note) == 1 and parse_token(token)[0]["id"] in note[0]["tokens"], events
+    assert note[0]["expires"] == parse_token(token)[0]["exp"]  # from the journal
+    assert not (stack_key / "token.deny").exists()
+
+
 def test_a_serverless_relay_url_in_the_plan_and_at_the_end() -> None:
     """The VPC route check takes the host from a wss:// URL (API Gateway is outside any VPC:
     a function without a NAT cannot reach it); a journal with tokens and no key directory (a

@@ -229,6 +229,7 @@ class DevSession:
         nothing = False
         if key is not None:
             token, journal.tokens = self._mint(key)
+            journal.expires = self._expires
             # A serverless relay's deny list is the stack's parameter, not token.deny: no
             # key_dir, so that nothing pretends to revoke there (revoke_tokens says so).
             journal.key_dir = None if config.serverless else str(key_dir)
@@ -777,6 +778,8 @@ def revoke_tokens(
     deny list is the stack's RevokedTokens parameter, so they are only said to expire."""
     from burrow.tokens import deny
 
+    if expires is None:
+        expires = journal.expires  # a session that crashed: what its journal says
     if journal.tokens and not journal.key_dir:
         when = (
             time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))

@@ -100,6 +100,9 @@ class Journal:
     key_dir: str | None = None  # where the relay's token.deny is
     pid: int = field(default_factory=os.getpid)
     started: float = field(default_factory=time.time)
+    #: When the tokens expire (Unix time): what a restore after a crash tells of tokens it
+    #: cannot revoke (a serverless relay's), instead of "the session's --ttl".
+    expires: float | None = None
 
     @classmethod
     def at(cls, state_dir: Path) -> Journal:
@@ -130,6 +133,7 @@ class Journal:
             entries = [Entry.from_json(item) for item in data.get("entries", [])]
             tokens = _list(data.get("tokens", []))
             key_dir = data.get("key_dir")
+            expires = data.get("expires")
             journal = cls(
                 path,
                 {entry.arn: entry for entry in entries},
@@ -137,6 +141,7 @@ class Journal:
                 key_dir if isinstance(key_dir, str) else None,
                 int(data.get("pid", 0)),
                 float(data.get("started", 0)),
+                float(expires) if isinstance(expires, int | float) else None,
             )
         except (ValueError, TypeError) as exc:
             raise ConfigError(
@@ -155,6 +160,7 @@ class Journal:
             "pid": self.pid,
             "started": self.started,
             "key_dir": self.key_dir,
+            "expires": self.expires,
             "tokens": self.tokens,
             "entries": [asdict(entry) for entry in self.entries.values()],
         }
