@@ -814,8 +814,8 @@ async def revoke(url: str, token_id: str) -> None:
             await client.publish(f"{rl.CHANNEL}:{database(url)}", '{"op":"deny"}')
     except failures as exc:
         raise ConfigError(
-            f"cannot reach the registry {shown_url(url)}: {_reason(exc)}; the token is not "
-            "revoked there"
+            f"cannot reach the registry {shown_url(url)}: {_reason(exc).rstrip('.')}; the "
+            "token is not revoked there"
         ) from None
     finally:
         with contextlib.suppress(Exception):
