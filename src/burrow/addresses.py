@@ -118,6 +118,16 @@ def parse_hostport(spec: str, default_port: int, *, listen: bool = False) -> tup
     return host, port
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def is_websocket_url(text: str | None) -> bool:
     """Whether a relay address is a WebSocket URL (the serverless relay: ``wss://...``)."""
     return bool(text) and str(text).lower().startswith(("ws://", "wss://"))

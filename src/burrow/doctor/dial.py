@@ -179,6 +179,11 @@ class Dialer:
 
     # --- dial --------------------------------------------------------------------------------
 
+    async def fresh(self) -> Link:
+        """Another connection like the first, for a retry that only needs the link."""
+        link, _ = await self.dial()
+        return link
+
     async def dial(self) -> tuple[Link, str]:
         """A connected Link and the dial phase's detail line; ``PhaseFailed`` otherwise."""
         if self.via.kind == "direct":

@@ -1,20 +1,23 @@
 """The few PostgreSQL protocol 3.0 packets the doctor speaks, sans-I/O (bytes in, messages out).
 
-Kept small on purpose: it is to be folded into the shared ``burrow.pg`` codec. Every backend
-message is ``type:1 length:4 body``; the decoder checks the length against a limit per type as
-soon as the 5-byte header is in, so memory is bounded by the largest message allowed.
+The client's side of what ``burrow.pg.codec`` (the proxy's, strict) defines: its constants,
+framing and error fields are the codec's, while parsing here stays lenient, since a doctor must
+describe odd servers rather than refuse them. Every backend message is ``type:1 length:4
+body``; the decoder checks the length against a limit per type as soon as the 5-byte header
+is in, so memory is bounded by the largest message allowed.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
-SSL_REQUEST_CODE: Final = 80877103  # 1234 << 16 | 5679
-PROTOCOL_3_0: Final = 196608
-SSL_REQUEST: Final = struct.pack("!ii", 8, SSL_REQUEST_CODE)
+from burrow.pg import codec
+from burrow.pg.codec import PROTOCOL_3_0
+
+SSL_REQUEST: Final = codec.encode_ssl_request()
 
 #: Largest body the doctor accepts per backend message type; DataRow carries the payload ladder.
 MAX_ROW: Final = (1 << 20) + 4096
@@ -116,12 +119,8 @@ def startup_message(params: Mapping[str, str]) -> bytes:
     return struct.pack("!i", len(body) + 4) + body
 
 
-def _message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!i", len(body) + 4) + body
-
-
 def password_message(password: bytes) -> bytes:
-    return _message(b"p", password + b"\0")
+    return codec.encode_message("p", password + b"\0")
 
 
 def md5_password(user: str, password: str, salt: bytes) -> bytes:
@@ -133,20 +132,22 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
 
 
 def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
-    return _message(b"p", mechanism.encode() + b"\0" + struct.pack("!i", len(data)) + data)
+    return codec.encode_message(
+        "p", mechanism.encode() + b"\0" + struct.pack("!i", len(data)) + data
+    )
 
 
 def sasl_response(data: bytes) -> bytes:
-    return _message(b"p", data)
+    return codec.encode_message("p", data)
 
 
 def query(sql: str) -> bytes:
     """A simple Query; the reply ends with ReadyForQuery."""
-    return _message(b"Q", sql.encode() + b"\0")
+    return codec.encode_message("Q", sql.encode() + b"\0")
 
 
 def terminate() -> bytes:
-    return _message(b"X", b"")
+    return codec.encode_message("X")
 
 
 # --- backend message bodies ----------------------------------------------------------------
@@ -182,22 +183,8 @@ FIELD_NAMES: Final[Mapping[str, str]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class ServerError:
-    """An ErrorResponse (or NoticeResponse): its fields by one-letter code."""
-
-    fields: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def sqlstate(self) -> str:
-        return self.fields.get("C", "")
-
-    @property
-    def message(self) -> str:
-        return self.fields.get("M", "")
-
-    @property
-    def severity(self) -> str:
-        return self.fields.get("V") or self.fields.get("S", "")
+class ServerError(codec.ErrorResponse):
+    """An ErrorResponse (or NoticeResponse), read leniently: the codec's fields and names."""
 
     def describe(self) -> str:
         """``SQLSTATE 28P01: password authentication failed for user "app"`` (+ detail/hint)."""

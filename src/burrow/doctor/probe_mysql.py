@@ -26,7 +26,7 @@ from burrow.doctor.greeting import identify, preview
 from burrow.doctor.link import Link
 from burrow.doctor.model import Checklist, PhaseFailed
 from burrow.doctor.target import Target
-from burrow.doctor.tlsprobe import handshake
+from burrow.doctor.tlsprobe import handshake_for
 
 NEEDS_TLS = ("require", "verify-ca", "verify-full")
 
@@ -230,14 +230,8 @@ class MySqlProbe:
             await link.send(mywire.ssl_request(caps, seq=1), self.opt.timeout)
             return link
 
-        result = await handshake(
-            conn.link,
-            host=self.t.host,
-            mode=self.t.tls_mode,
-            ca=self.t.tls_ca,
-            alpn=None,
-            timeout=self.opt.timeout,
-            reopen=reopen,
+        result = await handshake_for(
+            self.t, conn.link, alpn=None, timeout=self.opt.timeout, reopen=reopen
         )
         return result.detail
 

@@ -13,7 +13,7 @@ from burrow.doctor.greeting import identify, preview
 from burrow.doctor.link import Link
 from burrow.doctor.model import Checklist, PhaseFailed
 from burrow.doctor.target import Target
-from burrow.doctor.tlsprobe import handshake
+from burrow.doctor.tlsprobe import handshake_for
 
 GREETING_WAIT: Final = 1.0
 MAX_HEAD: Final = 64 * 1024
@@ -87,19 +87,8 @@ class HttpProbe:
 
     async def _tls(self) -> str:
         assert self.link is not None
-
-        async def reopen() -> Link:
-            link, _ = await self.dialer.dial()
-            return link
-
-        result = await handshake(
-            self.link,
-            host=self.t.host,
-            mode=self.t.tls_mode,
-            ca=self.t.tls_ca,
-            alpn=["http/1.1"],
-            timeout=self.opt.timeout,
-            reopen=reopen,
+        result = await handshake_for(
+            self.t, self.link, alpn=["http/1.1"], timeout=self.opt.timeout, reopen=self.dialer.fresh
         )
         return result.detail
 

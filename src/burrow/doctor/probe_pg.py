@@ -28,7 +28,7 @@ from burrow.doctor.link import Link
 from burrow.doctor.model import Checklist, PhaseFailed
 from burrow.doctor.scram import ScramClient, ScramError, tls_server_end_point
 from burrow.doctor.target import Target
-from burrow.doctor.tlsprobe import TlsResult, handshake
+from burrow.doctor.tlsprobe import TlsResult, handshake_for
 
 SHOWN_PARAMETERS: Final = ("server_encoding", "client_encoding", "TimeZone", "DateStyle")
 NEEDS_TLS: Final = ("require", "verify-ca", "verify-full")
@@ -248,11 +248,9 @@ class PgProbe:
 
     async def _handshake(self) -> TlsResult:
         assert self.link is not None
-        return await handshake(
+        return await handshake_for(
+            self.t,
             self.link,
-            host=self.t.host,
-            mode=self.t.tls_mode,
-            ca=self.t.tls_ca,
             alpn=["postgresql"],
             timeout=self.opt.timeout,
             reopen=self._reopen_for_tls,

@@ -11,9 +11,13 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from burrow.doctor.link import Link
 from burrow.doctor.model import PhaseFailed
+
+if TYPE_CHECKING:
+    from burrow.doctor.target import Target
 
 VERIFYING = ("verify-ca", "verify-full")
 
@@ -192,6 +196,26 @@ async def handshake(
         else f"not verified ({mode})"
     )
     return TlsResult("; ".join(parts), facts)
+
+
+async def handshake_for(
+    target: Target,
+    link: Link,
+    *,
+    alpn: list[str] | None,
+    timeout: float,
+    reopen: Callable[[], Awaitable[Link]] | None = None,
+) -> TlsResult:
+    """``handshake`` with the host, verification mode and CA the doctor's URL gave."""
+    return await handshake(
+        link,
+        host=target.host,
+        mode=target.tls_mode,
+        ca=target.tls_ca,
+        alpn=alpn,
+        timeout=timeout,
+        reopen=reopen,
+    )
 
 
 def _describe(facts: CertFacts | None, host: str) -> str:

@@ -5,34 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 from typing import Any, Final
 
+from burrow.addresses import is_loopback
 from burrow.events import EventSink, emit, format_hostport
 from burrow.pg.endpoint import Endpoint
 from burrow.pg.policy import PgPolicy
 from burrow.pg.proxy import serve_pg
 from burrow.pg.upstream import PgUpstream
 
-__all__ = ["DEFAULT_LISTEN_PORT", "MAX_CONNECTIONS", "PgProxyServer", "is_loopback"]
+__all__ = ["DEFAULT_LISTEN_PORT", "MAX_CONNECTIONS", "PgProxyServer"]
 
 log = logging.getLogger("burrow.pg")
 
 DEFAULT_LISTEN_PORT: Final = 6432
 MAX_CONNECTIONS: Final = 1000
 """Connections served at once; more are closed at accept (the database has its own cap)."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a listen address) is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class PgProxyServer:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import random
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from burrow.addresses import DEFAULT_RELAY_PORT
+from burrow.addresses import DEFAULT_RELAY_PORT, is_loopback
 from burrow.errors import BurrowError, ConfigError, TunnelError
 from burrow.events import EventSink, emit, format_hostport
 from burrow.net.bridge import StreamBridge, visitor_info
@@ -528,7 +527,7 @@ class Relay:
                 "warning",
                 message="--allow-anonymous: anyone who reaches this relay may open tunnels on it",
             )
-        elif config.secret is None and not _is_loopback(config.listen_host):
+        elif config.secret is None and not is_loopback(config.listen_host):
             from burrow.tokens import TokenKey
 
             _, created = TokenKey.create(state_dir)
@@ -578,7 +577,7 @@ class Relay:
         config = self.config
         if config.allow_anonymous:
             return True
-        if config.secret is not None or not _is_loopback(config.listen_host):
+        if config.secret is not None or not is_loopback(config.listen_host):
             return False
         try:
             return self._token_key() is None
@@ -1308,15 +1307,6 @@ def _is_node(conn: SessionConnection) -> bool:
 
 def _show_key(key: LeaseKey) -> str:
     return str(key[1]) if isinstance(key, tuple) else f"port {key}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _peer_address(conn: SessionConnection) -> tuple[str, int] | None:

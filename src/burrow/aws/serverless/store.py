@@ -88,62 +88,47 @@ class Store:
 
     def claim(self, key: str, conn: str, owner: str, now: float) -> bool:
         """Hold name ``key`` (``NS#NAME``) for ``conn``: if free, expired, or already ours."""
-        exp = int(now) + LEASE
-        try:
-            self.db.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": f"t#{key}"}},
-                UpdateExpression="SET #c = :c, #o = :o, #e = :e, #t = :t",
-                ConditionExpression="attribute_not_exists(pk) OR #o = :o OR #e < :now",
-                ExpressionAttributeNames={"#c": "conn", "#o": "owner", "#e": "exp", "#t": "ttl"},
-                ExpressionAttributeValues={
-                    ":c": {"S": conn},
-                    ":o": {"S": owner},
-                    ":e": {"N": str(exp)},
-                    ":t": {"N": str(exp + DAY)},
-                    ":now": {"N": str(int(now))},
-                },
-            )
-        except Exception as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._write_name(
+            key,
+            int(now) + LEASE,
+            "SET #c = :c, #o = :o, #e = :e, #t = :t",
+            "attribute_not_exists(pk) OR #o = :o OR #e < :now",
+            {":c": {"S": conn}, ":o": {"S": owner}, ":now": {"N": str(int(now))}},
+            {"#o": "owner"},
+        )
 
     def renew(self, key: str, conn: str, now: float) -> bool:
-        exp = int(now) + LEASE
-        try:
-            self.db.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": f"t#{key}"}},
-                UpdateExpression="SET #e = :e, #t = :t",
-                ConditionExpression="#c = :c",
-                ExpressionAttributeNames={"#c": "conn", "#e": "exp", "#t": "ttl"},
-                ExpressionAttributeValues={
-                    ":c": {"S": conn},
-                    ":e": {"N": str(exp)},
-                    ":t": {"N": str(exp + DAY)},
-                },
-            )
-        except Exception as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._write_name(
+            key, int(now) + LEASE, "SET #e = :e, #t = :t", "#c = :c", {":c": {"S": conn}}
+        )
 
     def release(self, key: str, conn: str, now: float, grace: int = GRACE) -> bool:
         """``conn`` is gone: keep the name for its owner for ``grace`` seconds, with no
         connection (visitors get 502 meanwhile). Only if ``conn`` still holds it."""
-        exp = int(now) + grace
+        return self._write_name(
+            key, int(now) + grace, "REMOVE #c SET #e = :e, #t = :t", "#c = :c", {":c": {"S": conn}}
+        )
+
+    def _write_name(
+        self,
+        key: str,
+        exp: int,
+        update: str,
+        condition: str,
+        values: dict[str, Any],
+        names: dict[str, str] | None = None,
+    ) -> bool:
+        """One conditional write of a name's item, ending its hold at ``exp`` (the item lives a
+        day longer, for TTL's lazy deletes); False when the condition does not hold."""
         try:
             self.db.update_item(
                 TableName=self.table,
                 Key={"pk": {"S": f"t#{key}"}},
-                UpdateExpression="REMOVE #c SET #e = :e, #t = :t",
-                ConditionExpression="#c = :c",
-                ExpressionAttributeNames={"#c": "conn", "#e": "exp", "#t": "ttl"},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#c": "conn", "#e": "exp", "#t": "ttl", **(names or {})},
                 ExpressionAttributeValues={
-                    ":c": {"S": conn},
+                    **values,
                     ":e": {"N": str(exp)},
                     ":t": {"N": str(exp + DAY)},
                 },
