@@ -85,6 +85,28 @@ class StreamHandler(Protocol):
     def resume_source(self) -> None: ...
 
 
+class _Turn:
+    """The sessions whose flush waits for the end of the dispatch in progress (a relay's
+    connector and agent sessions are dispatched one inside the other's callbacks)."""
+
+    __slots__ = ("deferred", "depth")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.deferred: list[SessionConnection] = []
+
+    def flush_deferred(self) -> None:
+        if self.depth or not self.deferred:
+            return
+        waiting, self.deferred = self.deferred, []
+        for conn in waiting:
+            if conn._flush_scheduled:
+                conn.flush()
+
+
+_turn = _Turn()
+
+
 class SessionConnection(asyncio.BufferedProtocol):
     """One session over one transport; shared by relay, agent and connector.
 
@@ -149,16 +171,21 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.bytes_in += len(data)
         session = self.session
         self._dispatching = True
+        _turn.depth += 1
         try:
             events = session.receive_data(data, self._on_data)
         except ProtocolError as exc:
             self._dispatching = False
+            _turn.depth -= 1
             self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
+            _turn.flush_deferred()
             return
         except HandshakeRejected as exc:
             self._dispatching = False
+            _turn.depth -= 1
             _fail_quietly(self.handshake_done, exc)
             self.close(f"refused by relay: {exc.message}")
+            _turn.flush_deferred()
             return
         try:
             handlers = self._handlers
@@ -176,7 +203,9 @@ class SessionConnection(asyncio.BufferedProtocol):
                     self._on_event(event)
         finally:
             self._dispatching = False
-        self.flush()
+            _turn.depth -= 1
+            self.flush()
+            _turn.flush_deferred()
         transport = self.transport
         # Only a transport that stopped taking writes can be flooded (the mark is far above).
         if (
@@ -275,12 +304,15 @@ class SessionConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._dispatching = True  # what the handlers send now leaves in one write
+        _turn.depth += 1
         try:
             for handler in list(self._handlers.values()):
                 handler.resume_source()
         finally:
             self._dispatching = False
-        self.flush()
+            _turn.depth -= 1
+            self.flush()
+            _turn.flush_deferred()
 
     # --- streams --------------------------------------------------------------------------
 
@@ -317,7 +349,7 @@ class SessionConnection(asyncio.BufferedProtocol):
             return False
         session.send_data(stream_id, data)
         if not self._dispatching and not self._flush_scheduled:
-            self.flush()
+            self._push()
         return True
 
     def send(self, stream_id: int, data: bytes | memoryview) -> int:
@@ -355,9 +387,16 @@ class SessionConnection(asyncio.BufferedProtocol):
         return self.session.is_open(stream_id)
 
     def _push(self) -> None:
-        """Flush what was queued, unless a flush is already due (end of dispatch, of turn)."""
-        if not self._dispatching and not self._flush_scheduled:
-            self.flush()
+        """Flush what was queued, unless a flush is already due: at the end of this session's
+        dispatch, of the turn, or of another session's dispatch (a relay joining two sessions
+        sends what one record brought in one record, not a record per frame)."""
+        if self._dispatching or self._flush_scheduled:
+            return
+        if _turn.depth:
+            self._flush_scheduled = True
+            _turn.deferred.append(self)
+            return
+        self.flush()
 
     # --- actions ------------------------------------------------------------------------
 
@@ -367,6 +406,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.flush()
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         out = self.session.data_to_send()
         if out and self.transport is not None:
             if len(out) == 1:
@@ -385,8 +425,9 @@ class SessionConnection(asyncio.BufferedProtocol):
             self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
+        if self._flush_scheduled:  # not flushed meanwhile at the end of a dispatch
+            self._flush_scheduled = False
+            self.flush()
 
     def send_control(self, message: dict[str, Any]) -> None:
         if self.session.state is State.OPEN and self.transport is not None:
