@@ -96,12 +96,13 @@ class _Turn:
         self.deferred: list[SessionConnection] = []
 
     def flush_deferred(self) -> None:
-        if self.depth or not self.deferred:
+        waiting = self.deferred
+        if self.depth or not waiting:
             return
-        waiting, self.deferred = self.deferred, []
-        for conn in waiting:
+        for conn in waiting:  # no dispatch now: nothing is added while this runs
             if conn._flush_scheduled:
                 conn.flush()
+        waiting.clear()
 
 
 _turn = _Turn()
@@ -149,6 +150,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._pong_waiters: list[asyncio.Future[None]] = []
         self._flush_scheduled = False
+        self._turn = _turn  # an attribute, not a global: it is read at every message
 
     # --- transport callbacks ----------------------------------------------------------
 
@@ -171,21 +173,21 @@ class SessionConnection(asyncio.BufferedProtocol):
         self.bytes_in += len(data)
         session = self.session
         self._dispatching = True
-        _turn.depth += 1
+        self._turn.depth += 1
         try:
             events = session.receive_data(data, self._on_data)
         except ProtocolError as exc:
             self._dispatching = False
-            _turn.depth -= 1
+            self._turn.depth -= 1
             self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
-            _turn.flush_deferred()
+            self._turn.flush_deferred()
             return
         except HandshakeRejected as exc:
             self._dispatching = False
-            _turn.depth -= 1
+            self._turn.depth -= 1
             _fail_quietly(self.handshake_done, exc)
             self.close(f"refused by relay: {exc.message}")
-            _turn.flush_deferred()
+            self._turn.flush_deferred()
             return
         try:
             handlers = self._handlers
@@ -203,9 +205,9 @@ class SessionConnection(asyncio.BufferedProtocol):
                     self._on_event(event)
         finally:
             self._dispatching = False
-            _turn.depth -= 1
+            self._turn.depth -= 1
             self.flush()
-            _turn.flush_deferred()
+            self._turn.flush_deferred()
         transport = self.transport
         # Only a transport that stopped taking writes can be flooded (the mark is far above).
         if (
@@ -304,15 +306,15 @@ class SessionConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._dispatching = True  # what the handlers send now leaves in one write
-        _turn.depth += 1
+        self._turn.depth += 1
         try:
             for handler in list(self._handlers.values()):
                 handler.resume_source()
         finally:
             self._dispatching = False
-            _turn.depth -= 1
+            self._turn.depth -= 1
             self.flush()
-            _turn.flush_deferred()
+            self._turn.flush_deferred()
 
     # --- streams --------------------------------------------------------------------------
 
@@ -392,9 +394,9 @@ class SessionConnection(asyncio.BufferedProtocol):
         sends what one record brought in one record, not a record per frame)."""
         if self._dispatching or self._flush_scheduled:
             return
-        if _turn.depth:
+        if self._turn.depth:
             self._flush_scheduled = True
-            _turn.deferred.append(self)
+            self._turn.deferred.append(self)
             return
         self.flush()
 
