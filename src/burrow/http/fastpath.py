@@ -210,7 +210,8 @@ class FastPath:
             method=method.decode("latin-1"),
             target=target.decode("latin-1"),
             http_version="1.1",
-            request_headers=text_headers(forwarded),
+            # Text headers are for the inspector: none, no decoding per request.
+            request_headers=text_headers(forwarded) if visitor.recorder is not None else [],
             client=visitor.client_label,
         )
         started = time.monotonic()
@@ -315,7 +316,8 @@ class FastPath:
         headers = rewrite_response_headers(self.options, raw)
         exchange.status = status
         exchange.reason = reason.decode("latin-1")
-        exchange.response_headers = text_headers(headers)
+        if visitor.recorder is not None:
+            exchange.response_headers = text_headers(headers)
         first = buf[end : end + length]
         extra = len(buf) - end > length
         self.responded = True
