@@ -229,6 +229,9 @@ class Relay:
         self._token_state_dir: Path | None = None
         self._deny_stamp: Any = None
         self._deny_path: str | None = None
+        #: The loop time of the last look at the deny file: one stat per turn of the loop
+        #: (uvloop's clock moves once per turn), not one per check of a stream open.
+        self._deny_looked: float | None = None
         self._deny_merged: tuple[frozenset[str], frozenset[str]] | None = None
         self._deny: frozenset[str] = frozenset()
         self._server: ControlListener | None = None
@@ -518,7 +521,7 @@ class Relay:
 
         config = self.config
         self._token_state_dir = state_dir = config.state_dir or default_state_dir("relay")
-        self._deny_path = None
+        self._deny_path = self._deny_looked = None
         self._key_stamp: Any = None
         self._key: Any = None
         if config.allow_anonymous:
@@ -595,10 +598,15 @@ class Relay:
             return frozenset() if self.shared is None else self.shared.denied
         if self._deny_path is None:  # a str, so the stat at every stream open costs no pathlib
             self._deny_path = os.path.join(state_dir, DENY_FILE)
-        try:
-            stamp: Any = os.stat(self._deny_path).st_mtime_ns
-        except OSError:
-            stamp = None
+        loop = asyncio._get_running_loop()
+        now = loop.time() if loop is not None else None
+        stamp: Any = self._deny_stamp
+        if now is None or now != self._deny_looked:
+            self._deny_looked = now
+            try:
+                stamp = os.stat(self._deny_path).st_mtime_ns
+            except OSError:
+                stamp = None
         shared = self.shared
         if stamp != self._deny_stamp:
             self._deny_stamp, self._deny = stamp, load_deny(state_dir)
