@@ -18,7 +18,13 @@ import pytest
 from burrow.errors import TunnelError
 from burrow.roles import redis_leases as rl
 from burrow.roles.leases import Lease
-from burrow.roles.redis_registry import LEASE_TTL, RedisRegistry, database, shown_url
+from burrow.roles.redis_registry import (
+    LEASE_TTL,
+    NODE_GONE_AFTER,
+    RedisRegistry,
+    database,
+    shown_url,
+)
 from burrow.roles.registry import Holder, NodeInfo
 from helpers import SCALE
 
@@ -37,6 +43,7 @@ class Hooks:
         self.changes: list[tuple[Hashable, Lease | None, Lease | None]] = []
         self.lost: list[Lease] = []
         self.states: list[tuple[bool, str]] = []
+        self.nodes: list[set[str]] = []
         self.changed = asyncio.Event()
 
     def lease_changed(self, key: Hashable, old: Lease | None, new: Lease | None) -> None:
@@ -47,7 +54,7 @@ class Hooks:
         self.lost.append(lease)
 
     def nodes_changed(self, nodes: Mapping[str, NodeInfo]) -> None:
-        pass
+        self.nodes.append(set(nodes))
 
     def registry_state(self, available: bool, reason: str) -> None:
         self.states.append((available, reason))
@@ -384,6 +391,28 @@ async def test_after_redis_lost_everything_other_nodes_leases_wait_to_be_claimed
         assert lease is not None and lease.connected and lease.session == "s1"
         two._sweep(now() + 60)  # long after: what nobody claimed again is gone
         assert two.resolve(5433) is None and two.resolve(PORT) is not None
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_after_redis_lost_everything_a_node_not_listed_yet_keeps_its_link() -> None:
+    """A node that lists the cluster before the others wrote their records again (a Redis
+    that came back empty) keeps them, so its links and the streams on them stay up; a node
+    missing for long is let go."""
+    flush()
+    one, _ = await open_registry("n1")
+    two, hooks = await open_registry("n2")
+    try:
+        await two._load_nodes()
+        assert hooks.nodes and "n1" in hooks.nodes[-1]
+        told = len(hooks.nodes)
+        flush()  # what a restart of a Redis that keeps nothing leaves
+        await two._load_nodes()  # node 2 came back first
+        assert len(hooks.nodes) == told  # nobody was dropped: no link closed
+        two._seen_at["n1"] -= NODE_GONE_AFTER + 1  # long after, n1 never wrote its record again
+        await two._load_nodes()
+        assert "n1" not in hooks.nodes[-1]
     finally:
         await one.close()
         await two.close()

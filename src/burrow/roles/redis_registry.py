@@ -702,6 +702,12 @@ class RedisRegistry:
             self._last_reload = float("-inf")  # a node taken for gone is back: Redis's view
         for node_id in nodes:
             self._seen_at[node_id] = local
+        live = self._live_nodes(local)
+        for node_id, node in self._nodes.items():
+            if node_id not in nodes and node_id in live:
+                # Missing from this listing only (a Redis that came back empty, before the
+                # node wrote its record again): its link, and the streams on it, stay up.
+                nodes[node_id] = node
         if nodes != self._nodes:
             self._nodes = nodes
             if self._hooks is not None:
