@@ -597,6 +597,26 @@ def psql(port: int, sql: str) -> str:
     return result.stdout.strip()
 
 
+def serverless_dev_args(
+    emulator: EmulatorProcess, stack_key: Path, world: World, state: Path
+) -> list[str]:
+    """``burrow dev`` against the emulated serverless relay, tokens minted with the stack's
+    key, the local PostgreSQL as ``pg``."""
+    return [
+        "--to",
+        emulator.ws_url,
+        "--token-key-dir",
+        str(stack_key),
+        "--layer-zip",
+        str(world.layer_zip),
+        "--state-dir",
+        str(state),
+        "--local",
+        "pg=5432",
+        "--json",
+    ]
+
+
 async def test_session_through_the_serverless_relay(aws: Aws, world: World) -> None:
     """``burrow dev --to ws://EMULATOR``: `burrow serverless emulate` in its own process is the
     relay; the function gets the URL, a token minted with the stack's key and its listeners;
@@ -609,22 +629,8 @@ async def test_session_through_the_serverless_relay(aws: Aws, world: World) -> N
     before = {name: configuration(url, name) for name in ("api", "plain")}
     stack_key = world.tmp / "stack-key"
     with EmulatorProcess(stack_key) as emulator:
-        args = [
-            "--to",
-            emulator.ws_url,
-            "--token-key-dir",
-            str(stack_key),
-            "--layer-zip",
-            str(world.layer_zip),
-            "--state-dir",
-            str(world.tmp / "dev-state"),
-            "--local",
-            "pg=5432",
-            "--ttl",
-            "1h",
-            "--json",
-        ]
-        async with burrow_dev(args, aws.env()) as dev:
+        args = serverless_dev_args(emulator, stack_key, world, world.tmp / "dev-state")
+        async with burrow_dev([*args, "--ttl", "1h"], aws.env()) as dev:
             ready = await dev.wait("dev_ready")
             assert ready["functions"] == ["api"] and ready["relay"] == emulator.ws_url
             service = ready["resources"][0]["service"]
@@ -683,20 +689,9 @@ async def test_a_serverless_session_killed_is_restored_by_burrow_dev_restore(
     stack_key = world.tmp / "stack-key"
     state = world.tmp / "dev-state"
     with EmulatorProcess(stack_key) as emulator:
-        args = [
-            "--to",
-            emulator.ws_url,
-            "--token-key-dir",
-            str(stack_key),
-            "--layer-zip",
-            str(world.layer_zip),
-            "--state-dir",
-            str(state),
-            "--local",
-            "pg=5432",
-            "--json",
-        ]
-        async with burrow_dev(args, aws.env()) as dev:
+        async with burrow_dev(
+            serverless_dev_args(emulator, stack_key, world, state), aws.env()
+        ) as dev:
             await dev.wait("dev_ready")
             token = configuration(url, "api")[0]["BURROW_TOKEN"]
             dev.proc.send_signal(signal.SIGKILL)

@@ -63,32 +63,48 @@ def relay_end(**kwargs: Any) -> tuple[Session, SessionConnection, RecordingTrans
     return peer, conn, transport
 
 
-async def test_frames_of_one_record_cross_the_join_in_one_write() -> None:
-    agent, agent_conn, agent_transport = relay_end()
-    halves: list[JoinHalf] = []
+class Joined:
+    """A relay joining each stream a connector opens to a new stream on an agent's session."""
 
-    def on_stream(conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
-        near, far = JoinHalf(conn, stream_id), JoinHalf(agent_conn)
+    def __init__(self, *, failing: bool = False) -> None:
+        self.agent, self.agent_conn, self.agent_transport = relay_end()
+        self.far_ids: list[int] = []
+        self.failing = failing
+        self.connector, self.connector_conn, self.connector_transport = relay_end(
+            on_stream=self.on_stream
+        )
+
+    def on_stream(self, conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
+        near, far = JoinHalf(conn, stream_id), JoinHalf(self.agent_conn)
         far.open(info)
         join(near, far)
-        halves.append(near)
+        self.far_ids.append(far.stream_id)
+        if self.failing:
+            raise RuntimeError("a bug in a handler")
 
-    connector, connector_conn, connector_transport = relay_end(on_stream=on_stream)
+    def from_connector(self) -> None:
+        self.connector_conn.data_received(b"".join(self.connector.data_to_send()))
+
+
+async def test_frames_of_one_record_cross_the_join_in_one_write() -> None:
+    joined = Joined()
+    agent, agent_transport = joined.agent, joined.agent_transport
+    connector = joined.connector
 
     # Two streams opened in one record: the agent gets both OPENs in one write.
     first = connector.open_stream({"service": "db"})
     second = connector.open_stream({"service": "db"})
-    connector_conn.data_received(b"".join(connector.data_to_send()))
+    joined.from_connector()
     writes = agent_transport.take()
     assert len(writes) == 1
     opened = [e for e in agent.receive_data(writes[0]) if isinstance(e, StreamOpened)]
     assert [e.info for e in opened] == [{"service": "db"}, {"service": "db"}]
-    assert len(halves) == 2
+    assert len(joined.far_ids) == 2
 
     # DATA for both streams in one record: one write to the agent, both payloads, in order.
     connector.send_data(first, b"select 1")
     connector.send_data(second, b"select 2")
-    connector_conn.data_received(b"".join(connector.data_to_send()))
+    joined.from_connector()
     writes = agent_transport.take()
     assert len(writes) == 1
     data = [e for e in agent.receive_data(writes[0]) if isinstance(e, DataReceived)]
@@ -101,36 +117,26 @@ async def test_frames_of_one_record_cross_the_join_in_one_write() -> None:
     for event in opened:
         agent.accept_stream(event.stream_id)
         agent.send_data(event.stream_id, b"row")
-    agent_conn.data_received(b"".join(agent.data_to_send()))
-    writes = connector_transport.take()
+    joined.agent_conn.data_received(b"".join(agent.data_to_send()))
+    writes = joined.connector_transport.take()
     assert len(writes) == 1
     back = [e for e in connector.receive_data(writes[0]) if isinstance(e, DataReceived)]
     assert [(e.stream_id, bytes(e.data)) for e in back] == [(first, b"row"), (second, b"row")]
 
     # Outside any dispatch a send leaves at once.
-    assert agent_conn.send(opened[0].stream_id, b"late") == 4
+    assert joined.agent_conn.send(opened[0].stream_id, b"late") == 4
     assert len(agent_transport.take()) == 1
 
 
 async def test_a_failing_handler_does_not_leave_the_other_session_unflushed() -> None:
-    agent, agent_conn, agent_transport = relay_end()
-    far_ids: list[int] = []
-
-    def on_stream(conn: SessionConnection, stream_id: int, info: dict[str, Any]) -> None:
-        near, far = JoinHalf(conn, stream_id), JoinHalf(agent_conn)
-        far.open(info)
-        join(near, far)
-        far_ids.append(far.stream_id)
-        raise RuntimeError("a bug in a handler")
-
-    connector, connector_conn, _ = relay_end(on_stream=on_stream)
-    connector.open_stream({"service": "db"})
+    joined = Joined(failing=True)
+    joined.connector.open_stream({"service": "db"})
     with pytest.raises(RuntimeError):
-        connector_conn.data_received(b"".join(connector.data_to_send()))
+        joined.from_connector()
     # The OPEN queued for the agent before the failure still went out ...
-    writes = agent_transport.take()
+    writes = joined.agent_transport.take()
     assert len(writes) == 1
-    assert [type(e) for e in agent.receive_data(writes[0])] == [StreamOpened]
+    assert [type(e) for e in joined.agent.receive_data(writes[0])] == [StreamOpened]
     # ... and later sends are not held back by a flush that never comes.
-    assert agent_conn.send(far_ids[0], b"next") == 4
-    assert len(agent_transport.take()) == 1
+    assert joined.agent_conn.send(joined.far_ids[0], b"next") == 4
+    assert len(joined.agent_transport.take()) == 1

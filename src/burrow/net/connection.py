@@ -172,24 +172,19 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._last_rx = self._loop.time()
         self.bytes_in += len(data)
         session = self.session
+        turn = self._turn
         self._dispatching = True
-        self._turn.depth += 1
+        turn.depth += 1
         try:
-            events = session.receive_data(data, self._on_data)
-        except ProtocolError as exc:
-            self._dispatching = False
-            self._turn.depth -= 1
-            self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
-            self._turn.flush_deferred()
-            return
-        except HandshakeRejected as exc:
-            self._dispatching = False
-            self._turn.depth -= 1
-            _fail_quietly(self.handshake_done, exc)
-            self.close(f"refused by relay: {exc.message}")
-            self._turn.flush_deferred()
-            return
-        try:
+            try:
+                events = session.receive_data(data, self._on_data)
+            except ProtocolError as exc:
+                self.close(f"protocol error from {self.peer}: {exc} ({exc.code})", error=exc.code)
+                return
+            except HandshakeRejected as exc:
+                _fail_quietly(self.handshake_done, exc)
+                self.close(f"refused by relay: {exc.message}")
+                return
             handlers = self._handlers
             for event in events:
                 kind = type(event)
@@ -205,9 +200,9 @@ class SessionConnection(asyncio.BufferedProtocol):
                     self._on_event(event)
         finally:
             self._dispatching = False
-            self._turn.depth -= 1
+            turn.depth -= 1
             self.flush()
-            self._turn.flush_deferred()
+            turn.flush_deferred()
         transport = self.transport
         # Only a transport that stopped taking writes can be flooded (the mark is far above).
         if (
@@ -305,16 +300,17 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        turn = self._turn
         self._dispatching = True  # what the handlers send now leaves in one write
-        self._turn.depth += 1
+        turn.depth += 1
         try:
             for handler in list(self._handlers.values()):
                 handler.resume_source()
         finally:
             self._dispatching = False
-            self._turn.depth -= 1
+            turn.depth -= 1
             self.flush()
-            self._turn.flush_deferred()
+            turn.flush_deferred()
 
     # --- streams --------------------------------------------------------------------------
 

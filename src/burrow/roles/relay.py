@@ -598,10 +598,9 @@ class Relay:
             return frozenset() if self.shared is None else self.shared.denied
         if self._deny_path is None:  # a str, so the stat at every stream open costs no pathlib
             self._deny_path = os.path.join(state_dir, DENY_FILE)
-        loop = asyncio._get_running_loop()
-        now = loop.time() if loop is not None else None
+        now = asyncio.get_running_loop().time()
         stamp: Any = self._deny_stamp
-        if now is None or now != self._deny_looked:
+        if now != self._deny_looked:
             self._deny_looked = now
             try:
                 stamp = os.stat(self._deny_path).st_mtime_ns
