@@ -19,6 +19,7 @@ modules=(
   burrow/http/framing.py
   burrow/http/policy.py
   burrow/http/visitor.py
+  burrow/http/record.py
 )
 clean() {
   find src/burrow -name '*.so' -delete

@@ -844,6 +844,26 @@ async def test_streamed_content_length_upload_with_http_client() -> None:
         assert (status, body.decode()) == (200, f"{expected} {size}")
 
 
+class TimingRecorder(ListRecorder):
+    """Watches when exchanges begin and end only, as the agent's busy marker does."""
+
+    shows_headers = False
+
+
+async def test_text_headers_only_for_a_recorder_that_shows_them() -> None:
+    async with running_app() as app:
+        options = HttpOptions(local=("127.0.0.1", app.port))
+        for recorder, shown in ((ListRecorder(), True), (TimingRecorder(), False)):
+            async with running_proxy(options, recorder) as port:
+                status, _, _ = await asyncio.to_thread(http_request, port, "GET", "/echo")
+            assert status == 200
+            (exchange,) = recorder.ended
+            assert exchange.status == 200 and exchange.target == "/echo"
+            names = {name.lower() for name, _ in exchange.request_headers}
+            assert ("x-forwarded-for" in names) is shown
+            assert bool(exchange.response_headers) is shown
+
+
 # --- tests: failures ------------------------------------------------------------------------------
 
 

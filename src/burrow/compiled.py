@@ -21,6 +21,7 @@ MODULES = (
     "burrow.http.framing",
     "burrow.http.policy",
     "burrow.http.visitor",
+    "burrow.http.record",
 )
 
 

@@ -18,8 +18,9 @@ _FIELD_VCHAR = rb"[^\x00\s]"
 
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([0-9]{3})(?: ((?:[ \t]|" + _FIELD_VCHAR + rb")*))?\r\n")
-#: Header names joined with ":" (a byte no name has): all tokens, none empty.
-_NAMES = re.compile(_TOKEN + rb"(?::" + _TOKEN + rb")*")
+#: Header lines as h11's grammar takes them, each ending in CRLF: a token name, a colon, a
+#: value of visible characters, spaces and tabs (no CR, LF, NUL, VT or FF: so no obs-fold).
+_LINES = re.compile(rb"(?:" + _TOKEN + rb":[^\x00\r\n\x0b\x0c]*\r\n)*")
 
 
 def parse_request(buf: bytes, end: int) -> tuple[bytes, bytes, list[Header]] | None:
@@ -52,18 +53,15 @@ def _fields(buf: bytes, start: int, end: int) -> list[Header] | None:
     name, a colon, a value of visible characters, spaces and tabs (so no obs-fold either)."""
     if start == end - 2:
         return []
-    block = buf[start : end - 4]
-    flat = block.replace(b"\r\n", b"")
-    if b"\r" in flat or b"\n" in flat or b"\x00" in flat or b"\x0b" in flat or b"\x0c" in flat:
+    # One regex pass (in C) checks every line, so the split below only cuts what it vouched
+    # for. (It replaced five ``in`` tests: ``bytes in bytes`` first tries its operand as an int
+    # and builds and drops a TypeError each time.)
+    if _LINES.fullmatch(buf, start, end - 2) is None:
         return None
     headers: list[Header] = []
-    for line in block.split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        if not colon:
-            return None
+    for line in buf[start : end - 4].split(b"\r\n"):
+        name, _, value = line.partition(b":")
         headers.append((name, value.strip(b" \t")))
-    if _NAMES.fullmatch(b":".join([name for name, _ in headers])) is None:
-        return None
     return headers
 
 

@@ -211,7 +211,7 @@ class FastPath:
             target=target.decode("latin-1"),
             http_version="1.1",
             # Text headers are for the inspector: none, no decoding per request.
-            request_headers=text_headers(forwarded) if visitor.recorder is not None else [],
+            request_headers=text_headers(forwarded) if visitor.shows_headers else [],
             client=visitor.client_label,
         )
         started = time.monotonic()
@@ -298,7 +298,11 @@ class FastPath:
                     eof = True
                     break
                 buf = buf + data if buf else data
-                if b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) > limits.MAX_HEAD:
+                if (
+                    buf.find(b"\r\n\r\n") >= 0
+                    or buf.find(b"\n\n") >= 0
+                    or len(buf) > limits.MAX_HEAD
+                ):
                     break
         except TimeoutError:
             raise pages.no_answer(
@@ -316,7 +320,7 @@ class FastPath:
         headers = rewrite_response_headers(self.options, raw)
         exchange.status = status
         exchange.reason = reason.decode("latin-1")
-        if visitor.recorder is not None:
+        if visitor.shows_headers:
             exchange.response_headers = text_headers(headers)
         first = buf[end : end + length]
         extra = len(buf) - end > length

@@ -408,15 +408,15 @@ def rewrite_response_headers(
     """The head the visitor sees: hop-by-hop headers dropped (a 101 keeps ``Upgrade`` and
     ``Connection: upgrade``; pass ``upgrade=True`` for it), then the remove and add rules."""
     pairs = _pairs(headers)
-    dropped = _connection_listed(pairs)
+    lows = [name.lower() for name, _ in pairs]  # once per header, for both passes
+    dropped = (
+        _tokens([pair[1] for pair, low in zip(pairs, lows, strict=True) if low == b"connection"])
+        - _UNLISTABLE
+    )
     out = [
-        (name, value)
-        for name, value in pairs
-        if (
-            (low := name.lower()) not in _MAYBE_HOP
-            and low not in dropped
-            and not low.startswith(b"proxy-")
-        )
+        pair
+        for pair, low in zip(pairs, lows, strict=True)
+        if (low not in _MAYBE_HOP and low not in dropped and not low.startswith(b"proxy-"))
         or (upgrade and low == b"upgrade")
     ]
     if upgrade:
@@ -460,10 +460,6 @@ def _tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(
         token.strip().lower() for value in values for token in value.split(b",") if token.strip()
     )
-
-
-def _connection_listed(pairs: list[Header]) -> frozenset[bytes]:
-    return _connection_tokens(pairs) - _UNLISTABLE
 
 
 def _apply_rules(headers: list[Header], remove: list[str], add: list[str]) -> list[Header]:

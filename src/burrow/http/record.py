@@ -40,13 +40,13 @@ class Exchange:
     error: str | None = None  # why the exchange failed, if it did
     replay_of: str | None = None
 
-    def add_request_body(self, chunk: bytes) -> None:
+    def add_request_body(self, chunk: bytes | bytearray | memoryview) -> None:
         self.request_size += len(chunk)
         room = BODY_CAP - len(self.request_body)
         if room > 0:
             self.request_body += chunk[:room]
 
-    def add_response_body(self, chunk: bytes) -> None:
+    def add_response_body(self, chunk: bytes | bytearray | memoryview) -> None:
         self.response_size += len(chunk)
         room = BODY_CAP - len(self.response_body)
         if room > 0:

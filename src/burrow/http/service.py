@@ -75,6 +75,8 @@ class _BusyMarker:
     def __init__(self, channel: Channel, inner: Recorder | None) -> None:
         self.channel = channel
         self.inner = inner
+        #: Without an inspector behind it, nobody reads the headers as text.
+        self.shows_headers = inner is not None
 
     def begin(self, exchange: Exchange) -> None:
         self.channel.busy = True
