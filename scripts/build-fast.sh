@@ -32,6 +32,16 @@ fi
 sum=$(cd src && cat "${modules[@]}" | sha256sum | cut -c1-16)
 stamp=".venv/.burrow-fast-$sum"
 if [ -f "$stamp" ] && ls src/burrow/wire/session.*.so >/dev/null 2>&1; then
+  # Built from these very sources. A checkout that rewrote one with the same content (git
+  # rebase, stash) left it newer than its compiled module, which burrow then refuses to load
+  # (burrow/compiled.py): mark the compiled modules current instead of leaving that refusal.
+  for m in "${modules[@]}"; do
+    for so in src/"${m%.py}".*.so; do
+      if [ -e "$so" ] && [ "src/$m" -nt "$so" ]; then
+        touch "$so"
+      fi
+    done
+  done
   exit 0
 fi
 clean

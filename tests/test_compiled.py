@@ -3,9 +3,11 @@ and a compiled module never runs behind an edited source."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,3 +90,40 @@ def test_the_build_script_compiles_exactly_the_listed_modules() -> None:
     script = (SRC.parent.parent / "scripts" / "build-fast.sh").read_text()
     listed = script.split("modules=(", 1)[1].split(")", 1)[0].split()
     assert [m.removesuffix(".py").replace("/", ".") for m in listed] == list(MODULES)
+
+
+def test_the_build_script_marks_modules_current_when_sources_were_only_rewritten(
+    tmp_path: Path,
+) -> None:
+    """A checkout that rewrites a source with the same content must not leave burrow refusing
+    to start with advice (run build-fast.sh) that then does nothing."""
+    root = SRC.parent.parent
+    script = (root / "scripts" / "build-fast.sh").read_text()
+    listed = script.split("modules=(", 1)[1].split(")", 1)[0].split()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "build-fast.sh").write_text(script)
+    contents = b""
+    for module in listed:
+        source = tmp_path / "src" / module
+        source.parent.mkdir(parents=True, exist_ok=True)
+        data = (root / "src" / module).read_bytes()
+        contents += data
+        compiled_module = source.with_suffix(".cpython-311-x86_64-linux-gnu.so")
+        compiled_module.write_bytes(b"")
+        old = time.time() - 100
+        os.utime(compiled_module, (old, old))
+        source.write_bytes(data)  # rewritten after the build, same content
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / f".burrow-fast-{hashlib.sha256(contents).hexdigest()[:16]}").touch()
+    with pytest.raises(ImportError, match="build-fast"):
+        check_fresh(str(tmp_path / "src" / "burrow" / "wire"))
+    run = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "build-fast.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "compiling" not in run.stderr  # the stamp matched: nothing was rebuilt
+    for package in ("wire", "net", "http"):
+        check_fresh(str(tmp_path / "src" / "burrow" / package))
