@@ -1642,3 +1642,9 @@ def test_data_to_the_sink_is_still_flow_controlled() -> None:
     pump(client, relay)
     with pytest.raises(FlowControlError):
         relay.receive_data(raw(FrameType.DATA, stream_id, bytes(MIN_WINDOW + 1)), lambda s, p: None)
+
+
+def test_the_decoders_data_constant_is_the_data_frame_type() -> None:
+    from burrow.wire import frames
+
+    assert frames._DATA == FrameType.DATA

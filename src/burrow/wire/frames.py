@@ -44,6 +44,11 @@ class FrameType(IntEnum):
     REJECT = 0x14
 
 
+#: For the compiled decoder: a literal compares as a machine int, where ``FrameType.DATA`` is
+#: an attribute lookup and a rich comparison per frame; one method lookup less per read.
+_DATA: Final = 0
+_unpack_header: Final = HEADER.unpack_from
+
 _LIMITS: Final[dict[int, int]] = {t.value: MAX_META_PAYLOAD for t in FrameType}
 _LIMITS[FrameType.DATA] = MAX_DATA_PAYLOAD
 _LIMITS[FrameType.WINDOW] = 4
@@ -101,13 +106,13 @@ class FrameDecoder:
         view = memoryview(data)
         size = len(view)
         pos = 0
-        unpack = HEADER.unpack_from
+        unpack = _unpack_header
         limits = _LIMITS
         buf = self._buffer
         while pos < size:
             if self._data_remaining:
                 take = min(self._data_remaining, size - pos)
-                frames.append((FrameType.DATA, self._data_stream, view[pos : pos + take]))
+                frames.append((_DATA, self._data_stream, view[pos : pos + take]))
                 self._data_remaining -= take
                 pos += take
                 continue
@@ -120,7 +125,7 @@ class FrameDecoder:
                         break
                 frame_type, _flags, stream_id, length = unpack(buf, 0)
                 self._check(frame_type, length)
-                if frame_type == FrameType.DATA:
+                if frame_type == _DATA:
                     buf.clear()
                     self._start_data(frames, stream_id, length)
                     continue
@@ -138,11 +143,11 @@ class FrameDecoder:
             limit = limits.get(frame_type)
             if limit is None or length > limit:
                 self._check(frame_type, length)
-            if frame_type == FrameType.DATA:
+            if frame_type == _DATA:
                 pos += HEADER_SIZE
                 take = min(length, size - pos)
                 if take or not length:
-                    frames.append((FrameType.DATA, stream_id, view[pos : pos + take]))
+                    frames.append((_DATA, stream_id, view[pos : pos + take]))
                 pos += take
                 if take < length:
                     self._data_remaining = length - take
@@ -163,7 +168,7 @@ class FrameDecoder:
             self._data_remaining = length
             self._data_stream = stream_id
         else:
-            frames.append((FrameType.DATA, stream_id, b""))
+            frames.append((_DATA, stream_id, b""))
 
     @staticmethod
     def _check(frame_type: int, length: int) -> None:
