@@ -86,9 +86,14 @@ def test_a_compiled_module_older_than_its_source_refuses_to_load(tmp_path: Path)
     shutil.rmtree(package)
 
 
+def _script_modules(script: str) -> list[str]:
+    """The paths in build-fast.sh's ``modules=( ... )`` list."""
+    return script.split("modules=(", 1)[1].split(")", 1)[0].split()
+
+
 def test_the_build_script_compiles_exactly_the_listed_modules() -> None:
     script = (SRC.parent.parent / "scripts" / "build-fast.sh").read_text()
-    listed = script.split("modules=(", 1)[1].split(")", 1)[0].split()
+    listed = _script_modules(script)
     assert [m.removesuffix(".py").replace("/", ".") for m in listed] == list(MODULES)
 
 
@@ -99,7 +104,7 @@ def test_the_build_script_marks_modules_current_when_sources_were_only_rewritten
     to start with advice (run build-fast.sh) that then does nothing."""
     root = SRC.parent.parent
     script = (root / "scripts" / "build-fast.sh").read_text()
-    listed = script.split("modules=(", 1)[1].split(")", 1)[0].split()
+    listed = _script_modules(script)
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "build-fast.sh").write_text(script)
     contents = b""

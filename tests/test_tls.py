@@ -55,9 +55,18 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 @asynccontextmanager
-async def tls_server(cert: Path, key: Path) -> AsyncIterator[int]:
-    """An echo server on 127.0.0.1 with burrow's server context; yields its port."""
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0, ssl=server_context(cert, key))
+async def tls_server(
+    cert: Path, key: Path, served: list[ssl.SSLObject] | None = None
+) -> AsyncIterator[int]:
+    """An echo server on 127.0.0.1 with burrow's server context; yields its port. Each
+    connection's SSL object is appended to ``served`` when given."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if served is not None:
+            served.append(writer.get_extra_info("ssl_object"))
+        await _echo(reader, writer)
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_context(cert, key))
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -420,19 +429,7 @@ async def _echo_through_tls(relay: CertPair) -> tuple[ssl.SSLObject, ssl.SSLObje
     """1 MiB each way through a TLS echo server on burrow's contexts, then the client's
     half-close: the two SSL objects and what came back."""
     seen: list[ssl.SSLObject] = []
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append(writer.get_extra_info("ssl_object"))
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(
-        echo, "127.0.0.1", 0, ssl=server_context(relay.cert_path, relay.key_path)
-    )
-    try:
-        port = server.sockets[0].getsockname()[1]
+    async with tls_server(relay.cert_path, relay.key_path, seen) as port:
         ctx = TrustPolicy(fingerprint=relay.fingerprint).ssl_context()
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
         payload = bytes(range(256)) * 4096
@@ -442,8 +439,6 @@ async def _echo_through_tls(relay: CertPair) -> tuple[ssl.SSLObject, ssl.SSLObje
         client = writer.get_extra_info("ssl_object")
         writer.close()
         return client, seen[0], got
-    finally:
-        server.close()
 
 
 def _check_direct(relay: CertPair, loop_factory: Any) -> None:

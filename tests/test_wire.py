@@ -1647,4 +1647,4 @@ def test_data_to_the_sink_is_still_flow_controlled() -> None:
 def test_the_decoders_data_constant_is_the_data_frame_type() -> None:
     from burrow.wire import frames
 
-    assert frames._DATA == FrameType.DATA
+    assert frames.DATA_TYPE == FrameType.DATA

@@ -172,9 +172,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         self._last_rx = self._loop.time()
         self.bytes_in += len(data)
         session = self.session
-        turn = self._turn
-        self._dispatching = True
-        turn.depth += 1
+        self._begin_dispatch()
         try:
             try:
                 events = session.receive_data(data, self._on_data)
@@ -199,10 +197,7 @@ class SessionConnection(asyncio.BufferedProtocol):
                 else:
                     self._on_event(event)
         finally:
-            self._dispatching = False
-            turn.depth -= 1
-            self.flush()
-            turn.flush_deferred()
+            self._end_dispatch()
         transport = self.transport
         # Only a transport that stopped taking writes can be flooded (the mark is far above).
         if (
@@ -300,17 +295,26 @@ class SessionConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        turn = self._turn
-        self._dispatching = True  # what the handlers send now leaves in one write
-        turn.depth += 1
+        self._begin_dispatch()  # what the handlers send now leaves in one write
         try:
             for handler in list(self._handlers.values()):
                 handler.resume_source()
         finally:
-            self._dispatching = False
-            turn.depth -= 1
-            self.flush()
-            turn.flush_deferred()
+            self._end_dispatch()
+
+    def _begin_dispatch(self) -> None:
+        """Hold this session's flushes, and those asked for on others, until ``_end_dispatch``."""
+        self._dispatching = True
+        self._turn.depth += 1
+
+    def _end_dispatch(self) -> None:
+        """Write what the dispatch queued here, then what it queued on other sessions once the
+        outermost dispatch ends (``_Turn``)."""
+        self._dispatching = False
+        turn = self._turn
+        turn.depth -= 1
+        self.flush()
+        turn.flush_deferred()
 
     # --- streams --------------------------------------------------------------------------
 
@@ -346,8 +350,7 @@ class SessionConnection(asyncio.BufferedProtocol):
         if len(data) > session.credit(stream_id):
             return False
         session.send_data(stream_id, data)
-        if not self._dispatching and not self._flush_scheduled:
-            self._push()
+        self._push()
         return True
 
     def send(self, stream_id: int, data: bytes | memoryview) -> int:

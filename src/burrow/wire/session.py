@@ -39,6 +39,7 @@ from burrow.wire.errors import (
     UnknownStream,
 )
 from burrow.wire.frames import (
+    DATA_TYPE,
     HEADER,
     MAX_DATA_CHUNK,
     MAX_META_PAYLOAD,
@@ -495,7 +496,7 @@ class Session:
             streams = self._streams
             for frame_type, stream_id, payload in self._decoder.feed(data):
                 if self.state is State.OPEN:
-                    if frame_type == 0 and on_data is not None and not events:  # DATA
+                    if frame_type == DATA_TYPE and on_data is not None and not events:
                         stream = streams.get(stream_id)
                         size = len(payload)
                         if stream is not None and not stream.remote_fin:
