@@ -181,14 +181,21 @@ def process_tree(roots: list[int]) -> list[int]:
     return out
 
 
-def cpu_seconds(roots: list[int]) -> float:
-    """utime+stime of the tree, plus cutime+cstime (children already reaped, e.g. socat forks)."""
-    ticks = 0
+def cpu_split(roots: list[int]) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of the tree: utime and stime, plus cutime and cstime
+    (children already reaped, e.g. socat forks)."""
+    user = kernel = 0
     for pid in process_tree(roots):
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += sum(int(f) for f in fields[11:15])
-    return ticks / CLK_TCK
+            user += int(fields[11]) + int(fields[13])
+            kernel += int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, kernel / CLK_TCK
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """User plus kernel CPU seconds of the tree (``cpu_split``)."""
+    return sum(cpu_split(roots))
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -1535,20 +1542,23 @@ SECTIONS = {
 
 
 class CpuMeter:
-    """utime+stime of the forwarding processes, by role, between ``start`` and ``stop``. A
-    measurement that warms up first calls ``start`` again once the warm-up is done."""
+    """User and kernel CPU of the forwarding processes, by role, between ``start`` and
+    ``stop``. A measurement that warms up first calls ``start`` again once the warm-up is done."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
-        self.before: dict[str, float] = {}
-        self.used: dict[str, float] | None = None
+        self.before: dict[str, tuple[float, float]] = {}
+        self.used: dict[str, float] | None = None  # user + kernel
+        self.used_user: dict[str, float] = {}
 
     def start(self) -> None:
-        self.before = {g: cpu_seconds(p) for g, p in self.groups.items()}
+        self.before = {g: cpu_split(p) for g, p in self.groups.items()}
 
     def stop(self) -> None:
         if self.used is None:
-            self.used = {g: cpu_seconds(p) - self.before[g] for g, p in self.groups.items()}
+            now = {g: cpu_split(p) for g, p in self.groups.items()}
+            self.used_user = {g: now[g][0] - self.before[g][0] for g in now}
+            self.used = {g: sum(now[g]) - sum(self.before[g]) for g in now}
 
 
 def m_iperf(ctx: Ctx, port: int, streams: int) -> dict[str, Any]:
@@ -1839,6 +1849,10 @@ def measure_once(ctx: Ctx, row: str, path: BasePath) -> dict[str, Any]:
         if per:
             res[key] = res["cpu_s_total"] / per
             res[key + "_by_role"] = {g: v / per for g, v in cpu.items()}
+            # The part spent in user space; the rest is the kernel's (socket calls, loopback
+            # delivery, wake-ups), which every path pays alike for the same reads and writes.
+            res[key + "_user"] = sum(meter.used_user.values()) / per
+            res[key + "_user_by_role"] = {g: v / per for g, v in meter.used_user.items()}
     return res
 
 
@@ -2450,11 +2464,16 @@ def path_table(
 
 
 def cpu_unit_table(
-    cells: dict[str, Any], rows: list[str], paths: list[str], markdown: bool = False
+    cells: dict[str, Any],
+    rows: list[str],
+    paths: list[str],
+    markdown: bool = False,
+    part: str = "",
 ) -> str:
     """CPU of the forwarding processes per unit of work (medians): one line per path, then one
-    per process role where a path has several (relay, agent, connector; client, server)."""
-    units = [u for u in CPU_UNITS if u.row in rows]
+    per process role where a path has several (relay, agent, connector; client, server).
+    ``part="_user"``: only the user-space part of it."""
+    units = [CpuUnit(u.row, u.key + part, u.label, u.scale) for u in CPU_UNITS if u.row in rows]
     headers = ["path", *(u.label for u in units)]
     table: list[list[str]] = []
     for p in paths:
@@ -2482,6 +2501,16 @@ def cpu_unit_table(
                 sub.append(fmt_num(statistics.median(vals) * u.scale) if vals else "")
             table.append(sub)
     return render_table(headers, table, markdown)
+
+
+def has_user_split(cells: dict[str, Any]) -> bool:
+    return any(
+        key.endswith("_user")
+        for row in cells.values()
+        for cell in row.values()
+        for smp in cell.get("samples", [])
+        for key in smp
+    )
 
 
 def status_notes(
@@ -2615,6 +2644,13 @@ def report(
                 "per unit of work, medians; lower is better:"
             )
             out.append(cpu_unit_table(cells, rows, cpu_paths, markdown))
+            if has_user_split(cells):  # a report of a run from before the split has none
+                out.append("")
+                out.append(
+                    "Of which in user space (the rest is the kernel's: socket calls, loopback "
+                    "delivery, wake-ups):"
+                )
+                out.append(cpu_unit_table(cells, rows, cpu_paths, markdown, part="_user"))
         goals = goal_lines(cells, rows)
         if goals:
             out.append("")
