@@ -1,14 +1,33 @@
 #!/usr/bin/env python3
 """The yardstick for Python: a plain asyncio TCP forwarder, ``fwd.py TARGET_PORT``. It listens
 on 127.0.0.1 (a free port, printed as ``PORT n``), joins each connection to 127.0.0.1:TARGET_PORT
-with Protocols, backpressure and half-close, and exits when its stdin closes (or after 30 min)."""
+with Protocols, backpressure and half-close, and exits when its stdin closes (or after 30 min).
 
+As a TLS pair, the floor of Python's stack under burrow (uvloop and the ssl module, no framing
+or multiplexing): ``fwd.py MID --dial-tls CA`` dials MID with TLS, verifying the certificate
+against CA; ``fwd.py TARGET --listen-tls CERT KEY`` accepts TLS and dials TARGET in plaintext.
+Over TLS an end of data closes the connection (asyncio's TLS transports cannot half-close)."""
+
+import argparse
 import asyncio
 import os
 import socket
+import ssl
 import sys
 import threading
 from typing import Any
+
+ARGS = argparse.Namespace(target=0, listen_tls=None, dial_tls=None)
+DIAL_TLS: ssl.SSLContext | None = None
+LISTEN_TLS: ssl.SSLContext | None = None
+
+
+def end_writing(transport: Any) -> None:
+    """Half-close where the transport can; a TLS transport closes once its buffer is sent."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
 
 
 class Side(asyncio.Protocol):
@@ -27,13 +46,19 @@ class Side(asyncio.Protocol):
             self.peer.peer = self
             transport.write(self.peer.early)
             if self.peer.eof:
-                transport.write_eof()
+                end_writing(transport)
             self.peer.transport.resume_reading()
 
     async def dial(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: Side(self), "127.0.0.1", int(sys.argv[1]))
+            await loop.create_connection(
+                lambda: Side(self),
+                "127.0.0.1",
+                ARGS.target,
+                ssl=DIAL_TLS,
+                server_hostname="localhost" if DIAL_TLS else None,
+            )
         except OSError:
             self.transport.close()
 
@@ -47,7 +72,7 @@ class Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         if self.peer is not None:
-            self.peer.transport.write_eof()
+            end_writing(self.peer.transport)
             if self.peer.eof:  # both directions done
                 self.transport.close()
         return True
@@ -64,12 +89,26 @@ class Side(asyncio.Protocol):
 
 
 async def main() -> None:
-    server = await asyncio.get_running_loop().create_server(Side, "127.0.0.1", 0, backlog=1024)
+    server = await asyncio.get_running_loop().create_server(
+        Side, "127.0.0.1", 0, backlog=1024, ssl=LISTEN_TLS
+    )
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.sleep(1800)
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target", type=int)
+    ap.add_argument("--listen-tls", nargs=2, metavar=("CERT", "KEY"))
+    ap.add_argument("--dial-tls", metavar="CA")
+    ARGS = ap.parse_args()
+    if ARGS.listen_tls:
+        LISTEN_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        LISTEN_TLS.minimum_version = ssl.TLSVersion.TLSv1_3
+        LISTEN_TLS.load_cert_chain(*ARGS.listen_tls)
+    if ARGS.dial_tls:
+        DIAL_TLS = ssl.create_default_context(cafile=ARGS.dial_tls)
+        DIAL_TLS.minimum_version = ssl.TLSVersion.TLSv1_3
     threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
     try:
         from uvloop import new_event_loop as factory

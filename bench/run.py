@@ -67,6 +67,7 @@ MAIN_PATHS = (
     "socat",
     "stunnel",
     "asyncio",
+    "asyncio-tls",
     "burrow",
     "burrow-insecure",
     "burrow-connect",
@@ -82,6 +83,7 @@ PATH_LABELS = {
     "socat": "socat (plaintext, fork)",
     "stunnel": "stunnel pair (TLS 1.3)",
     "asyncio": "asyncio forwarder (plain)",
+    "asyncio-tls": "asyncio TLS 1.3 pair",
     "burrow": "burrow tcp (TLS)",
     "burrow-insecure": "burrow tcp --insecure",
     "burrow-connect": "burrow connect (TLS)",
@@ -609,6 +611,24 @@ http {{
 
     # ssh keys --------------------------------------------------------------------------------
 
+    def tls_cert(self) -> tuple[Path, Path]:
+        """(certificate, key) for the TLS pairs (stunnel, asyncio-tls), made once with openssl:
+        self-signed for localhost, a P-256 key like the one burrow's relay makes."""
+        d = self.tmp / "tls"
+        cert, key = d / "cert.pem", d / "key.pem"
+        if cert.exists():
+            return cert, key
+        if shutil.which("openssl") is None:
+            raise Unavailable("openssl not installed (needed for a TLS pair's certificate)")
+        d.mkdir(exist_ok=True)
+        argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"]
+        argv += ["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost"]
+        try:
+            run_tool([*argv, "-keyout", str(key), "-out", str(cert)], timeout=30)
+        except MeasureError as e:
+            raise Unavailable("openssl could not make a certificate", str(e)) from e
+        return cert, key
+
     def ssh_keys(self) -> tuple[Path, Path]:
         """(host key, client key) generated once into the temp dir."""
         if self._ssh_keys is None:
@@ -750,35 +770,9 @@ class StunnelPath(BasePath):
         exe = shutil.which("stunnel4") or shutil.which("stunnel")
         if exe is None:
             raise Unavailable("stunnel4 not installed")
-        if shutil.which("openssl") is None:
-            raise Unavailable("openssl not installed (needed for stunnel's certificate)")
         d = self.ctx.tmp / "stunnel"
         d.mkdir(exist_ok=True)
-        cert, key = d / "cert.pem", d / "key.pem"
-        try:  # a P-256 key, like the self-signed certificate burrow's relay makes
-            run_tool(
-                [
-                    "openssl",
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=localhost",
-                    "-keyout",
-                    str(key),
-                    "-out",
-                    str(cert),
-                ],
-                timeout=30,
-            )
-        except MeasureError as e:
-            raise Unavailable("openssl could not make stunnel's certificate", str(e)) from e
+        cert, key = self.ctx.tls_cert()
         common = "foreground = yes\npid =\ndebug = 3\n"  # errors only, to stderr
         opts = "sslVersionMin = TLSv1.3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
         server_conf, client_conf = [common], [common]
@@ -811,29 +805,49 @@ class StunnelPath(BasePath):
 
 class AsyncioPath(BasePath):
     """bench/fwd.py, one process per target: what 40 lines of asyncio (uvloop when importable)
-    do as a plaintext forwarder; the yardstick for burrow's per-message work in Python."""
+    do as a plaintext forwarder; the yardstick for burrow's per-message work in Python.
 
-    name = "asyncio"
+    ``tls``: the same as a pair with TLS 1.3 between them, stunnel's shape (a client forwarder,
+    plaintext in and TLS out, in front of a server forwarder, TLS in and plaintext out): the
+    floor of the stack burrow runs on (uvloop, the ssl module, OpenSSL) without burrow's
+    framing, multiplexing or anything else of its own."""
+
+    def __init__(self, ctx: Ctx, *, tls: bool = False) -> None:
+        super().__init__(ctx)
+        self.tls = tls
+        self.name = "asyncio-tls" if tls else "asyncio"
+        self.roles: dict[str, list[int]] = {}
+
+    def _fwd(self, label: str, role: str, argv: list[str]) -> int:
+        fwd = Path(__file__).resolve().with_name("fwd.py")
+        p = Proc(self.ctx.tmp, label, [sys.executable, str(fwd), *argv], stdin_pipe=True)
+        self.procs.append(p)
+        self.roles.setdefault(role, []).append(p.pid)
+
+        def port_line(line: str) -> int | None:
+            m = re.fullmatch(r"PORT (\d+)", line)
+            return int(m.group(1)) if m else None
+
+        return p.wait_for(port_line, 15, "PORT line")[1]
 
     def start(self, targets: dict[str, int]) -> None:
-        fwd = Path(__file__).resolve().with_name("fwd.py")
+        if not self.tls:
+            for tname, tport in targets.items():
+                self.ports[tname] = self._fwd(f"asyncio-{tname}", "fwd", [str(tport)])
+            return
+        cert, key = self.ctx.tls_cert()
         for tname, tport in targets.items():
-            p = Proc(
-                self.ctx.tmp,
-                f"asyncio-{tname}",
-                [sys.executable, str(fwd), str(tport)],
-                stdin_pipe=True,
+            mid = self._fwd(
+                f"asyncio-tls-server-{tname}",
+                "server",
+                [str(tport), "--listen-tls", str(cert), str(key)],
             )
-            self.procs.append(p)
-
-            def port_line(line: str) -> int | None:
-                m = re.fullmatch(r"PORT (\d+)", line)
-                return int(m.group(1)) if m else None
-
-            self.ports[tname] = p.wait_for(port_line, 15, "PORT line")[1]
+            self.ports[tname] = self._fwd(
+                f"asyncio-tls-client-{tname}", "client", [str(mid), "--dial-tls", str(cert)]
+            )
 
     def cpu_groups(self) -> dict[str, list[int]]:
-        return {"fwd": [p.pid for p in self.procs]}
+        return self.roles
 
 
 class SshPath(BasePath):
@@ -1118,6 +1132,7 @@ def make_path(ctx: Ctx, name: str) -> BasePath:
         "ssh-R": lambda: SshPath(ctx, "R"),
         "stunnel": lambda: StunnelPath(ctx),
         "asyncio": lambda: AsyncioPath(ctx),
+        "asyncio-tls": lambda: AsyncioPath(ctx, tls=True),
         "burrow": lambda: BurrowPath(ctx),
         "burrow-insecure": lambda: BurrowPath(ctx, insecure=True),
         "burrow-connect": lambda: BurrowConnectPath(ctx),
