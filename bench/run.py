@@ -670,6 +670,12 @@ def unique_name(ctx: Ctx, base: str) -> str:
     return base if n == 1 else f"{base}-{n}"
 
 
+def port_line(line: str) -> int | None:
+    """The port of a helper's or forwarder's ``PORT n`` line."""
+    m = re.fullmatch(r"PORT (\d+)", line)
+    return int(m.group(1)) if m else None
+
+
 def start_helper(ctx: Ctx, kind: str) -> tuple[Proc, int]:
     """Start this file as an echo or sink server in a child process; returns (proc, port)."""
     proc = Proc(
@@ -678,10 +684,6 @@ def start_helper(ctx: Ctx, kind: str) -> tuple[Proc, int]:
         [sys.executable, str(Path(__file__).resolve()), "--serve", kind],
         stdin_pipe=True,
     )
-
-    def port_line(line: str) -> int | None:
-        m = re.fullmatch(r"PORT (\d+)", line)
-        return int(m.group(1)) if m else None
 
     return proc, proc.wait_for(port_line, 15, "PORT line")[1]
 
@@ -823,10 +825,6 @@ class AsyncioPath(BasePath):
         p = Proc(self.ctx.tmp, label, [sys.executable, str(fwd), *argv], stdin_pipe=True)
         self.procs.append(p)
         self.roles.setdefault(role, []).append(p.pid)
-
-        def port_line(line: str) -> int | None:
-            m = re.fullmatch(r"PORT (\d+)", line)
-            return int(m.group(1)) if m else None
 
         return p.wait_for(port_line, 15, "PORT line")[1]
 

@@ -435,6 +435,8 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 class ListRecorder:
+    shows_headers = True
+
     def __init__(self) -> None:
         self.begun: list[Exchange] = []
         self.ended: list[Exchange] = []

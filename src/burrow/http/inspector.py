@@ -107,6 +107,8 @@ class ExchangeStore:
     one that raises is logged and skipped, because the proxy must not fail for the inspector.
     """
 
+    shows_headers = True  # the detail view shows them
+
     def __init__(self, limit: int = DEFAULT_LIMIT, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if limit < 1 or max_bytes < 0:
             raise ValueError("limit must be at least 1 and max_bytes not negative")

@@ -64,6 +64,10 @@ class Exchange:
 class Recorder(Protocol):
     """Receives exchanges; the inspector implements it. Calls come from the event loop."""
 
+    #: Whether the exchanges' headers are read as text (the inspector's are): the proxy decodes
+    #: them per request only for a recorder that says so.
+    shows_headers: bool
+
     def begin(self, exchange: Exchange) -> None: ...
 
     def end(self, exchange: Exchange) -> None: ...

@@ -68,9 +68,8 @@ class Visitor:
         self.client_label = f"{peer[0]}:{peer[1]}" if peer else "unknown"
         self.scheme = scheme
         self.recorder = recorder
-        #: Whether anyone reads the exchanges' headers as text (the inspector does): a recorder
-        #: that only watches when exchanges begin and end says no with ``shows_headers = False``.
-        self.shows_headers = recorder is not None and bool(getattr(recorder, "shows_headers", True))
+        #: Whether anyone reads the exchanges' headers as text (``Recorder.shows_headers``).
+        self.shows_headers = recorder is not None and recorder.shows_headers
         self.public_netloc = urlsplit(options.public_url).netloc if options.public_url else ""
         #: Whether a request may be refused by IP rules or Basic auth.
         self.policed = bool(options.allow or options.deny or options.basic_auth)
